@@ -1,0 +1,24 @@
+//! The pure domain of outboxd. Nothing in this crate performs I/O.
+//!
+//! The data flow, and where each piece lives:
+//!
+//! ```text
+//! WAL ─▶ decode (outboxd-postgres) ─▶ route ([`route`]) ─▶ Record ([`event`])
+//!     ─▶ Sink ([`sink`], implemented in outboxd-sinks) ─▶ broker ack
+//!     ─▶ Checkpoint ([`checkpoint`]) ─▶ confirmed Lsn ([`lsn`]) ─▶ back to the slot
+//! ```
+//!
+//! The one rule everything here serves: the slot is never confirmed past an event that the
+//! broker has not acknowledged.
+
+pub mod checkpoint;
+pub mod event;
+pub mod lsn;
+pub mod route;
+pub mod sink;
+
+pub use checkpoint::Checkpoint;
+pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
+pub use lsn::Lsn;
+pub use route::{RouteError, RouteSpec, Router, Template};
+pub use sink::{Delivery, Sink, SinkError};

@@ -1,0 +1,226 @@
+//! What outboxd reads from Postgres' catalogs: the server's settings and the role's rights,
+//! the outbox table, the publication and the replication slot.
+
+use outboxd_core::Lsn;
+use tokio_postgres::Client;
+
+/// Facts about the server and the connected role.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// `server_version_num`, e.g. 150018.
+    pub version_num: i32,
+    /// `wal_level`; logical decoding needs `logical`.
+    pub wal_level: String,
+    /// Whether the server is a standby.
+    pub in_recovery: bool,
+    /// The connected database.
+    pub database: String,
+    /// The connected role.
+    pub user: String,
+    /// Whether the role may stream replication (REPLICATION attribute or superuser).
+    pub can_replicate: bool,
+}
+
+/// Reads the server's settings and the role's rights.
+pub async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('wal_level'), \
+                    pg_is_in_recovery(), current_database()::text, current_user::text, \
+                    r.rolreplication OR r.rolsuper \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    Ok(Server {
+        version_num: row.get(0),
+        wal_level: row.get(1),
+        in_recovery: row.get(2),
+        database: row.get(3),
+        user: row.get(4),
+        can_replicate: row.get(5),
+    })
+}
+
+/// The outbox table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// The table's OID, which pgoutput Relation messages carry.
+    pub oid: u32,
+    /// Its schema.
+    pub schema: String,
+    /// Its name.
+    pub name: String,
+    /// Its columns in table order.
+    pub columns: Vec<String>,
+    /// Whether the connected role may SELECT from it (logical replication requires it).
+    pub can_select: bool,
+}
+
+impl Table {
+    /// `schema.name`, quoted for use in SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// Looks up a table by its (optionally schema-qualified) name.
+pub async fn table(client: &Client, name: &str) -> Result<Option<Table>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid, n.nspname::text, c.relname::text, has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = to_regclass($1::text)",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let columns = client
+        .query(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(Table {
+        oid,
+        schema: row.get(1),
+        name: row.get(2),
+        columns,
+        can_select: row.get(3),
+    }))
+}
+
+/// A publication, as it concerns the outbox table.
+#[derive(Debug, Clone, Copy)]
+pub struct Publication {
+    /// Whether it publishes inserts.
+    pub inserts: bool,
+    /// Whether it includes the outbox table.
+    pub includes_table: bool,
+}
+
+/// Looks up a publication and whether it covers `table`.
+pub async fn publication(
+    client: &Client,
+    name: &str,
+    table: &Table,
+) -> Result<Option<Publication>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t \
+                 WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&name, &table.schema, &table.name],
+        )
+        .await?;
+    Ok(row.map(|r| Publication {
+        inserts: r.get(0),
+        includes_table: r.get(1),
+    }))
+}
+
+/// A replication slot, with the WAL positions an operator watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The slot name.
+    pub name: String,
+    /// The output plugin (`pgoutput` for outboxd's slot).
+    pub plugin: Option<String>,
+    /// `logical` or `physical`.
+    pub slot_type: String,
+    /// The database a logical slot decodes.
+    pub database: Option<String>,
+    /// Whether a session is streaming from it now.
+    pub active: bool,
+    /// The PID of the walsender streaming it.
+    pub active_pid: Option<i32>,
+    /// The position the consumer confirmed: events before it are not sent again.
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// The oldest WAL the slot still needs: Postgres keeps WAL from here on.
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (invalidated).
+    pub wal_status: Option<String>,
+    /// The server's current WAL insert position.
+    pub current_wal_lsn: Lsn,
+}
+
+impl Slot {
+    /// WAL bytes Postgres keeps for this slot: from `restart_lsn` to the current position.
+    pub fn retained_wal_bytes(&self) -> Option<u64> {
+        self.restart_lsn
+            .map(|r| r.bytes_until(self.current_wal_lsn))
+    }
+
+    /// WAL bytes not yet confirmed: from `confirmed_flush_lsn` to the current position.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        self.confirmed_flush_lsn
+            .map(|c| c.bytes_until(self.current_wal_lsn))
+    }
+
+    /// Whether Postgres invalidated the slot (its WAL was removed, or for another reason).
+    pub fn is_invalidated(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
+}
+
+/// Reads a slot from `pg_replication_slots`.
+pub async fn slot(client: &Client, name: &str) -> Result<Option<Slot>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT slot_name::text, plugin::text, slot_type, database::text, active, active_pid, \
+                    confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                          ELSE pg_current_wal_lsn() END)::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let lsn = |i: usize| r.get::<_, Option<String>>(i).and_then(|s| s.parse().ok());
+        Slot {
+            name: r.get(0),
+            plugin: r.get(1),
+            slot_type: r.get(2),
+            database: r.get(3),
+            active: r.get(4),
+            active_pid: r.get(5),
+            confirmed_flush_lsn: lsn(6),
+            restart_lsn: lsn(7),
+            wal_status: r.get(8),
+            current_wal_lsn: lsn(9).unwrap_or_default(),
+        }
+    }))
+}
+
+/// Asks Postgres to write a running-transactions record now (`pg_log_standby_snapshot()`,
+/// PostgreSQL 16+). Logical decoding moves a slot's `restart_lsn` only at such records, which
+/// Postgres otherwise writes every 15 s while busy and at checkpoints.
+pub async fn log_standby_snapshot(client: &Client) -> Result<Lsn, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT pg_log_standby_snapshot()::text", &[])
+        .await?;
+    Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+}
+
+/// Quotes an identifier for SQL, like Postgres' `quote_ident` always quoting.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_ident("outbox"), "\"outbox\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

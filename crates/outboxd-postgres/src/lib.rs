@@ -1,0 +1,16 @@
+//! outboxd's Postgres side.
+//!
+//! - [`conninfo`]: the connection string, never displayed with its password.
+//! - [`catalog`]: what outboxd reads from the catalogs (server, table, publication, slot).
+//! - [`slot`]: setting up and checking the publication and the slot.
+//! - [`stream`]: one replication session, as events for the pipeline.
+//! - [`decode`]: pgoutput messages.
+
+pub mod catalog;
+pub mod conninfo;
+pub mod decode;
+pub mod slot;
+pub mod stream;
+
+pub use conninfo::ConnInfo;
+pub use stream::{StreamError, StreamOptions, WalEvent, WalStream};

@@ -1,0 +1,375 @@
+//! Setting up and checking the publication and the replication slot.
+//!
+//! [`prepare`] is shared by `outboxd setup` (which creates what is missing) and by
+//! `outboxd run` (which creates nothing: a missing slot means events may have been skipped,
+//! and only an operator can decide that). Every refusal says what to do.
+
+use outboxd_core::Lsn;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::catalog::{self, Server, Slot, Table, quote_ident};
+
+/// What to set up or check.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotSpec<'a> {
+    /// The replication slot name.
+    pub slot: &'a str,
+    /// The publication name.
+    pub publication: &'a str,
+    /// The outbox table, optionally schema-qualified.
+    pub table: &'a str,
+    /// Create the slot with `failover = true` (PostgreSQL 17+), so it survives a promotion.
+    pub failover: bool,
+}
+
+/// Whether [`prepare`] may create what is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `outboxd setup`: create the publication and the slot when missing.
+    Create,
+    /// `outboxd run` and `check`: only check.
+    Check,
+}
+
+/// Postgres is not ready for outboxd, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// Logical decoding is off.
+    #[error(
+        "wal_level is {actual:?}, logical decoding needs \"logical\": set wal_level = logical in \
+         postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart Postgres"
+    )]
+    WalLevel {
+        /// The server's `wal_level`.
+        actual: String,
+    },
+    /// The outbox table does not exist.
+    #[error(
+        "table {table:?} does not exist in database {database:?}: apply sql/outbox.sql, or set \
+         postgres.table to your outbox table"
+    )]
+    TableMissing {
+        /// The configured table.
+        table: String,
+        /// The connected database.
+        database: String,
+    },
+    /// The role may not read the table.
+    #[error("role {role:?} may not read {table}: GRANT SELECT ON {table} TO {role}")]
+    NoSelect {
+        /// The connected role.
+        role: String,
+        /// The table, quoted.
+        table: String,
+    },
+    /// The role may not stream replication.
+    #[error(
+        "role {role:?} lacks the REPLICATION attribute: ALTER ROLE {role} WITH REPLICATION \
+         (see sql/role.sql)"
+    )]
+    NoReplication {
+        /// The connected role.
+        role: String,
+    },
+    /// The publication is missing (check mode).
+    #[error(
+        "publication {publication:?} does not exist: run `outboxd setup`, or create it: {create}"
+    )]
+    PublicationMissing {
+        /// The publication name.
+        publication: String,
+        /// The statement that creates it.
+        create: String,
+    },
+    /// The role may not create the publication.
+    #[error(
+        "role {role:?} may not create publication {publication:?} (it must own the table): \
+         ask the table owner to run: {create}"
+    )]
+    PublicationDenied {
+        /// The connected role.
+        role: String,
+        /// The publication name.
+        publication: String,
+        /// The statement to run.
+        create: String,
+    },
+    /// The publication exists without the table.
+    #[error(
+        "publication {publication:?} does not include {table}: ALTER PUBLICATION {quoted_pub} \
+         ADD TABLE {table}"
+    )]
+    PublicationLacksTable {
+        /// The publication name.
+        publication: String,
+        /// Its name, quoted.
+        quoted_pub: String,
+        /// The table, quoted.
+        table: String,
+    },
+    /// The publication does not publish inserts.
+    #[error(
+        "publication {publication:?} does not publish inserts: ALTER PUBLICATION {quoted_pub} \
+         SET (publish = 'insert')"
+    )]
+    PublicationNoInserts {
+        /// The publication name.
+        publication: String,
+        /// Its name, quoted.
+        quoted_pub: String,
+    },
+    /// The slot is missing (check mode).
+    #[error(
+        "replication slot {slot:?} does not exist: run `outboxd setup` to create it (events \
+         committed before the slot exists are not forwarded)"
+    )]
+    SlotMissing {
+        /// The slot name.
+        slot: String,
+    },
+    /// A slot of that name exists but is not a pgoutput slot of this database.
+    #[error(
+        "replication slot {slot:?} exists but is not a logical pgoutput slot of database \
+         {database:?} ({found}): choose another postgres.slot name"
+    )]
+    SlotForeign {
+        /// The slot name.
+        slot: String,
+        /// The connected database.
+        database: String,
+        /// What the slot is.
+        found: String,
+    },
+    /// The slot was invalidated: WAL it needed is gone.
+    #[error(
+        "replication slot {slot:?} was invalidated by Postgres (wal_status = lost, usually because \
+         it exceeded max_slot_wal_keep_size): the WAL after its confirmed position {confirmed} is \
+         gone, so events committed since then cannot be streamed. Recover them from the outbox \
+         table if you keep rows, then `outboxd slot drop --yes` and `outboxd setup` to start anew"
+    )]
+    SlotInvalidated {
+        /// The slot name.
+        slot: String,
+        /// Its last confirmed position.
+        confirmed: String,
+    },
+    /// `failover_slot` on a server older than 17.
+    #[error(
+        "postgres.failover_slot needs PostgreSQL 17 or newer (server is {version}): set it to false"
+    )]
+    FailoverUnsupported {
+        /// `server_version_num`.
+        version: i32,
+    },
+    /// Postgres refused a query or the connection failed.
+    #[error("{what}: {source}")]
+    Postgres {
+        /// What was being done.
+        what: &'static str,
+        /// The error from Postgres.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl SlotError {
+    fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
+        move |source| SlotError::Postgres { what, source }
+    }
+}
+
+/// Everything [`prepare`] found, ready for streaming.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The server and role.
+    pub server: Server,
+    /// The outbox table.
+    pub table: Table,
+    /// The slot.
+    pub slot: Slot,
+    /// Whether this call created the publication.
+    pub created_publication: bool,
+    /// Whether this call created the slot.
+    pub created_slot: bool,
+}
+
+/// Checks the server, the table, the role's rights, the publication and the slot; in
+/// [`Mode::Create`], creates the publication and the slot when missing.
+pub async fn prepare(
+    client: &Client,
+    spec: SlotSpec<'_>,
+    mode: Mode,
+) -> Result<Prepared, SlotError> {
+    let server = catalog::server(client)
+        .await
+        .map_err(SlotError::pg("reading server settings"))?;
+    if server.wal_level != "logical" {
+        return Err(SlotError::WalLevel {
+            actual: server.wal_level,
+        });
+    }
+    let table = catalog::table(client, spec.table)
+        .await
+        .map_err(SlotError::pg("looking up the outbox table"))?
+        .ok_or_else(|| SlotError::TableMissing {
+            table: spec.table.to_owned(),
+            database: server.database.clone(),
+        })?;
+    if !table.can_select {
+        return Err(SlotError::NoSelect {
+            role: server.user.clone(),
+            table: table.quoted(),
+        });
+    }
+    if !server.can_replicate {
+        return Err(SlotError::NoReplication {
+            role: server.user.clone(),
+        });
+    }
+
+    let created_publication = ensure_publication(client, spec, &server, &table, mode).await?;
+
+    let (slot, created_slot) = match catalog::slot(client, spec.slot)
+        .await
+        .map_err(SlotError::pg("reading pg_replication_slots"))?
+    {
+        Some(slot) => (slot, false),
+        None if mode == Mode::Create => {
+            create_slot(client, spec, &server).await?;
+            let slot = catalog::slot(client, spec.slot)
+                .await
+                .map_err(SlotError::pg("reading the new slot"))?
+                .ok_or_else(|| SlotError::SlotMissing {
+                    slot: spec.slot.to_owned(),
+                })?;
+            (slot, true)
+        }
+        None => {
+            return Err(SlotError::SlotMissing {
+                slot: spec.slot.to_owned(),
+            });
+        }
+    };
+    let ours = slot.slot_type == "logical"
+        && slot.plugin.as_deref() == Some("pgoutput")
+        && slot.database.as_deref() == Some(server.database.as_str());
+    if !ours {
+        return Err(SlotError::SlotForeign {
+            slot: slot.name.clone(),
+            database: server.database.clone(),
+            found: format!(
+                "{} slot, plugin {}, database {}",
+                slot.slot_type,
+                slot.plugin.as_deref().unwrap_or("none"),
+                slot.database.as_deref().unwrap_or("none")
+            ),
+        });
+    }
+    if slot.is_invalidated() {
+        return Err(SlotError::SlotInvalidated {
+            slot: slot.name.clone(),
+            confirmed: slot
+                .confirmed_flush_lsn
+                .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+        });
+    }
+    Ok(Prepared {
+        server,
+        table,
+        slot,
+        created_publication,
+        created_slot,
+    })
+}
+
+async fn ensure_publication(
+    client: &Client,
+    spec: SlotSpec<'_>,
+    server: &Server,
+    table: &Table,
+    mode: Mode,
+) -> Result<bool, SlotError> {
+    let quoted_pub = quote_ident(spec.publication);
+    let create = format!(
+        "CREATE PUBLICATION {quoted_pub} FOR TABLE {} WITH (publish = 'insert')",
+        table.quoted()
+    );
+    match catalog::publication(client, spec.publication, table)
+        .await
+        .map_err(SlotError::pg("reading pg_publication"))?
+    {
+        Some(p) if !p.includes_table => Err(SlotError::PublicationLacksTable {
+            publication: spec.publication.to_owned(),
+            quoted_pub,
+            table: table.quoted(),
+        }),
+        Some(p) if !p.inserts => Err(SlotError::PublicationNoInserts {
+            publication: spec.publication.to_owned(),
+            quoted_pub,
+        }),
+        Some(_) => Ok(false),
+        None if mode == Mode::Check => Err(SlotError::PublicationMissing {
+            publication: spec.publication.to_owned(),
+            create,
+        }),
+        None => match client.batch_execute(&create).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                Err(SlotError::PublicationDenied {
+                    role: server.user.clone(),
+                    publication: spec.publication.to_owned(),
+                    create,
+                })
+            }
+            // Another `setup` created it first.
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(false),
+            Err(e) => Err(SlotError::pg("creating the publication")(e)),
+        },
+    }
+}
+
+async fn create_slot(
+    client: &Client,
+    spec: SlotSpec<'_>,
+    server: &Server,
+) -> Result<Lsn, SlotError> {
+    let result = if spec.failover {
+        if server.version_num < 170_000 {
+            return Err(SlotError::FailoverUnsupported {
+                version: server.version_num,
+            });
+        }
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                &[&spec.slot],
+            )
+            .await
+    } else {
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&spec.slot],
+            )
+            .await
+    };
+    match result {
+        Ok(row) => Ok(row.get::<_, String>(0).parse().unwrap_or_default()),
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(Lsn::ZERO),
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(SlotError::NoReplication {
+                role: server.user.clone(),
+            })
+        }
+        Err(e) => Err(SlotError::pg("creating the replication slot")(e)),
+    }
+}
+
+/// Drops the slot. Refuses while a session streams from it.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map(|_| ())
+}

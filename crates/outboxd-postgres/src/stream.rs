@@ -1,0 +1,393 @@
+//! The replication stream of the outbox table, as events the pipeline can act on.
+//!
+//! ```text
+//! walsender ──pgoutput──▶ pgwire-replication ──▶ WalStream::next ──▶ WalEvent
+//!                     ◀── standby status ◀── WalStream::confirm(lsn) ◀── checkpoint
+//! ```
+//!
+//! [`WalStream`] owns one replication session. It checks the shape of the stream
+//! (`Begin → Relation/Insert… → Commit`, with the Commit's LSN matching the Begin's), keeps
+//! the outbox table's latest Relation, skips other tables and other kinds of change, and
+//! reports keepalives only between transactions, where their WAL position is safe to
+//! confirm once everything before it is acknowledged.
+//!
+//! pgoutput (without streaming) sends a transaction only after it committed, so every row
+//! between Begin and Commit is committed data: rows may be forwarded before their Commit
+//! arrives. Rolled-back transactions never appear.
+//!
+//! Confirming is `WalStream::confirm`: the position is sent to the server with the next
+//! standby status update (every `status_interval`). It only moves forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use outboxd_core::{Lsn, Position};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
+
+use crate::conninfo::ConnInfo;
+use crate::decode::{self, DecodeError, Message, Relation};
+
+/// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// How to open the stream.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// The replication slot.
+    pub slot: String,
+    /// The publication.
+    pub publication: String,
+    /// The outbox table's OID (rows of other relations are skipped).
+    pub table_oid: u32,
+    /// The outbox table's schema and name, to recognise it if recreated under a new OID.
+    pub table_name: (String, String),
+    /// How often confirmed positions are sent to the server.
+    pub status_interval: Duration,
+    /// How many undecoded messages may wait between the socket and the pipeline.
+    pub buffer_messages: usize,
+}
+
+/// What the pipeline acts on.
+#[derive(Debug, Clone)]
+pub enum WalEvent {
+    /// The outbox table's shape; sent before its first row in a session and after changes.
+    Relation(Arc<Relation>),
+    /// An outbox row of a committed transaction.
+    Row {
+        /// The values in table column order, `None` for NULL.
+        values: Vec<Option<Bytes>>,
+        /// The row's position in the WAL.
+        position: Position,
+        /// The transaction's commit time, microseconds since the Unix epoch.
+        commit_time_micros: i64,
+    },
+    /// The end of a transaction: its end LSN is safe once its rows are acknowledged.
+    Commit {
+        /// The LSN after the commit record: the position to confirm.
+        end_lsn: Lsn,
+        /// How many outbox rows the transaction held.
+        rows: u32,
+    },
+    /// A keepalive between transactions: nothing before `wal_end` is left to send.
+    Idle {
+        /// The server's WAL position.
+        wal_end: Lsn,
+    },
+}
+
+/// Why the stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The connection failed or the server ended the session: reconnect and resume.
+    #[error("replication connection lost: {0}")]
+    Connection(#[source] PgWireError),
+    /// Another session streams the slot (high availability: this instance waits).
+    #[error("replication slot {slot:?} is in use by another session: {detail}")]
+    SlotInUse {
+        /// The slot name.
+        slot: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The slot no longer exists.
+    #[error(
+        "replication slot {slot:?} no longer exists (it was dropped): outboxd does not recreate it, \
+         since events committed meanwhile would be skipped. Run `outboxd setup` to create a new \
+         slot once you have decided how to recover events since the last confirmed position"
+    )]
+    SlotMissing {
+        /// The slot name.
+        slot: String,
+    },
+    /// Postgres invalidated the slot.
+    #[error(
+        "replication slot {slot:?} was invalidated by Postgres ({detail}): events after its last \
+         confirmed position are gone from the WAL. Recover them from the outbox table if you keep \
+         rows, then `outboxd slot drop --yes` and `outboxd setup`"
+    )]
+    SlotInvalidated {
+        /// The slot name.
+        slot: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The server refused the session for a reason retrying cannot fix.
+    #[error("postgres refused replication: {0}")]
+    Refused(#[source] PgWireError),
+    /// A message outboxd cannot decode.
+    #[error("cannot decode the replication stream at {lsn}: {source}")]
+    Decode {
+        /// Where in the stream.
+        lsn: Lsn,
+        /// What is wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// The stream broke its own rules (for example a Commit that does not match its Begin).
+    #[error("replication stream out of order: {0}")]
+    Sequence(String),
+    /// The session ended without an error.
+    #[error("replication session ended")]
+    Ended,
+}
+
+impl StreamError {
+    /// Whether reconnecting may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StreamError::Connection(_) | StreamError::SlotInUse { .. } | StreamError::Ended
+        )
+    }
+
+    fn classify(slot: &str, err: PgWireError) -> StreamError {
+        let text = err.to_string();
+        let sqlstate = text
+            .rsplit_once("(SQLSTATE ")
+            .and_then(|(_, rest)| rest.get(..5))
+            .unwrap_or("");
+        match &err {
+            PgWireError::Server(_) => match sqlstate {
+                "55006" => StreamError::SlotInUse {
+                    slot: slot.to_owned(),
+                    detail: text,
+                },
+                "42704" if text.contains("replication slot") => StreamError::SlotMissing {
+                    slot: slot.to_owned(),
+                },
+                "55000" if text.contains("can no longer get changes") => {
+                    StreamError::SlotInvalidated {
+                        slot: slot.to_owned(),
+                        detail: text,
+                    }
+                }
+                // Shutdown, crash, "cannot connect now", too many connections, lost primary,
+                // serialization trouble: all pass.
+                s if s.starts_with("57") || s.starts_with("53") || s.starts_with("08") => {
+                    StreamError::Connection(err)
+                }
+                "40001" | "40P01" => StreamError::Connection(err),
+                _ => StreamError::Refused(err),
+            },
+            PgWireError::Auth(_) | PgWireError::Tls(_) | PgWireError::MessageTooLarge { .. } => {
+                StreamError::Refused(err)
+            }
+            _ => StreamError::Connection(err),
+        }
+    }
+}
+
+/// An open transaction.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    commit_lsn: Lsn,
+    commit_time_micros: i64,
+    rows: u32,
+}
+
+/// One replication session on the outbox slot.
+pub struct WalStream {
+    client: ReplicationClient,
+    options: StreamOptions,
+    /// The OID the outbox table has in this session (updated if it was recreated).
+    outbox_oid: u32,
+    /// Whether the outbox relation was announced in this session.
+    outbox_known: bool,
+    /// The transaction being received, between Begin and Commit.
+    txn: Option<Txn>,
+    /// The position the session started from; confirming it again needs no wait.
+    start: Lsn,
+}
+
+impl std::fmt::Debug for WalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalStream")
+            .field("slot", &self.options.slot)
+            .field("outbox_oid", &self.outbox_oid)
+            .field("txn", &self.txn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalStream {
+    /// Connects and starts streaming from the slot's confirmed position.
+    pub async fn start(
+        conn: &ConnInfo,
+        options: StreamOptions,
+        start: Lsn,
+    ) -> Result<Self, StreamError> {
+        let config = conn
+            .replication_config(&options.slot, &options.publication)
+            .with_status_interval(options.status_interval)
+            .with_wakeup_interval(Duration::from_secs(10))
+            .with_buffer_size(options.buffer_messages);
+        let slot = options.slot.clone();
+        let mut client = ReplicationClient::connect(config)
+            .await
+            .map_err(|e| StreamError::classify(&slot, e))?;
+        client
+            .wait_started()
+            .await
+            .map_err(|e| StreamError::classify(&slot, e))?;
+        Ok(WalStream {
+            client,
+            outbox_oid: options.table_oid,
+            options,
+            outbox_known: false,
+            txn: None,
+            start,
+        })
+    }
+
+    /// The next event. Cancel-safe: dropping the future loses nothing.
+    pub async fn next(&mut self) -> Result<WalEvent, StreamError> {
+        loop {
+            let event = match self.client.recv().await {
+                Ok(Some(event)) => event,
+                Ok(None) => return Err(StreamError::Ended),
+                Err(e) => return Err(StreamError::classify(&self.options.slot, e)),
+            };
+            if let Some(out) = self.handle(event)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn handle(&mut self, event: ReplicationEvent) -> Result<Option<WalEvent>, StreamError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                if let Some(open) = self.txn {
+                    return Err(StreamError::Sequence(format!(
+                        "Begin of {final_lsn} while the transaction of {} is open",
+                        open.commit_lsn
+                    )));
+                }
+                self.txn = Some(Txn {
+                    commit_lsn: Lsn::new(final_lsn.as_u64()),
+                    commit_time_micros: commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS),
+                    rows: 0,
+                });
+                Ok(None)
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let txn = self.txn.take().ok_or_else(|| {
+                    StreamError::Sequence(format!("Commit of {lsn} without a Begin"))
+                })?;
+                if txn.commit_lsn.get() != lsn.as_u64() {
+                    return Err(StreamError::Sequence(format!(
+                        "Commit at {lsn} does not match Begin's commit position {}",
+                        txn.commit_lsn
+                    )));
+                }
+                Ok(Some(WalEvent::Commit {
+                    end_lsn: Lsn::new(end_lsn.as_u64()),
+                    rows: txn.rows,
+                }))
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                Ok(self.txn.is_none().then_some(WalEvent::Idle {
+                    wal_end: Lsn::new(wal_end.as_u64()),
+                }))
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let lsn = Lsn::new(wal_start.as_u64());
+                let message =
+                    decode::decode(&data).map_err(|source| StreamError::Decode { lsn, source })?;
+                self.handle_message(message)
+            }
+            // Logical decoding messages (pg_logical_emit_message) are not outbox events.
+            ReplicationEvent::Message { .. } => Ok(None),
+            ReplicationEvent::StoppedAt { .. } => Err(StreamError::Ended),
+        }
+    }
+
+    fn handle_message(&mut self, message: Message) -> Result<Option<WalEvent>, StreamError> {
+        match message {
+            Message::Relation(rel) => {
+                let (schema, name) = &self.options.table_name;
+                if rel.id == self.outbox_oid || (&rel.namespace == schema && &rel.name == name) {
+                    self.outbox_oid = rel.id;
+                    self.outbox_known = true;
+                    return Ok(Some(WalEvent::Relation(Arc::new(rel))));
+                }
+                Ok(None)
+            }
+            Message::Insert {
+                relation_id,
+                values,
+            } if relation_id == self.outbox_oid => {
+                if !self.outbox_known {
+                    return Err(StreamError::Sequence(
+                        "outbox row before the table's Relation message".into(),
+                    ));
+                }
+                let txn = self.txn.as_mut().ok_or_else(|| {
+                    StreamError::Sequence("outbox row outside a transaction".into())
+                })?;
+                let position = Position {
+                    commit_lsn: txn.commit_lsn,
+                    index: txn.rows,
+                };
+                txn.rows += 1;
+                Ok(Some(WalEvent::Row {
+                    values,
+                    position,
+                    commit_time_micros: txn.commit_time_micros,
+                }))
+            }
+            Message::Update { relation_id } | Message::Delete { relation_id }
+                if relation_id == self.outbox_oid =>
+            {
+                tracing::debug!("skipping an update or delete of the outbox table");
+                Ok(None)
+            }
+            // Other tables of the publication, truncates, types, origins.
+            _ => Ok(None),
+        }
+    }
+
+    /// Confirms `lsn` to the slot: Postgres may discard the WAL before it, and will not send
+    /// events before it again. Never call it with a position whose events are unacknowledged.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client
+            .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.get()));
+    }
+
+    /// The newest position the server has been told about.
+    pub fn reported(&self) -> Lsn {
+        Lsn::new(self.client.metrics().last_applied_lsn().as_u64())
+    }
+
+    /// The newest WAL position the server has mentioned (keepalives and data).
+    pub fn server_wal_end(&self) -> Lsn {
+        Lsn::new(self.client.metrics().last_wal_end().as_u64())
+    }
+
+    /// Ends the session after confirming `lsn`, waiting up to `wait` for the server to be
+    /// told. Returns whether it was.
+    pub async fn finish(mut self, lsn: Lsn, wait: Duration) -> bool {
+        self.confirm(lsn);
+        let deadline = tokio::time::Instant::now() + wait;
+        let reported = lsn <= self.start
+            || loop {
+                if self.reported() >= lsn {
+                    break true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(error = %e, "replication session ended with an error");
+        }
+        reported
+    }
+}

@@ -1,0 +1,87 @@
+//! The configured broker, as one [`Sink`] type.
+
+use std::time::Duration;
+
+use outboxd_core::{Delivery, Record, Sink, SinkError};
+use outboxd_sinks::redis::{RedisConfig, RedisSink};
+
+use crate::config::{Config, DeliveryMode, SinkKind, mask_url};
+
+/// The broker outboxd publishes to.
+#[derive(Debug)]
+pub enum Broker {
+    /// Redis Streams.
+    Redis(RedisSink),
+}
+
+/// The broker cannot be built from this configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerConfigError {
+    /// A sink this build does not have yet.
+    #[error(
+        "sink.kind = \"kafka\" is not available in this version of outboxd: use sink.kind = \"redis\""
+    )]
+    KafkaUnavailable,
+    /// A delivery mode this build does not have yet.
+    #[error(
+        "sink.delivery = \"effectively-once\" is not available in this version of outboxd: use \"at-least-once\""
+    )]
+    EffectivelyOnceUnavailable,
+}
+
+impl Broker {
+    /// Checks that the configured broker can be built, without connecting.
+    pub fn check(config: &Config) -> Result<(), BrokerConfigError> {
+        if config.sink.delivery == DeliveryMode::EffectivelyOnce {
+            return Err(BrokerConfigError::EffectivelyOnceUnavailable);
+        }
+        match config.sink.kind {
+            SinkKind::Redis => Ok(()),
+            SinkKind::Kafka => Err(BrokerConfigError::KafkaUnavailable),
+        }
+    }
+
+    /// The broker's name for messages and metrics.
+    pub fn name(config: &Config) -> &'static str {
+        match config.sink.kind {
+            SinkKind::Redis => "redis",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+
+    /// Where the broker is, without secrets.
+    pub fn target(config: &Config) -> String {
+        match config.sink.kind {
+            SinkKind::Redis => mask_url(config.sink.redis.url.expose()),
+            SinkKind::Kafka => config.sink.kafka.brokers.clone(),
+        }
+    }
+
+    /// Builds the broker client (connections are made on first use).
+    pub fn build(config: &Config) -> Result<Broker, SinkError> {
+        let r = &config.sink.redis;
+        Ok(Broker::Redis(RedisSink::new(RedisConfig {
+            url: r.url.expose().to_owned(),
+            stream_prefix: r.stream_prefix.clone(),
+            dead_letter: config.sink.dead_letter.clone(),
+            maxlen: r.maxlen,
+            wait_replicas: r.wait_replicas,
+            wait_timeout: Duration::from_millis(r.wait_timeout_ms),
+            timeout: Duration::from_millis(r.timeout_ms),
+        })?))
+    }
+}
+
+impl Sink for Broker {
+    async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
+        match self {
+            Broker::Redis(s) => s.send(batch).await,
+        }
+    }
+
+    async fn ping(&mut self) -> Result<(), SinkError> {
+        match self {
+            Broker::Redis(s) => s.ping().await,
+        }
+    }
+}

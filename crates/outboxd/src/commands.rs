@@ -1,0 +1,202 @@
+//! The entry points of each command. `main` only parses the command line and calls these.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use outboxd_postgres::catalog;
+use outboxd_postgres::slot::{self, Mode, SlotSpec};
+use outboxd_postgres::{ConnInfo, conninfo::ConnInfoError};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::cli::SlotCommand;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, RunError, RunSettings};
+
+/// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
+/// present; then the environment.
+pub fn load_config(path: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
+    let (path, required) = match path {
+        Some(p) => (p, true),
+        None => (Path::new("outboxd.toml"), false),
+    };
+    Config::load(path, required, std::env::vars())
+}
+
+fn conn_info(config: &Config) -> Result<ConnInfo, ConnInfoError> {
+    ConnInfo::parse(config.postgres.url.expose())
+}
+
+async fn connect(conn: &ConnInfo) -> Result<tokio_postgres::Client, RunError> {
+    conn.connect().await.map_err(RunError::connect(conn))
+}
+
+/// `outboxd setup`.
+pub async fn setup(config: &Config) -> anyhow::Result<()> {
+    let conn = conn_info(config)?;
+    let client = connect(&conn).await?;
+    let spec = SlotSpec {
+        slot: &config.postgres.slot,
+        publication: &config.postgres.publication,
+        table: &config.postgres.table,
+        failover: config.postgres.failover_slot,
+    };
+    let prepared = slot::prepare(&client, spec, Mode::Create).await?;
+    let table = format!("{}.{}", prepared.table.schema, prepared.table.name);
+    println!(
+        "publication {:?} on {table}: {}",
+        config.postgres.publication,
+        if prepared.created_publication {
+            "created"
+        } else {
+            "already there"
+        }
+    );
+    println!(
+        "slot {:?} (pgoutput): {}, confirmed_flush_lsn {}",
+        config.postgres.slot,
+        if prepared.created_slot {
+            "created"
+        } else {
+            "already there"
+        },
+        prepared
+            .slot
+            .confirmed_flush_lsn
+            .map_or_else(|| "-".into(), |l| l.to_string())
+    );
+    Ok(())
+}
+
+/// `outboxd run`.
+pub async fn run(config: &Config) -> anyhow::Result<()> {
+    Broker::check(config)?;
+    let settings = RunSettings {
+        conn: conn_info(config)?,
+        slot: config.postgres.slot.clone(),
+        publication: config.postgres.publication.clone(),
+        table: config.postgres.table.clone(),
+        route: config.route.spec(),
+        status_interval: Duration::from_millis(config.postgres.status_interval_ms),
+        max_batch_events: config.sink.max_batch_events,
+        max_inflight_events: config.sink.max_inflight_events,
+        max_inflight_bytes: config.sink.max_inflight_bytes,
+        drain_timeout: Duration::from_millis(config.sink.drain_timeout_ms),
+        broker: Broker::name(config),
+        broker_target: Broker::target(config),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let metrics = Arc::new(Metrics::new());
+    pipeline::run(settings, || Broker::build(config), metrics, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn stop_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT");
+            return;
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stop requested");
+    token.cancel();
+}
+
+/// `outboxd slot ...`.
+pub async fn slot(config: &Config, command: &SlotCommand) -> anyhow::Result<()> {
+    let conn = conn_info(config)?;
+    let name = &config.postgres.slot;
+    match command {
+        SlotCommand::Status { json } => {
+            let client = connect(&conn).await?;
+            let Some(s) = catalog::slot(&client, name)
+                .await
+                .context("reading pg_replication_slots")?
+            else {
+                bail!("replication slot {name:?} does not exist: run `outboxd setup` to create it");
+            };
+            let lsn = |l: Option<outboxd_core::Lsn>| l.map(|l| l.to_string());
+            if *json {
+                let value = serde_json::json!({
+                    "slot": s.name,
+                    "plugin": s.plugin,
+                    "slot_type": s.slot_type,
+                    "database": s.database,
+                    "active": s.active,
+                    "active_pid": s.active_pid,
+                    "confirmed_flush_lsn": lsn(s.confirmed_flush_lsn),
+                    "restart_lsn": lsn(s.restart_lsn),
+                    "current_wal_lsn": s.current_wal_lsn.to_string(),
+                    "retained_wal_bytes": s.retained_wal_bytes(),
+                    "lag_bytes": s.lag_bytes(),
+                    "wal_status": s.wal_status,
+                });
+                println!("{value}");
+            } else {
+                let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                println!("slot                 {}", s.name);
+                println!("plugin               {}", or_dash(s.plugin.clone()));
+                println!(
+                    "active               {}{}",
+                    s.active,
+                    s.active_pid
+                        .map_or(String::new(), |p| format!(" (walsender pid {p})"))
+                );
+                println!(
+                    "confirmed_flush_lsn  {}",
+                    or_dash(lsn(s.confirmed_flush_lsn))
+                );
+                println!("restart_lsn          {}", or_dash(lsn(s.restart_lsn)));
+                println!("current_wal_lsn      {}", s.current_wal_lsn);
+                println!(
+                    "retained_wal_bytes   {}",
+                    or_dash(s.retained_wal_bytes().map(|b| b.to_string()))
+                );
+                println!(
+                    "lag_bytes            {}",
+                    or_dash(s.lag_bytes().map(|b| b.to_string()))
+                );
+                println!("wal_status           {}", or_dash(s.wal_status.clone()));
+            }
+            Ok(())
+        }
+        SlotCommand::Drop { yes } => {
+            if !yes {
+                bail!(
+                    "refusing to drop replication slot {name:?} without --yes: events not yet \
+                     forwarded are lost to outboxd once it is gone"
+                );
+            }
+            let client = connect(&conn).await?;
+            if let Some(s) = catalog::slot(&client, name).await? {
+                if s.active {
+                    bail!(
+                        "replication slot {name:?} is in use (walsender pid {}): stop outboxd first",
+                        s.active_pid.unwrap_or_default()
+                    );
+                }
+            } else {
+                bail!("replication slot {name:?} does not exist");
+            }
+            slot::drop_slot(&client, name)
+                .await
+                .with_context(|| format!("dropping replication slot {name:?}"))?;
+            println!("dropped replication slot {name:?}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,715 @@
+//! Configuration: one TOML file, then environment overrides.
+//!
+//! Every key can be overridden by `OUTBOXD_<SECTION>__<KEY>`, nested sections joined by `__`
+//! (`OUTBOXD_POSTGRES__URL`, `OUTBOXD_SINK__REDIS__URL`). Unknown keys, in the file or in
+//! the environment, are an error that names the key. The Postgres URL is wrapped so that
+//! `Debug` cannot print its password.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use outboxd_core::RouteSpec;
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "OUTBOXD_";
+
+/// Configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message, with the line.
+        message: String,
+    },
+    /// A key that outboxd does not know.
+    #[error("unknown configuration key `{key}` in {origin}{hint}")]
+    UnknownKey {
+        /// The dotted key.
+        key: String,
+        /// The file or the environment variable.
+        origin: String,
+        /// The known keys of that section.
+        hint: String,
+    },
+    /// A value of the wrong type or out of range.
+    #[error("invalid configuration value in {origin}: {message}")]
+    Invalid {
+        /// The file or the environment variable.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required key is not set.
+    #[error("{key} is not set: set it in the configuration file or with {env}")]
+    Missing {
+        /// The dotted key.
+        key: &'static str,
+        /// Its environment variable.
+        env: &'static str,
+    },
+}
+
+/// A secret string: its `Debug` and `Display` never show it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[postgres]`: where the outbox lives.
+    pub postgres: PostgresConfig,
+    /// `[route]`: how rows become events.
+    pub route: RouteConfig,
+    /// `[sink]`: where events go.
+    pub sink: SinkConfig,
+    /// `[http]`: metrics and health.
+    pub http: HttpConfig,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL (or `key=value` string); needs a role with REPLICATION.
+    pub url: Secret,
+    /// The logical replication slot.
+    pub slot: String,
+    /// The publication of the outbox table.
+    pub publication: String,
+    /// The outbox table, optionally schema-qualified.
+    pub table: String,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub failover_slot: bool,
+    /// How often confirmed positions are reported to Postgres, in milliseconds.
+    pub status_interval_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: Secret::default(),
+            slot: "outboxd".into(),
+            publication: "outboxd".into(),
+            table: "public.outbox".into(),
+            failover_slot: false,
+            status_interval_ms: 1000,
+        }
+    }
+}
+
+/// `[route]`: templates over the row's columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// Topic (Kafka) or stream (Redis) template.
+    pub topic: String,
+    /// Key template; empty for no key.
+    pub key: String,
+    /// Column with the event id; empty to use the WAL position.
+    pub id_column: String,
+    /// Column with the event type; empty for none.
+    pub type_column: String,
+    /// Column with the payload.
+    pub payload_column: String,
+    /// Column with the headers object; empty for none.
+    pub headers_column: String,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        let s = RouteSpec::standard();
+        RouteConfig {
+            topic: s.topic,
+            key: s.key,
+            id_column: s.id_column,
+            type_column: s.type_column,
+            payload_column: s.payload_column,
+            headers_column: s.headers_column,
+        }
+    }
+}
+
+impl RouteConfig {
+    /// The route for the core's router.
+    pub fn spec(&self) -> RouteSpec {
+        RouteSpec {
+            topic: self.topic.clone(),
+            key: self.key.clone(),
+            id_column: self.id_column.clone(),
+            type_column: self.type_column.clone(),
+            payload_column: self.payload_column.clone(),
+            headers_column: self.headers_column.clone(),
+        }
+    }
+}
+
+/// Which broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkKind {
+    /// Redis Streams.
+    Redis,
+    /// Kafka.
+    Kafka,
+}
+
+/// Delivery guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryMode {
+    /// Every event at least once; duplicates only after a crash.
+    AtLeastOnce,
+    /// No duplicates where the broker allows it.
+    EffectivelyOnce,
+}
+
+/// `[sink]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// `redis` or `kafka`.
+    pub kind: SinkKind,
+    /// Topic or stream for poison events.
+    pub dead_letter: String,
+    /// `at-least-once` or `effectively-once`.
+    pub delivery: DeliveryMode,
+    /// Most events sent to the broker in one batch.
+    pub max_batch_events: usize,
+    /// Most events read from the WAL and not yet acknowledged.
+    pub max_inflight_events: usize,
+    /// Most bytes of events read from the WAL and not yet acknowledged.
+    pub max_inflight_bytes: u64,
+    /// How long a graceful stop waits for in-flight events, in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// `[sink.redis]`.
+    pub redis: RedisSinkConfig,
+    /// `[sink.kafka]`.
+    pub kafka: KafkaSinkConfig,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            kind: SinkKind::Redis,
+            dead_letter: "outboxd.dlq".into(),
+            delivery: DeliveryMode::AtLeastOnce,
+            max_batch_events: 1000,
+            max_inflight_events: 10_000,
+            max_inflight_bytes: 16 * 1024 * 1024,
+            drain_timeout_ms: 30_000,
+            redis: RedisSinkConfig::default(),
+            kafka: KafkaSinkConfig::default(),
+        }
+    }
+}
+
+/// `[sink.redis]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSinkConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: Secret,
+    /// Prepended to each routed topic to name its stream.
+    pub stream_prefix: String,
+    /// `XADD MAXLEN ~ N` when non-zero.
+    pub maxlen: u64,
+    /// Replicas that must acknowledge each batch (`WAIT`); 0 for none.
+    pub wait_replicas: u32,
+    /// How long `WAIT` may take, in milliseconds.
+    pub wait_timeout_ms: u64,
+    /// Connection and reply timeout, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSinkConfig {
+    fn default() -> Self {
+        RedisSinkConfig {
+            url: Secret("redis://127.0.0.1:6379".into()),
+            stream_prefix: String::new(),
+            maxlen: 0,
+            wait_replicas: 0,
+            wait_timeout_ms: 1000,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[sink.kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Effectively-once: the compacted topic holding the committed LSN per slot.
+    pub offsets_topic: String,
+    /// Passed to librdkafka as is.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        KafkaSinkConfig {
+            brokers: "127.0.0.1:9092".into(),
+            offsets_topic: "outboxd.offsets".into(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty to serve none.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+/// Sections whose keys are free-form (passed through), by dotted path.
+const OPEN_SECTIONS: &[&str] = &["sink.kafka.options"];
+
+impl Config {
+    /// Loads `path` (if it exists, or if `required`), then applies `env` overrides, then
+    /// checks the result.
+    pub fn load(
+        path: &Path,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let mut table = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: shown.clone(),
+                    message: one_line(&e.to_string()),
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => toml::Table::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: shown,
+                    source,
+                });
+            }
+        };
+        let defaults = defaults_table();
+        check_keys(&table, &defaults, "", &shown)?;
+        apply_env(&mut table, &defaults, env)?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
+                origin: shown.clone(),
+                message: one_line(&e.to_string()),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.postgres.url.expose().is_empty() {
+            return Err(ConfigError::Missing {
+                key: "postgres.url",
+                env: "OUTBOXD_POSTGRES__URL",
+            });
+        }
+        let positive = [
+            ("sink.max_batch_events", self.sink.max_batch_events as u64),
+            (
+                "sink.max_inflight_events",
+                self.sink.max_inflight_events as u64,
+            ),
+            ("sink.max_inflight_bytes", self.sink.max_inflight_bytes),
+            (
+                "postgres.status_interval_ms",
+                self.postgres.status_interval_ms,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    origin: "configuration".into(),
+                    message: format!("{key} must be greater than 0"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, with secrets masked (for `outboxd check` and logs).
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        c.postgres.url = Secret(mask_url(c.postgres.url.expose()));
+        c.sink.redis.url = Secret(mask_url(c.sink.redis.url.expose()));
+        toml::to_string(&c).unwrap_or_default()
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL (or a `password=` pair) with
+/// `***`.
+pub fn mask_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            return format!("{scheme}://{masked}@{host}{tail}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_owned()
+            } else {
+                kv.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn defaults_table() -> toml::Table {
+    match toml::Table::try_from(Config::default()) {
+        Ok(t) => t,
+        Err(e) => unreachable!("the default configuration serializes: {e}"),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn check_keys(
+    table: &toml::Table,
+    defaults: &toml::Table,
+    prefix: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        if OPEN_SECTIONS.contains(&dotted.as_str()) {
+            continue;
+        }
+        match (defaults.get(key), value) {
+            (None, _) => {
+                return Err(ConfigError::UnknownKey {
+                    key: dotted,
+                    origin: origin.to_owned(),
+                    hint: known_keys(defaults, prefix),
+                });
+            }
+            (Some(toml::Value::Table(d)), toml::Value::Table(t)) => {
+                check_keys(t, d, &dotted, origin)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn known_keys(defaults: &toml::Table, prefix: &str) -> String {
+    let keys: Vec<&str> = defaults.keys().map(String::as_str).collect();
+    let section = if prefix.is_empty() {
+        "the top level".to_owned()
+    } else {
+        format!("[{prefix}]")
+    };
+    format!(" (known keys in {section}: {})", keys.join(", "))
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let dotted = path.join(".");
+        // Walk the defaults to find the key's type; open sections take any string.
+        let mut expected = Some(defaults);
+        let mut kind = None;
+        for (i, part) in path.iter().enumerate() {
+            let here = path[..i].join(".");
+            if OPEN_SECTIONS.contains(&here.as_str()) {
+                kind = Some(toml::Value::String(String::new()));
+                break;
+            }
+            match expected.and_then(|t| t.get(part)) {
+                Some(toml::Value::Table(t)) if i + 1 < path.len() => expected = Some(t),
+                Some(v) if i + 1 == path.len() && !v.is_table() => kind = Some(v.clone()),
+                _ => break,
+            }
+        }
+        let Some(kind) = kind else {
+            return Err(ConfigError::UnknownKey {
+                key: dotted,
+                origin: format!("environment variable {var}"),
+                hint: String::new(),
+            });
+        };
+        let invalid = |what: &str| ConfigError::Invalid {
+            origin: format!("environment variable {var}"),
+            message: format!("{dotted} must be {what}, got {raw:?}"),
+        };
+        let value = match kind {
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(raw.trim().parse().map_err(|_| invalid("an integer"))?)
+            }
+            toml::Value::Boolean(_) => toml::Value::Boolean(match raw.trim() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err(invalid("true or false")),
+            }),
+            _ => toml::Value::String(raw.clone()),
+        };
+        // Set it, creating sections on the way.
+        let (last, sections) = path.split_last().expect("the path has at least one part");
+        let mut at = &mut *table;
+        for section in sections {
+            let entry = at
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            at = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(invalid("a section")),
+            };
+        }
+        at.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A configuration file in the temporary directory, removed on drop.
+    struct TempConfig(std::path::PathBuf);
+
+    impl TempConfig {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempConfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write(text: &str) -> TempConfig {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "outboxd-config-test-{}-{n}.toml",
+            std::process::id()
+        ));
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(text.as_bytes()).expect("write");
+        TempConfig(path)
+    }
+
+    const SPEC_EXAMPLE: &str = r#"
+[postgres]
+url = "postgres://outboxd:secret@127.0.0.1:5432/app"
+slot = "outboxd"
+publication = "outboxd"
+table = "public.outbox"
+
+[route]
+topic = "outbox.{aggregate_type}"
+key = "{aggregate_id}"
+id_column = "id"
+type_column = "event_type"
+payload_column = "payload"
+headers_column = "headers"
+
+[sink]
+kind = "redis"
+dead_letter = "outboxd.dlq"
+delivery = "at-least-once"
+
+[sink.redis]
+url = "redis://127.0.0.1:6379"
+stream_prefix = ""
+maxlen = 0
+
+[sink.kafka]
+brokers = "127.0.0.1:9092"
+offsets_topic = "outboxd.offsets"
+[sink.kafka.options]
+"compression.type" = "lz4"
+
+[http]
+listen = "127.0.0.1:9187"
+"#;
+
+    #[test]
+    fn loads_the_spec_example() {
+        let f = write(SPEC_EXAMPLE);
+        let c = Config::load(f.path(), true, []).expect("loads");
+        assert_eq!(
+            c.postgres.url.expose(),
+            "postgres://outboxd:secret@127.0.0.1:5432/app"
+        );
+        assert_eq!(c.sink.kind, SinkKind::Redis);
+        assert_eq!(c.sink.kafka.options["compression.type"], "lz4");
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(!c.redacted_toml().contains("secret"));
+    }
+
+    #[test]
+    fn environment_overrides_every_kind_of_key() {
+        let f = write(SPEC_EXAMPLE);
+        let env = [
+            ("OUTBOXD_POSTGRES__URL", "postgres://u:pw2@db/app"),
+            ("OUTBOXD_SINK__KIND", "kafka"),
+            ("OUTBOXD_SINK__REDIS__MAXLEN", "5000"),
+            ("OUTBOXD_POSTGRES__FAILOVER_SLOT", "true"),
+            ("OUTBOXD_SINK__KAFKA__OPTIONS__LINGER.MS", "7"),
+            ("OUTBOXD_CONFIG", "ignored: not a key override"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let c = Config::load(f.path(), true, env).expect("loads");
+        assert_eq!(c.postgres.url.expose(), "postgres://u:pw2@db/app");
+        assert_eq!(c.sink.kind, SinkKind::Kafka);
+        assert_eq!(c.sink.redis.maxlen, 5000);
+        assert!(c.postgres.failover_slot);
+        assert_eq!(c.sink.kafka.options["linger.ms"], "7");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let f = write("[postgres]\nurl = \"postgres://u@h/d\"\nslott = \"x\"\n");
+        let err = Config::load(f.path(), true, []).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`postgres.slott`"), "{text}");
+        assert!(text.contains("slot"), "{text}");
+
+        let f = write("[sinks]\nkind = \"redis\"\n");
+        assert!(
+            Config::load(f.path(), true, [])
+                .unwrap_err()
+                .to_string()
+                .contains("`sinks`")
+        );
+
+        let f = write("[postgres]\nurl = \"postgres://u@h/d\"\n");
+        let env = [("OUTBOXD_SINK__REDIS__URLL".to_owned(), "x".to_owned())];
+        let text = Config::load(f.path(), true, env).unwrap_err().to_string();
+        assert!(
+            text.contains("sink.redis.urll") && text.contains("OUTBOXD_SINK__REDIS__URLL"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_values_and_missing_url_are_clear() {
+        let f = write("[postgres]\nurl = \"postgres://u@h/d\"\n[sink]\nkind = \"rabbitmq\"\n");
+        let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+        assert!(text.contains("rabbitmq"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
+
+        let f = write("[postgres]\nurl = \"postgres://u@h/d\"\n");
+        let env = [("OUTBOXD_SINK__REDIS__MAXLEN".to_owned(), "lots".to_owned())];
+        let text = Config::load(f.path(), true, env).unwrap_err().to_string();
+        assert!(text.contains("must be an integer"), "{text}");
+
+        let f = write("");
+        let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+        assert!(text.contains("OUTBOXD_POSTGRES__URL"), "{text}");
+
+        let f = write("[postgres\n");
+        let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+        assert!(
+            text.contains("not valid TOML") && !text.contains('\n'),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_only_when_named() {
+        let missing = Path::new("/nonexistent/outboxd.toml");
+        assert!(matches!(
+            Config::load(missing, true, []),
+            Err(ConfigError::Read { .. })
+        ));
+        let env = [(
+            "OUTBOXD_POSTGRES__URL".to_owned(),
+            "postgres://u@h/d".to_owned(),
+        )];
+        assert!(Config::load(missing, false, env).is_ok());
+    }
+
+    #[test]
+    fn masks_passwords_in_urls() {
+        assert_eq!(
+            mask_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(mask_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(mask_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            mask_url("host=h user=u password=pw"),
+            "host=h user=u password=***"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! The sink driver: one task per replication session that owns the sink.
+//!
+//! ```text
+//! pipeline ──Queued (in WAL order)──▶ dispatch: batch ─▶ Sink::send ─▶ broker
+//!    ▲                                     │ transient error: same batch again, after a pause
+//!    └──────── records acknowledged ◀──────┘
+//! ```
+//!
+//! Records arrive in the order they were read from the WAL and are sent in that order, one
+//! batch at a time: a batch is sent only after the one before it was acknowledged, so a retry
+//! never overtakes anything. While a batch is in flight the pipeline keeps reading, and the
+//! next batch takes everything that arrived meanwhile (up to `max_batch`).
+//!
+//! Each acknowledgement is the number of records acknowledged since the session began, which
+//! is what [`outboxd_core::Checkpoint::ack`] takes. Acknowledging also returns the records'
+//! bytes to the in-flight budget.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outboxd_core::{Record, Sink, SinkError};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::backoff::Backoff;
+use crate::metrics::Metrics;
+
+/// A record on its way to the sink, with the budget it holds.
+#[derive(Debug)]
+pub struct Queued {
+    /// The record.
+    pub record: Record,
+    /// Bytes taken from the in-flight budget, returned on acknowledgement.
+    pub permits: u32,
+}
+
+/// How the driver behaves.
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    /// Most records in one batch.
+    pub max_batch: usize,
+    /// Broker name for log lines.
+    pub broker: &'static str,
+}
+
+/// Sends records until the channel closes (then returns `Ok`) or the sink fails permanently.
+pub async fn run<S: Sink>(
+    mut sink: S,
+    mut records: mpsc::Receiver<Queued>,
+    acks: mpsc::UnboundedSender<u64>,
+    budget: Arc<Semaphore>,
+    options: DispatchOptions,
+    metrics: Arc<Metrics>,
+) -> Result<(), SinkError> {
+    let mut queued: Vec<Queued> = Vec::with_capacity(options.max_batch);
+    let mut batch: Vec<Record> = Vec::with_capacity(options.max_batch);
+    let mut acknowledged: u64 = 0;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        if records.recv_many(&mut queued, options.max_batch).await == 0 {
+            return Ok(());
+        }
+        let permits: u32 = queued.iter().map(|q| q.permits).sum();
+        batch.extend(queued.drain(..).map(|q| q.record));
+
+        let failing_since = Instant::now();
+        let mut last_warning: Option<Instant> = None;
+        let delivery = loop {
+            match sink.send(&batch).await {
+                Ok(delivery) => break delivery,
+                Err(e) if e.is_transient() => {
+                    metrics.sink_errors.inc();
+                    let delay = backoff.next_delay();
+                    // One line when the broker fails, then one every 30 s while it stays down.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        tracing::warn!(
+                            broker = options.broker,
+                            error = %e,
+                            attempts = backoff.attempts(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            pending_events = batch.len(),
+                            "broker unavailable; retrying the batch, the slot stays at the last acknowledged event"
+                        );
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if backoff.attempts() > 0 {
+            tracing::info!(
+                broker = options.broker,
+                attempts = backoff.attempts(),
+                down_for_ms = failing_since.elapsed().as_millis() as u64,
+                "broker is back; batch delivered"
+            );
+            backoff.reset();
+        }
+
+        account(&batch, &delivery.rejected, &metrics);
+        acknowledged += batch.len() as u64;
+        batch.clear();
+        budget.add_permits(permits as usize);
+        if acks.send(acknowledged).is_err() {
+            // The pipeline is gone (session ended): nothing left to report to.
+            return Ok(());
+        }
+    }
+}
+
+/// Counts a delivered batch: forwarded per topic, dead-lettered per reason, latency; and logs
+/// each dead letter.
+fn account(batch: &[Record], rejected: &[(usize, outboxd_core::Poison)], metrics: &Metrics) {
+    let now_micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let mut forwarded: HashMap<&str, u64> = HashMap::new();
+    let mut dead: HashMap<&'static str, u64> = HashMap::new();
+    let mut rejected = rejected.iter().peekable();
+    for (i, record) in batch.iter().enumerate() {
+        let event = &record.event;
+        let poison = match rejected.peek() {
+            Some((j, p)) if *j == i => {
+                rejected.next();
+                Some(p)
+            }
+            _ => record.poison.as_ref(),
+        };
+        match poison {
+            None => *forwarded.entry(event.topic.as_str()).or_default() += 1,
+            Some(p) => {
+                *dead.entry(p.kind.label()).or_default() += 1;
+                tracing::warn!(
+                    id = %String::from_utf8_lossy(&event.id),
+                    topic = %event.topic,
+                    key = %String::from_utf8_lossy(&event.key),
+                    lsn = %event.position.commit_lsn,
+                    index = event.position.index,
+                    reason = p.kind.label(),
+                    detail = %p.detail,
+                    "event dead-lettered"
+                );
+            }
+        }
+        let latency = (now_micros - event.commit_time_micros).max(0) as f64 / 1e6;
+        metrics.commit_to_ack_seconds.observe(latency);
+    }
+    metrics.record_batch(forwarded, dead);
+}

@@ -1,0 +1,66 @@
+//! `outboxd`: parses the command line, sets up logging, runs the command, and turns its error
+//! into one line and a non-zero exit code.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use outboxd::cli::{Cli, Command, LogFormat};
+use outboxd::commands;
+use outboxd::report::one_line;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+
+    let config = match commands::load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outboxd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outboxd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Setup => commands::setup(&config).await,
+            Command::Run => commands::run(&config).await,
+            Command::Slot(args) => commands::slot(&config, &args.command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let line = one_line(e.as_ref());
+            // `run` reports through its log (text or JSON); the other commands on stderr.
+            if matches!(cli.command, Command::Run) {
+                tracing::error!(error = %line, "outboxd stopped");
+            } else {
+                eprintln!("outboxd: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}

@@ -1,0 +1,171 @@
+//! The metrics of SPEC.md, all prefixed `outboxd_`, in the Prometheus text format.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `topic` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    /// The routed topic (or stream, without prefix).
+    pub topic: String,
+}
+
+/// The `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The poison reason (`null_field`, `rejected`, ...).
+    pub reason: String,
+}
+
+/// Every metric outboxd exports. Cheap to update from any task.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `events_forwarded_total{topic}`: events the broker acknowledged in their topic.
+    pub events_forwarded: Family<TopicLabel, Counter>,
+    /// `events_dead_lettered_total{reason}`: events written to the dead-letter destination.
+    pub events_dead_lettered: Family<ReasonLabel, Counter>,
+    /// `sink_errors_total`: failed attempts to publish a batch (each is retried).
+    pub sink_errors: Counter,
+    /// `reconnects_total`: replication sessions started after the first.
+    pub reconnects: Counter,
+    /// `inflight_events`: events read from the WAL and not yet acknowledged.
+    pub inflight_events: Gauge,
+    /// `confirmed_lsn`: the position confirmed to the slot, as a number.
+    pub confirmed_lsn: Gauge<u64, AtomicU64>,
+    /// `retained_wal_bytes`: WAL Postgres keeps for the slot.
+    pub retained_wal_bytes: Gauge<u64, AtomicU64>,
+    /// `commit_to_ack_seconds`: from the transaction's commit to the broker's acknowledgement.
+    pub commit_to_ack_seconds: Histogram,
+    /// Sum of `events_forwarded` over all topics, for the summary log.
+    forwarded_all: AtomicU64,
+    /// Sum of `events_dead_lettered` over all reasons, for the summary log.
+    dead_lettered_all: AtomicU64,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outboxd");
+        let events_forwarded = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "events_forwarded",
+            "Events the broker acknowledged in their topic",
+            events_forwarded.clone(),
+        );
+        let events_dead_lettered = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "events_dead_lettered",
+            "Events written to the dead-letter destination, by reason",
+            events_dead_lettered.clone(),
+        );
+        let sink_errors = Counter::default();
+        registry.register(
+            "sink_errors",
+            "Failed attempts to publish a batch to the broker (each is retried)",
+            sink_errors.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "reconnects",
+            "Replication sessions started after the first",
+            reconnects.clone(),
+        );
+        let inflight_events = Gauge::default();
+        registry.register(
+            "inflight_events",
+            "Events read from the WAL and not yet acknowledged by the broker",
+            inflight_events.clone(),
+        );
+        let confirmed_lsn = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "confirmed_lsn",
+            "The WAL position confirmed to the replication slot",
+            confirmed_lsn.clone(),
+        );
+        let retained_wal_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "retained_wal_bytes",
+            "WAL bytes Postgres keeps for the slot (current position minus restart_lsn)",
+            retained_wal_bytes.clone(),
+        );
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let commit_to_ack_seconds = Histogram::new(buckets);
+        registry.register(
+            "commit_to_ack_seconds",
+            "Time from an event's commit in Postgres to the broker's acknowledgement",
+            commit_to_ack_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            events_forwarded,
+            events_dead_lettered,
+            sink_errors,
+            reconnects,
+            inflight_events,
+            confirmed_lsn,
+            retained_wal_bytes,
+            commit_to_ack_seconds,
+            forwarded_all: AtomicU64::new(0),
+            dead_lettered_all: AtomicU64::new(0),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Counts a batch's outcome: `forwarded` events per topic, `dead_lettered` per reason.
+    pub fn record_batch<'a>(
+        &self,
+        forwarded: impl IntoIterator<Item = (&'a str, u64)>,
+        dead_lettered: impl IntoIterator<Item = (&'static str, u64)>,
+    ) {
+        for (topic, n) in forwarded {
+            self.events_forwarded
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_owned(),
+                })
+                .inc_by(n);
+            self.forwarded_all.fetch_add(n, Ordering::Relaxed);
+        }
+        for (reason, n) in dead_lettered {
+            self.events_dead_lettered
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(n);
+            self.dead_lettered_all.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Events forwarded since start, over all topics.
+    pub fn forwarded_total(&self) -> u64 {
+        self.forwarded_all.load(Ordering::Relaxed)
+    }
+
+    /// Events dead-lettered since start, over all reasons.
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_lettered_all.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,90 @@
+//! Watching the WAL the slot retains, and helping Postgres release it.
+//!
+//! Confirming a position tells Postgres that outboxd needs nothing before it, but Postgres
+//! moves the slot's `restart_lsn` (the oldest WAL it keeps for the slot) only when logical
+//! decoding passes a running-transactions record. Postgres writes one every 15 seconds while
+//! the server is busy and at each checkpoint, so even a fully caught-up slot retains up to 15
+//! seconds of WAL, more on a server writing fast elsewhere.
+//!
+//! While a session streams, this task reads the slot every few seconds, keeps the
+//! `retained_wal_bytes` metric current, and when the slot retains more than
+//! [`NUDGE_ABOVE_BYTES`] it calls `pg_log_standby_snapshot()` (PostgreSQL 16+, EXECUTE granted
+//! by sql/role.sql), at most once per [`NUDGE_EVERY`]. The record costs a few bytes of WAL.
+//! Without the function or the grant, Postgres' own cadence applies; that is logged once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outboxd_postgres::ConnInfo;
+use outboxd_postgres::catalog;
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How often the slot is read.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+/// Retained WAL above which a running-transactions record is requested.
+pub const NUDGE_ABOVE_BYTES: u64 = 4 * 1024 * 1024;
+/// Least time between two requests.
+pub const NUDGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Watches `slot` until `stop` is cancelled.
+pub async fn watch(conn: ConnInfo, slot: String, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut client = None;
+    let mut can_nudge = true;
+    let mut last_nudge: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(POLL_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if client.is_none() {
+            match conn.connect().await {
+                Ok(c) => {
+                    if let Ok(server) = catalog::server(&c).await {
+                        can_nudge = can_nudge && server.version_num >= 160_000;
+                    }
+                    client = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "retention watch cannot connect; will retry");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let s = match catalog::slot(c, &slot).await {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "retention watch lost its connection");
+                client = None;
+                continue;
+            }
+        };
+        let Some(retained) = s.retained_wal_bytes() else {
+            continue;
+        };
+        metrics.retained_wal_bytes.set(retained);
+        let due = last_nudge.is_none_or(|t| t.elapsed() >= NUDGE_EVERY);
+        if can_nudge && due && s.active && retained > NUDGE_ABOVE_BYTES {
+            last_nudge = Some(Instant::now());
+            match catalog::log_standby_snapshot(c).await {
+                Ok(lsn) => {
+                    tracing::debug!(%lsn, retained, "requested a running-transactions record")
+                }
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    can_nudge = false;
+                    tracing::info!(
+                        "outboxd may not call pg_log_standby_snapshot(); the slot's retained WAL \
+                         will follow Postgres' own 15-second snapshots and checkpoints. To release \
+                         it sooner: GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO <role>"
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "pg_log_standby_snapshot() failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The command line against real services: bad input gets one clear line and a non-zero
+//! exit; `setup` refuses what it cannot use and is idempotent; every command has help.
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The process failed with exactly one non-empty line on stderr, containing every `needle`.
+fn assert_one_clear_line(out: &Output, needles: &[&str]) {
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}",
+        out.status
+    );
+    let err = stderr(out);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{err}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} not in: {}", lines[0]);
+    }
+    assert!(
+        !err.contains(OUTBOXD_PASSWORD),
+        "the password leaked: {err}"
+    );
+}
+
+fn outboxd(args: &[&str], config_text: &str) -> Output {
+    let dir = scratch_dir("cli");
+    let config = dir.join("outboxd.toml");
+    std::fs::write(&config, config_text).unwrap();
+    Command::new(outboxd_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .env("OUTBOXD_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_unknown_config_key_is_named_and_exits_2() {
+    let out = outboxd(
+        &["run"],
+        "[postgres]\nurl = \"postgres://u:pw@127.0.0.1/app\"\nslott = \"typo\"\n",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_clear_line(
+        &out,
+        &["unknown configuration key `postgres.slott`", "slot"],
+    );
+}
+
+#[test]
+fn an_unknown_environment_override_is_named() {
+    let dir = scratch_dir("cli-env");
+    let config = dir.join("outboxd.toml");
+    std::fs::write(
+        &config,
+        "[postgres]\nurl = \"postgres://u@127.0.0.1/app\"\n",
+    )
+    .unwrap();
+    let out = Command::new(outboxd_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("OUTBOXD_SINK__REDIS__ULR", "redis://x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_clear_line(&out, &["sink.redis.ulr", "OUTBOXD_SINK__REDIS__ULR"]);
+}
+
+#[test]
+fn an_unreachable_postgres_says_where_and_what_to_check() {
+    let port = free_port();
+    let out = outboxd(
+        &["run"],
+        &format!(
+            "[postgres]\nurl = \"postgres://outboxd:{OUTBOXD_PASSWORD}@127.0.0.1:{port}/app\"\n"
+        ),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_one_clear_line(
+        &out,
+        &[
+            &format!("cannot connect to Postgres at postgres://outboxd@127.0.0.1:{port}/app"),
+            "Check postgres.url",
+        ],
+    );
+    // setup says the same.
+    let out = outboxd(
+        &["setup"],
+        &format!(
+            "[postgres]\nurl = \"postgres://outboxd:{OUTBOXD_PASSWORD}@127.0.0.1:{port}/app\"\n"
+        ),
+    );
+    assert_one_clear_line(&out, &["cannot connect to Postgres"]);
+}
+
+#[test]
+fn a_config_without_postgres_url_says_how_to_set_it() {
+    let out = outboxd(&["run"], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_clear_line(&out, &["postgres.url is not set", "OUTBOXD_POSTGRES__URL"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_slot_stops_run_with_what_to_do() {
+    let env = Env::new(Postgres::start(), "").await;
+    let out = env.command(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_one_clear_line(
+        &out,
+        &[
+            "replication slot \"outboxd\" does not exist",
+            "run `outboxd setup`",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_stops_run_with_what_to_check() {
+    let mut env = Env::start().await;
+    env.redis.stop();
+    let out = env.command(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!(
+            "cannot reach redis at redis://127.0.0.1:{}",
+            env.redis.port
+        )) && last.contains("[sink.redis]"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_is_idempotent_and_creates_what_is_missing() {
+    let env = Env::new(Postgres::start(), "").await;
+    let db = env.db().await;
+    db.batch_execute("DROP PUBLICATION outboxd").await.unwrap();
+    // The least-privileged role cannot create the publication: it says who can, and how.
+    let out = env.command(&["setup"]);
+    assert_one_clear_line(
+        &out,
+        &[
+            "may not create publication",
+            "CREATE PUBLICATION \"outboxd\" FOR TABLE \"public\".\"outbox\" WITH (publish = 'insert')",
+        ],
+    );
+    db.batch_execute("CREATE PUBLICATION outboxd FOR TABLE outbox WITH (publish = 'insert')")
+        .await
+        .unwrap();
+
+    let first = env.command(&["setup"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(
+        stdout(&first).contains("slot \"outboxd\" (pgoutput): created"),
+        "{}",
+        stdout(&first)
+    );
+    let second = env.command(&["setup"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stdout(&second).contains("already there"),
+        "{}",
+        stdout(&second)
+    );
+    let slots: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'pgoutput'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_refuses_wal_level_replica() {
+    let env = Env::new(Postgres::start_with(&["wal_level = replica"]), "").await;
+    let out = env.command(&["setup"]);
+    assert_one_clear_line(
+        &out,
+        &["wal_level is \"replica\"", "wal_level = logical", "restart"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_refuses_a_missing_table() {
+    let env = Env::new(Postgres::start(), "[postgres]\n").await;
+    env.write_config("");
+    let db = env.db().await;
+    db.batch_execute("DROP TABLE outbox CASCADE").await.unwrap();
+    let out = env.command(&["setup"]);
+    assert_one_clear_line(
+        &out,
+        &["table \"public.outbox\" does not exist", "sql/outbox.sql"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_refuses_a_role_without_rights() {
+    let env = Env::new(Postgres::start(), "").await;
+    let db = env.db().await;
+    db.batch_execute("ALTER ROLE outboxd NOREPLICATION")
+        .await
+        .unwrap();
+    let out = env.command(&["setup"]);
+    assert_one_clear_line(
+        &out,
+        &[
+            "lacks the REPLICATION attribute",
+            "ALTER ROLE outboxd WITH REPLICATION",
+        ],
+    );
+
+    db.batch_execute("ALTER ROLE outboxd REPLICATION; REVOKE SELECT ON outbox FROM outboxd")
+        .await
+        .unwrap();
+    let out = env.command(&["setup"]);
+    assert_one_clear_line(
+        &out,
+        &["may not read \"public\".\"outbox\"", "GRANT SELECT"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_drop_asks_for_yes_and_refuses_an_active_slot() {
+    let env = Env::start().await;
+    let out = env.command(&["slot", "drop"]);
+    assert_one_clear_line(&out, &["without --yes"]);
+
+    let running = env.run();
+    let db = env.db().await;
+    wait_until("outboxd to stream", Duration::from_secs(20), || {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    let out = env.command(&["slot", "drop", "--yes"]);
+    assert_one_clear_line(&out, &["is in use", "stop outboxd first"]);
+    drop(running);
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for args in [
+        vec!["--help"],
+        vec!["setup", "--help"],
+        vec!["run", "--help"],
+        vec!["slot", "status", "--help"],
+        vec!["slot", "drop", "--help"],
+    ] {
+        let out = Command::new(outboxd_bin()).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = stdout(&out);
+        assert!(text.contains("Example"), "{args:?} has no example:\n{text}");
+        assert!(
+            text.contains("--config"),
+            "{args:?} does not mention --config:\n{text}"
+        );
+    }
+}

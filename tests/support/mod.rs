@@ -1,0 +1,687 @@
+//! Test support: real services started per test, and the `outboxd` binary.
+//!
+//! Each test gets its own Postgres cluster (copied from a template made once with initdb),
+//! its own Redis server and its own outboxd processes, all on free ports, all stopped by PID
+//! when the test ends (also when it panics). Nothing is shared between tests, so they run in
+//! parallel.
+//!
+//! Postgres binaries: `OUTBOXD_TEST_PG_BIN` (a `bin` directory), else the newest
+//! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use tokio_postgres::{Client, NoTls};
+
+/// The password the tests give the least-privileged `outboxd` role.
+pub const OUTBOXD_PASSWORD: &str = "outboxd-test-Secr3t";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// A fresh directory for one test's files, under cargo's per-target temporary directory.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("outboxd-tests")
+        .join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// The Postgres `bin` directory the tests use.
+pub fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("OUTBOXD_TEST_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, b)| b)
+        .expect("no Postgres found: install it or set OUTBOXD_TEST_PG_BIN")
+}
+
+/// Runs a Postgres program as the `postgres` user when the tests run as root (initdb and
+/// postgres refuse root).
+fn pg_command(bin: &Path, program: &str) -> Command {
+    let path = bin.join(program);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn chown_postgres(path: &Path) {
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown {path:?} failed");
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The initdb'd template for `bin`, made once per build directory.
+fn template(bin: &Path) -> PathBuf {
+    let key: String = bin
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("outboxd-pg-templates");
+    let template = root.join(&key);
+    if template.join("PG_VERSION").exists() {
+        return template;
+    }
+    fs::create_dir_all(&root).expect("template root");
+    let tmp = root.join(format!("{key}.tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).expect("template tmp");
+    chown_postgres(&tmp);
+    run_ok(
+        pg_command(bin, "initdb").arg("-D").arg(&tmp).args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth=trust",
+            "--no-sync",
+        ]),
+        "initdb",
+    );
+    // Another test process may have won the race; either template is fine.
+    if fs::rename(&tmp, &template).is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    template
+}
+
+/// A throwaway Postgres cluster with `wal_level = logical`.
+pub struct Postgres {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Postgres {
+    /// Starts a logical-replication-ready cluster.
+    pub fn start() -> Postgres {
+        Self::start_with(&["wal_level = logical"])
+    }
+
+    /// Starts a cluster with these postgresql.conf lines.
+    pub fn start_with(conf: &[&str]) -> Postgres {
+        let bin = pg_bin();
+        let template = template(&bin);
+        let dir = scratch_dir("pg");
+        let data = dir.join("data");
+        run_ok(
+            Command::new("cp").arg("-a").arg(&template).arg(&data),
+            "copy template",
+        );
+        chown_postgres(&dir);
+        let port = free_port();
+        let mut settings = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n\
+             max_replication_slots = 16\nmax_wal_senders = 16\nwal_sender_timeout = '10s'\n\
+             fsync = off\nmax_connections = 60\nlog_min_messages = warning\n"
+        );
+        for line in conf {
+            settings.push_str(line);
+            settings.push('\n');
+        }
+        append(&data.join("postgresql.conf"), &settings);
+        fs::write(
+            data.join("pg_hba.conf"),
+            "host all postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        chown_postgres(&dir);
+        let pg = Postgres { port, bin, dir };
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn pg_ctl_start(&self) {
+        run_ok(
+            pg_command(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.join("postgres.log"))
+                .args(["-w", "-t", "60", "start"]),
+            "pg_ctl start",
+        );
+    }
+
+    /// Stops the server (fast shutdown).
+    pub fn stop(&self) {
+        run_ok(
+            pg_command(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-w", "-m", "fast", "stop"]),
+            "pg_ctl stop",
+        );
+    }
+
+    /// Starts the server again after [`stop`](Self::stop).
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// A superuser URL for database `db`.
+    pub fn admin_url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A URL for the `outboxd` role on database `db`.
+    pub fn outboxd_url(&self, db: &str) -> String {
+        format!(
+            "postgres://outboxd:{OUTBOXD_PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// A superuser connection to `db`.
+    pub async fn connect(&self, db: &str) -> Client {
+        let (client, conn) = tokio_postgres::connect(&self.admin_url(db), NoTls)
+            .await
+            .expect("connect to test Postgres");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open for append");
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+/// A throwaway Redis server.
+pub struct Redis {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a server on a free port.
+    pub fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.start_again();
+        r
+    }
+
+    /// Starts the server again on the same port (after [`stop`](Self::stop)).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (install it: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGKILL: everything it held is gone).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection.
+    pub async fn connect(&self) -> MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `outboxd` process; its output goes to a log file.
+pub struct Outboxd {
+    child: Child,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+/// The `outboxd` binary under test.
+pub fn outboxd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outboxd")
+}
+
+impl Outboxd {
+    /// Starts `outboxd <args>`, logging to `log`.
+    pub fn spawn(args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> Outboxd {
+        let out = fs::File::create(&log).expect("create outboxd log");
+        let err = out.try_clone().expect("clone log handle");
+        let child = Command::new(outboxd_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("OUTBOXD_LOG", "info,outboxd=debug")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start outboxd");
+        Outboxd { child, log }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outboxd did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its output so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Outboxd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Postgres with the outbox schema and role, Redis, a configuration file, and `setup` done.
+pub struct Env {
+    /// The Postgres cluster; the outbox is in database `app`.
+    pub pg: Postgres,
+    /// The Redis server.
+    pub redis: Redis,
+    /// This test's scratch directory.
+    pub dir: PathBuf,
+    /// The configuration file.
+    pub config: PathBuf,
+    runs: AtomicU32,
+}
+
+impl Env {
+    /// Everything ready for `outboxd run`: servers, schema, configuration, `outboxd setup`.
+    pub async fn start() -> Env {
+        let env = Self::new(Postgres::start(), "").await;
+        env.setup();
+        env
+    }
+
+    /// Runs `outboxd setup` and insists that it succeeds.
+    pub fn setup(&self) {
+        let out = self.command(&["setup"]);
+        assert!(
+            out.status.success(),
+            "outboxd setup failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Servers, schema and configuration on a given cluster, with extra configuration lines;
+    /// `setup` not run.
+    pub async fn new(pg: Postgres, extra_config: &str) -> Env {
+        let admin = pg.connect("postgres").await;
+        admin
+            .batch_execute("CREATE DATABASE app")
+            .await
+            .expect("create database");
+        let db = pg.connect("app").await;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for file in ["sql/outbox.sql", "sql/role.sql"] {
+            let sql = fs::read_to_string(root.join(file)).expect("read sql");
+            db.batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+        db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
+            .await
+            .expect("set password");
+        let redis = Redis::start();
+        let dir = scratch_dir("env");
+        let config = dir.join("outboxd.toml");
+        let env = Env {
+            pg,
+            redis,
+            dir,
+            config,
+            runs: AtomicU32::new(0),
+        };
+        env.write_config(extra_config);
+        env
+    }
+
+    /// Writes the configuration file: the test's servers, plus `extra` lines.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "[postgres]\nurl = \"{}\"\n\n[sink.redis]\nurl = \"{}\"\n\n[http]\nlisten = \"\"\n\n{extra}\n",
+            self.pg.outboxd_url("app"),
+            self.redis.url()
+        );
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Runs an outboxd command to completion.
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(outboxd_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run outboxd")
+    }
+
+    /// Starts `outboxd run`.
+    pub fn run(&self) -> Outboxd {
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        Outboxd::spawn(
+            &["run", "--config", &self.config.to_string_lossy()],
+            self.dir.join(format!("outboxd-{n}.log")),
+            &[],
+        )
+    }
+
+    /// A superuser connection to the outbox database.
+    pub async fn db(&self) -> Client {
+        self.pg.connect("app").await
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, for at most `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Emits `count` events in one transaction through `outbox_emit`, with payload
+/// `{"seq": n}` for n in `first..first+count`, keys `k<n % keys>`, aggregate type `order`.
+pub async fn emit_txn(db: &impl tokio_postgres::GenericClient, first: u64, count: u64, keys: u64) {
+    db.execute(
+        "SELECT outbox_emit('order', 'k' || (g % $3), 'order.created', \
+                jsonb_build_object('seq', g), jsonb_build_object('source', 'test')) \
+         FROM generate_series($1::bigint, $2::bigint) AS g",
+        &[
+            &(first as i64),
+            &((first + count - 1) as i64),
+            &(keys as i64),
+        ],
+    )
+    .await
+    .expect("emit events");
+}
+
+/// One stream entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The Redis entry id.
+    pub entry_id: String,
+    /// The fields in order.
+    pub fields: Vec<(String, String)>,
+}
+
+impl Entry {
+    /// A field's value.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `seq` of the payload of a test event.
+    pub fn seq(&self) -> u64 {
+        let payload: serde_json::Value =
+            serde_json::from_str(self.get("payload").expect("payload")).expect("payload JSON");
+        payload["seq"].as_u64().expect("seq")
+    }
+}
+
+/// Every entry of a stream, oldest first.
+pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(conn)
+            .await
+            .expect("XRANGE");
+        let n = reply.len();
+        for (entry_id, flat) in reply {
+            let fields = flat
+                .chunks(2)
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(&kv[0]).into_owned(),
+                        String::from_utf8_lossy(&kv[1]).into_owned(),
+                    )
+                })
+                .collect();
+            start = format!("({entry_id}");
+            out.push(Entry { entry_id, fields });
+        }
+        if n < 5000 {
+            return out;
+        }
+    }
+}
+
+/// The number of entries in a stream.
+pub async fn stream_len(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
+}
+
+/// Checks that every seq in `expected` arrived, that events of each key arrived in commit
+/// (seq) order, and returns how many entries were duplicates.
+pub fn check_complete_and_ordered(entries: &[Entry], expected: impl Iterator<Item = u64>) -> u64 {
+    let mut seen: HashMap<u64, u32> = HashMap::new();
+    let mut last_by_key: HashMap<String, u64> = HashMap::new();
+    for e in entries {
+        let seq = e.seq();
+        let count = seen.entry(seq).or_default();
+        *count += 1;
+        if *count > 1 {
+            continue;
+        }
+        let key = e.get("key").expect("key").to_owned();
+        if let Some(prev) = last_by_key.insert(key.clone(), seq) {
+            assert!(
+                prev < seq,
+                "key {key}: event {seq} arrived after {prev} (first deliveries out of commit order)"
+            );
+        }
+    }
+    let mut missing = Vec::new();
+    for seq in expected {
+        if !seen.contains_key(&seq) {
+            missing.push(seq);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} events missing, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    seen.values().map(|&c| u64::from(c - 1)).sum()
+}
+
+/// A slot's `confirmed_flush_lsn` as a number.
+pub async fn confirmed_flush(db: &Client, slot: &str) -> u64 {
+    let row = db
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("read slot");
+    row.get::<_, i64>(0) as u64
+}
+
+/// The server's WAL insert position as a number.
+pub async fn wal_insert_lsn(db: &Client) -> u64 {
+    let row = db
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("read wal position");
+    row.get::<_, i64>(0) as u64
+}
