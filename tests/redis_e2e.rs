@@ -1,4 +1,5 @@
 //! End to end: Postgres (wal_level = logical) → outboxd → Redis Streams, real servers.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod support;
 
