@@ -36,7 +36,10 @@ run_tests() {
     fi
 }
 
+# Both runs happen even when the first fails; the exit status says whether either did.
+failed=0
 say "end-to-end tests on PostgreSQL 17 ($PG17)"
-OUTBOXD_TEST_PG_BIN="$PG17" run_tests e2e "$@"
+OUTBOXD_TEST_PG_BIN="$PG17" run_tests e2e "$@" || failed=1
 say "all tests on the system PostgreSQL ($PG_SYSTEM)"
-OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" run_tests all "$@"
+OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" run_tests all "$@" || failed=1
+exit "$failed"

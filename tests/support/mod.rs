@@ -327,11 +327,14 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A connection.
+    /// A connection. Replies may take long on a loaded test machine: 30 s timeout.
     pub async fn connect(&self) -> MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(10)));
         redis::Client::open(self.url())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
     }

@@ -209,6 +209,35 @@ pub async fn log_standby_snapshot(client: &Client) -> Result<Lsn, tokio_postgres
     Ok(row.get::<_, String>(0).parse().unwrap_or_default())
 }
 
+/// Whether the server has physical standbys streaming from it, and whether `slot` is
+/// synchronised to them (`failover`, PostgreSQL 17+; `None` before 17).
+pub async fn failover_state(
+    client: &Client,
+    slot: &str,
+    version_num: i32,
+) -> Result<(i64, Option<bool>), tokio_postgres::Error> {
+    let standbys: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication r WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_replication_slots s \
+                  WHERE s.active_pid = r.pid AND s.slot_type = 'logical')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if version_num < 170_000 {
+        return Ok((standbys, None));
+    }
+    let failover = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|r| r.get::<_, bool>(0));
+    Ok((standbys, failover))
+}
+
 /// Quotes an identifier for SQL, like Postgres' `quote_ident` always quoting.
 pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))

@@ -174,9 +174,175 @@ pub enum SlotError {
 }
 
 impl SlotError {
+    /// What the problem concerns, for `outboxd check`'s report.
+    pub fn subject(&self) -> &'static str {
+        match self {
+            SlotError::WalLevel { .. } => "wal_level",
+            SlotError::TableMissing { .. } => "table",
+            SlotError::NoSelect { .. } | SlotError::NoReplication { .. } => "rights",
+            SlotError::PublicationMissing { .. }
+            | SlotError::PublicationDenied { .. }
+            | SlotError::PublicationLacksTable { .. }
+            | SlotError::PublicationNoInserts { .. } => "publication",
+            SlotError::SlotMissing { .. }
+            | SlotError::SlotForeign { .. }
+            | SlotError::SlotInvalidated { .. }
+            | SlotError::FailoverUnsupported { .. } => "slot",
+            SlotError::Postgres { .. } => "postgres",
+        }
+    }
+
     fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
         move |source| SlotError::Postgres { what, source }
     }
+}
+
+/// What the catalogs say about everything outboxd needs, read in one go.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// The server and role.
+    pub server: Server,
+    /// The outbox table, if it exists.
+    pub table: Option<Table>,
+    /// The publication, if it exists (only looked up when the table exists).
+    pub publication: Option<catalog::Publication>,
+    /// The slot, if it exists.
+    pub slot: Option<Slot>,
+}
+
+/// Reads the server, the table, the publication and the slot.
+pub async fn inspect(client: &Client, spec: SlotSpec<'_>) -> Result<Inspection, SlotError> {
+    let server = catalog::server(client)
+        .await
+        .map_err(SlotError::pg("reading server settings"))?;
+    let table = catalog::table(client, spec.table)
+        .await
+        .map_err(SlotError::pg("looking up the outbox table"))?;
+    let publication = match &table {
+        Some(t) => catalog::publication(client, spec.publication, t)
+            .await
+            .map_err(SlotError::pg("reading pg_publication"))?,
+        None => None,
+    };
+    let slot = catalog::slot(client, spec.slot)
+        .await
+        .map_err(SlotError::pg("reading pg_replication_slots"))?;
+    Ok(Inspection {
+        server,
+        table,
+        publication,
+        slot,
+    })
+}
+
+impl Inspection {
+    /// Every problem found, in the order an operator should fix them. Empty when outboxd
+    /// can stream.
+    pub fn problems(&self, spec: SlotSpec<'_>) -> Vec<SlotError> {
+        let mut problems = self.prerequisites(spec);
+        if let Some(table) = &self.table {
+            if let Err(e) = publication_problem(spec, table, self.publication.as_ref()) {
+                problems.push(e);
+            }
+        }
+        if let Err(e) = self.slot_problem(spec) {
+            problems.push(e);
+        }
+        problems
+    }
+
+    /// What must hold before anything can be created: wal_level, the table, the rights.
+    fn prerequisites(&self, spec: SlotSpec<'_>) -> Vec<SlotError> {
+        let server = &self.server;
+        let mut problems = Vec::new();
+        if server.wal_level != "logical" {
+            problems.push(SlotError::WalLevel {
+                actual: server.wal_level.clone(),
+            });
+        }
+        match &self.table {
+            None => problems.push(SlotError::TableMissing {
+                table: spec.table.to_owned(),
+                database: server.database.clone(),
+            }),
+            Some(t) if !t.can_select => problems.push(SlotError::NoSelect {
+                role: server.user.clone(),
+                table: t.quoted(),
+            }),
+            Some(_) => {}
+        }
+        if !server.can_replicate {
+            problems.push(SlotError::NoReplication {
+                role: server.user.clone(),
+            });
+        }
+        problems
+    }
+
+    fn slot_problem(&self, spec: SlotSpec<'_>) -> Result<(), SlotError> {
+        let Some(slot) = &self.slot else {
+            return Err(SlotError::SlotMissing {
+                slot: spec.slot.to_owned(),
+            });
+        };
+        let database = &self.server.database;
+        let ours = slot.slot_type == "logical"
+            && slot.plugin.as_deref() == Some("pgoutput")
+            && slot.database.as_deref() == Some(database.as_str());
+        if !ours {
+            return Err(SlotError::SlotForeign {
+                slot: slot.name.clone(),
+                database: database.clone(),
+                found: format!(
+                    "{} slot, plugin {}, database {}",
+                    slot.slot_type,
+                    slot.plugin.as_deref().unwrap_or("none"),
+                    slot.database.as_deref().unwrap_or("none")
+                ),
+            });
+        }
+        if slot.is_invalidated() {
+            return Err(SlotError::SlotInvalidated {
+                slot: slot.name.clone(),
+                confirmed: slot
+                    .confirmed_flush_lsn
+                    .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn publication_problem(
+    spec: SlotSpec<'_>,
+    table: &Table,
+    publication: Option<&catalog::Publication>,
+) -> Result<(), SlotError> {
+    let quoted_pub = quote_ident(spec.publication);
+    match publication {
+        None => Err(SlotError::PublicationMissing {
+            publication: spec.publication.to_owned(),
+            create: create_publication_sql(spec, table),
+        }),
+        Some(p) if !p.includes_table => Err(SlotError::PublicationLacksTable {
+            publication: spec.publication.to_owned(),
+            quoted_pub,
+            table: table.quoted(),
+        }),
+        Some(p) if !p.inserts => Err(SlotError::PublicationNoInserts {
+            publication: spec.publication.to_owned(),
+            quoted_pub,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+fn create_publication_sql(spec: SlotSpec<'_>, table: &Table) -> String {
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+        quote_ident(spec.publication),
+        table.quoted()
+    )
 }
 
 /// Everything [`prepare`] found, ready for streaming.
@@ -194,138 +360,73 @@ pub struct Prepared {
     pub created_slot: bool,
 }
 
-/// Checks the server, the table, the role's rights, the publication and the slot; in
-/// [`Mode::Create`], creates the publication and the slot when missing.
+/// Checks everything outboxd needs; in [`Mode::Create`], first creates the publication and
+/// the slot when they are missing. Returns the first problem that remains.
 pub async fn prepare(
     client: &Client,
     spec: SlotSpec<'_>,
     mode: Mode,
 ) -> Result<Prepared, SlotError> {
-    let server = catalog::server(client)
-        .await
-        .map_err(SlotError::pg("reading server settings"))?;
-    if server.wal_level != "logical" {
-        return Err(SlotError::WalLevel {
-            actual: server.wal_level,
-        });
-    }
-    let table = catalog::table(client, spec.table)
-        .await
-        .map_err(SlotError::pg("looking up the outbox table"))?
-        .ok_or_else(|| SlotError::TableMissing {
-            table: spec.table.to_owned(),
-            database: server.database.clone(),
-        })?;
-    if !table.can_select {
-        return Err(SlotError::NoSelect {
-            role: server.user.clone(),
-            table: table.quoted(),
-        });
-    }
-    if !server.can_replicate {
-        return Err(SlotError::NoReplication {
-            role: server.user.clone(),
-        });
-    }
-
-    let created_publication = ensure_publication(client, spec, &server, &table, mode).await?;
-
-    let (slot, created_slot) = match catalog::slot(client, spec.slot)
-        .await
-        .map_err(SlotError::pg("reading pg_replication_slots"))?
-    {
-        Some(slot) => (slot, false),
-        None if mode == Mode::Create => {
-            create_slot(client, spec, &server).await?;
-            let slot = catalog::slot(client, spec.slot)
-                .await
-                .map_err(SlotError::pg("reading the new slot"))?
-                .ok_or_else(|| SlotError::SlotMissing {
-                    slot: spec.slot.to_owned(),
-                })?;
-            (slot, true)
+    let mut found = inspect(client, spec).await?;
+    let (mut created_publication, mut created_slot) = (false, false);
+    if mode == Mode::Create {
+        if let Some(first) = found.prerequisites(spec).into_iter().next() {
+            return Err(first);
         }
-        None => {
-            return Err(SlotError::SlotMissing {
-                slot: spec.slot.to_owned(),
-            });
+        if let (Some(table), None) = (&found.table, &found.publication) {
+            create_publication(client, spec, &found.server, table).await?;
+            created_publication = true;
         }
-    };
-    let ours = slot.slot_type == "logical"
-        && slot.plugin.as_deref() == Some("pgoutput")
-        && slot.database.as_deref() == Some(server.database.as_str());
-    if !ours {
-        return Err(SlotError::SlotForeign {
-            slot: slot.name.clone(),
-            database: server.database.clone(),
-            found: format!(
-                "{} slot, plugin {}, database {}",
-                slot.slot_type,
-                slot.plugin.as_deref().unwrap_or("none"),
-                slot.database.as_deref().unwrap_or("none")
-            ),
-        });
+        if found.slot.is_none() {
+            create_slot(client, spec, &found.server).await?;
+            created_slot = true;
+        }
+        if created_publication || created_slot {
+            found = inspect(client, spec).await?;
+        }
     }
-    if slot.is_invalidated() {
-        return Err(SlotError::SlotInvalidated {
-            slot: slot.name.clone(),
-            confirmed: slot
-                .confirmed_flush_lsn
-                .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
-        });
+    if let Some(first) = found.problems(spec).into_iter().next() {
+        return Err(first);
     }
-    Ok(Prepared {
-        server,
-        table,
-        slot,
-        created_publication,
-        created_slot,
-    })
+    match found {
+        Inspection {
+            server,
+            table: Some(table),
+            slot: Some(slot),
+            ..
+        } => Ok(Prepared {
+            server,
+            table,
+            slot,
+            created_publication,
+            created_slot,
+        }),
+        // problems() reports a missing table or slot.
+        Inspection { .. } => Err(SlotError::SlotMissing {
+            slot: spec.slot.to_owned(),
+        }),
+    }
 }
 
-async fn ensure_publication(
+async fn create_publication(
     client: &Client,
     spec: SlotSpec<'_>,
     server: &Server,
     table: &Table,
-    mode: Mode,
-) -> Result<bool, SlotError> {
-    let quoted_pub = quote_ident(spec.publication);
-    let create = format!(
-        "CREATE PUBLICATION {quoted_pub} FOR TABLE {} WITH (publish = 'insert')",
-        table.quoted()
-    );
-    match catalog::publication(client, spec.publication, table)
-        .await
-        .map_err(SlotError::pg("reading pg_publication"))?
-    {
-        Some(p) if !p.includes_table => Err(SlotError::PublicationLacksTable {
-            publication: spec.publication.to_owned(),
-            quoted_pub,
-            table: table.quoted(),
-        }),
-        Some(p) if !p.inserts => Err(SlotError::PublicationNoInserts {
-            publication: spec.publication.to_owned(),
-            quoted_pub,
-        }),
-        Some(_) => Ok(false),
-        None if mode == Mode::Check => Err(SlotError::PublicationMissing {
-            publication: spec.publication.to_owned(),
-            create,
-        }),
-        None => match client.batch_execute(&create).await {
-            Ok(()) => Ok(true),
-            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
-                Err(SlotError::PublicationDenied {
-                    role: server.user.clone(),
-                    publication: spec.publication.to_owned(),
-                    create,
-                })
-            }
-            // Another `setup` created it first.
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(false),
-            Err(e) => Err(SlotError::pg("creating the publication")(e)),
-        },
+) -> Result<(), SlotError> {
+    let create = create_publication_sql(spec, table);
+    match client.batch_execute(&create).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(SlotError::PublicationDenied {
+                role: server.user.clone(),
+                publication: spec.publication.to_owned(),
+                create,
+            })
+        }
+        // Another `setup` created it first.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(SlotError::pg("creating the publication")(e)),
     }
 }
 

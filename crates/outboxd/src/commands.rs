@@ -116,6 +116,17 @@ async fn stop_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// `outboxd check`.
+pub async fn check(config: &Config) -> anyhow::Result<()> {
+    let report = crate::check::run(config).await;
+    print!("{}", report.render());
+    match report.failures() {
+        0 => Ok(()),
+        1 => bail!("1 problem found"),
+        n => bail!("{n} problems found"),
+    }
+}
+
 /// `outboxd slot ...`.
 pub async fn slot(config: &Config, command: &SlotCommand) -> anyhow::Result<()> {
     let conn = conn_info(config)?;

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;

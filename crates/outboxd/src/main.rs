@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Setup => commands::setup(&config).await,
             Command::Run => commands::run(&config).await,
+            Command::Check => commands::check(&config).await,
             Command::Slot(args) => commands::slot(&config, &args.command).await,
         }
     });

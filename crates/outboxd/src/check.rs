@@ -1,0 +1,250 @@
+//! `outboxd check`: a preflight of everything `run` needs, reporting every problem at once.
+//!
+//! Each check prints one line, `ok`, `warn` or `FAIL`, with what it found or what to do. The
+//! command exits 1 when any check fails. Checks that cannot run because an earlier one failed
+//! (Postgres unreachable) say so.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use outboxd_core::{Router, Sink};
+use outboxd_postgres::slot::{self, SlotSpec};
+use outboxd_postgres::{ConnInfo, catalog};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::report::one_line;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but worth attention.
+    Warn,
+    /// `run` would fail (or lose the ability to recover).
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// How it came out.
+    pub status: Status,
+    /// What was checked.
+    pub subject: &'static str,
+    /// What was found, or what to do.
+    pub message: String,
+}
+
+/// The whole report.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The findings in order.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    fn add(&mut self, status: Status, subject: &'static str, message: impl Into<String>) {
+        self.findings.push(Finding {
+            status,
+            subject,
+            message: message.into(),
+        });
+    }
+
+    /// How many checks failed.
+    pub fn failures(&self) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.status == Status::Fail)
+            .count()
+    }
+
+    /// The report as text, one line per finding.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for f in &self.findings {
+            let status = match f.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            let _ = writeln!(out, "{status}  {:<13} {}", f.subject, f.message);
+        }
+        out
+    }
+}
+
+/// Runs every check.
+pub async fn run(config: &Config) -> Report {
+    let mut report = Report::default();
+    report.add(
+        Status::Ok,
+        "configuration",
+        format!(
+            "sink {} at {}, slot {:?}, publication {:?}, table {}",
+            Broker::name(config),
+            Broker::target(config),
+            config.postgres.slot,
+            config.postgres.publication,
+            config.postgres.table
+        ),
+    );
+    check_postgres(config, &mut report).await;
+    check_broker(config, &mut report).await;
+    report
+}
+
+async fn check_postgres(config: &Config, report: &mut Report) {
+    let conn = match ConnInfo::parse(config.postgres.url.expose()) {
+        Ok(c) => c,
+        Err(e) => return report.add(Status::Fail, "postgres", one_line(&e)),
+    };
+    let client = match conn.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            let err = crate::pipeline::RunError::connect(&conn)(e);
+            report.add(Status::Fail, "postgres", one_line(&err));
+            report.add(
+                Status::Fail,
+                "slot",
+                "not checked: Postgres is unreachable",
+            );
+            return;
+        }
+    };
+    let spec = SlotSpec {
+        slot: &config.postgres.slot,
+        publication: &config.postgres.publication,
+        table: &config.postgres.table,
+        failover: config.postgres.failover_slot,
+    };
+    let found = match slot::inspect(&client, spec).await {
+        Ok(f) => f,
+        Err(e) => return report.add(Status::Fail, "postgres", one_line(&e)),
+    };
+    let server = &found.server;
+    report.add(
+        Status::Ok,
+        "postgres",
+        format!(
+            "{conn}: server {}, role {:?}",
+            server.version_num, server.user
+        ),
+    );
+    let problems = found.problems(spec);
+    for p in &problems {
+        report.add(Status::Fail, p.subject(), one_line(p));
+    }
+    let failed = |subject: &str| problems.iter().any(|p| p.subject() == subject);
+    if !failed("wal_level") {
+        report.add(Status::Ok, "wal_level", "logical");
+    }
+    if let Some(table) = &found.table {
+        if !failed("table") && !failed("rights") {
+            report.add(
+                Status::Ok,
+                "table",
+                format!(
+                    "{}.{} ({} columns); role may read it and stream replication",
+                    table.schema,
+                    table.name,
+                    table.columns.len()
+                ),
+            );
+        }
+        match Router::bind(&config.route.spec(), &table.columns) {
+            Ok(_) => report.add(Status::Ok, "route", "every routed column exists in the table"),
+            Err(e) => report.add(Status::Fail, "route", one_line(&e)),
+        }
+        if !failed("publication") {
+            report.add(
+                Status::Ok,
+                "publication",
+                format!("{:?} publishes inserts of the table", config.postgres.publication),
+            );
+        }
+    }
+    if let (Some(s), false) = (&found.slot, failed("slot")) {
+        let lsn = |l: Option<outboxd_core::Lsn>| l.map_or_else(|| "-".into(), |l| l.to_string());
+        report.add(
+            Status::Ok,
+            "slot",
+            format!(
+                "{:?}: {}, confirmed_flush_lsn {}, retained WAL {} bytes, wal_status {}",
+                s.name,
+                if s.active {
+                    format!("streamed by pid {}", s.active_pid.unwrap_or_default())
+                } else {
+                    "not streamed now".to_owned()
+                },
+                lsn(s.confirmed_flush_lsn),
+                s.retained_wal_bytes().unwrap_or_default(),
+                s.wal_status.as_deref().unwrap_or("-")
+            ),
+        );
+        match s.wal_status.as_deref() {
+            Some("extended") => report.add(
+                Status::Warn,
+                "slot",
+                "wal_status is \"extended\": the slot retains more WAL than max_wal_size; is outboxd running and keeping up?",
+            ),
+            Some("unreserved") => report.add(
+                Status::Warn,
+                "slot",
+                "wal_status is \"unreserved\": the slot will be invalidated at the next checkpoint unless outboxd catches up (max_slot_wal_keep_size)",
+            ),
+            _ => {}
+        }
+        match catalog::failover_state(&client, &s.name, server.version_num).await {
+            Ok((standbys, Some(false))) if standbys > 0 => report.add(
+                Status::Warn,
+                "failover",
+                format!(
+                    "{standbys} standby(s) stream from this server but the slot has failover = false: after a promotion the slot is gone. Set postgres.failover_slot = true and recreate the slot (PostgreSQL 17+), with sync_replication_slots on the standbys"
+                ),
+            ),
+            Ok((standbys, None)) if standbys > 0 => report.add(
+                Status::Warn,
+                "failover",
+                format!(
+                    "{standbys} standby(s) stream from this server; before PostgreSQL 17 logical slots are not synchronised to standbys, so a promotion loses the slot"
+                ),
+            ),
+            _ => {}
+        }
+    }
+}
+
+async fn check_broker(config: &Config, report: &mut Report) {
+    let name = Broker::name(config);
+    if let Err(e) = Broker::check(config) {
+        return report.add(Status::Fail, "broker", one_line(&e));
+    }
+    let mut broker = match Broker::build(config) {
+        Ok(b) => b,
+        Err(e) => return report.add(Status::Fail, "broker", one_line(&e)),
+    };
+    match tokio::time::timeout(Duration::from_secs(15), broker.ping()).await {
+        Ok(Ok(())) => report.add(
+            Status::Ok,
+            "broker",
+            format!("{name} at {} answers", Broker::target(config)),
+        ),
+        Ok(Err(e)) => report.add(
+            Status::Fail,
+            "broker",
+            format!(
+                "cannot reach {name} at {}: {}. Check the [sink.{name}] settings and that the broker is running",
+                Broker::target(config),
+                one_line(&e)
+            ),
+        ),
+        Err(_) => report.add(
+            Status::Fail,
+            "broker",
+            format!("{name} at {} did not answer within 15 s", Broker::target(config)),
+        ),
+    }
+}
