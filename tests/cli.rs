@@ -39,7 +39,8 @@ fn assert_one_clear_line(out: &Output, needles: &[&str]) {
 fn outboxd(args: &[&str], config_text: &str) -> Output {
     let dir = scratch_dir("cli");
     let config = dir.join("outboxd.toml");
-    std::fs::write(&config, config_text).unwrap();
+    // No HTTP: tests run in parallel, and the default port is one.
+    std::fs::write(&config, format!("{config_text}\n[http]\nlisten = \"\"\n")).unwrap();
     Command::new(outboxd_bin())
         .args(args)
         .arg("--config")

@@ -332,25 +332,35 @@ async fn a_terminated_walsender_is_reconnected_and_nothing_is_lost() {
         async move { stream_len(&mut r, "outbox.order").await >= 100 }
     })
     .await;
+    let mut pid: Option<i32> = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid.is_none() {
+        assert!(Instant::now() < deadline, "the slot never became active");
+        pid = db
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    }
     let terminated: bool = db
-        .query_one(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&SLOT],
-        )
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap()
         .get(0);
-    assert!(terminated);
+    assert!(terminated, "walsender {pid:?} was not terminated");
     emit_txn(&db, 100, 100, 3).await;
-    wait_until(
-        "the events after the reconnect",
-        Duration::from_secs(30),
-        || {
-            let mut r = redis.clone();
-            async move { stream_len(&mut r, "outbox.order").await >= 200 }
-        },
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stream_len(&mut redis, "outbox.order").await < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "events after the reconnect did not arrive; outboxd log:\n{}",
+            outboxd.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let entries = read_stream(&mut redis, "outbox.order").await;
     check_complete_and_ordered(&entries, 0..200);
     let log = outboxd.log_text();

@@ -282,14 +282,22 @@ fn append(path: &Path, text: &str) {
 pub struct Redis {
     /// Its TCP port on 127.0.0.1.
     pub port: u16,
+    /// `requirepass`, if any.
+    pub password: Option<String>,
     child: Option<Child>,
 }
 
 impl Redis {
     /// Starts a server on a free port.
     pub fn start() -> Redis {
+        Self::start_with_password(None)
+    }
+
+    /// Starts a server that requires `password`.
+    pub fn start_with_password(password: Option<&str>) -> Redis {
         let mut r = Redis {
             port: free_port(),
+            password: password.map(str::to_owned),
             child: None,
         };
         r.start_again();
@@ -299,9 +307,13 @@ impl Redis {
     /// Starts the server again on the same port (after [`stop`](Self::stop)).
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "redis already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -322,9 +334,12 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// A connection. Replies may take long on a loaded test machine: 30 s timeout.
@@ -437,6 +452,8 @@ pub struct Env {
     pub dir: PathBuf,
     /// The configuration file.
     pub config: PathBuf,
+    /// The port of outboxd's HTTP endpoints.
+    pub http_port: u16,
     runs: AtomicU32,
 }
 
@@ -462,6 +479,11 @@ impl Env {
     /// Servers, schema and configuration on a given cluster, with extra configuration lines;
     /// `setup` not run.
     pub async fn new(pg: Postgres, extra_config: &str) -> Env {
+        Self::with_redis(pg, Redis::start(), extra_config).await
+    }
+
+    /// Like [`new`](Self::new), with a given Redis server.
+    pub async fn with_redis(pg: Postgres, redis: Redis, extra_config: &str) -> Env {
         let admin = pg.connect("postgres").await;
         admin
             .batch_execute("CREATE DATABASE app")
@@ -478,7 +500,6 @@ impl Env {
         db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
             .await
             .expect("set password");
-        let redis = Redis::start();
         let dir = scratch_dir("env");
         let config = dir.join("outboxd.toml");
         let env = Env {
@@ -486,6 +507,7 @@ impl Env {
             redis,
             dir,
             config,
+            http_port: free_port(),
             runs: AtomicU32::new(0),
         };
         env.write_config(extra_config);
@@ -495,9 +517,10 @@ impl Env {
     /// Writes the configuration file: the test's servers, plus `extra` lines.
     pub fn write_config(&self, extra: &str) {
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[sink.redis]\nurl = \"{}\"\n\n[http]\nlisten = \"\"\n\n{extra}\n",
+            "[postgres]\nurl = \"{}\"\n\n[sink.redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{extra}\n",
             self.pg.outboxd_url("app"),
-            self.redis.url()
+            self.redis.url(),
+            self.http_port
         );
         fs::write(&self.config, text).expect("write config");
     }
@@ -526,6 +549,36 @@ impl Env {
     pub async fn db(&self) -> Client {
         self.pg.connect("app").await
     }
+}
+
+/// `GET path` on 127.0.0.1:`port`: the status code and the body, or `None` when nothing
+/// answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// The value of one sample line of a Prometheus text exposition (`name{labels}` exactly as
+/// written, or the bare name).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.

@@ -240,10 +240,12 @@ impl Inspection {
     /// can stream.
     pub fn problems(&self, spec: SlotSpec<'_>) -> Vec<SlotError> {
         let mut problems = self.prerequisites(spec);
-        if let Some(table) = &self.table {
-            if let Err(e) = publication_problem(spec, table, self.publication.as_ref()) {
-                problems.push(e);
-            }
+        if let Some(Err(e)) = self
+            .table
+            .as_ref()
+            .map(|table| publication_problem(spec, table, self.publication.as_ref()))
+        {
+            problems.push(e);
         }
         if let Err(e) = self.slot_problem(spec) {
             problems.push(e);

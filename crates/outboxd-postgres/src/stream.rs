@@ -365,11 +365,6 @@ impl WalStream {
         Lsn::new(self.client.metrics().last_applied_lsn().as_u64())
     }
 
-    /// The newest WAL position the server has mentioned (keepalives and data).
-    pub fn server_wal_end(&self) -> Lsn {
-        Lsn::new(self.client.metrics().last_wal_end().as_u64())
-    }
-
     /// Ends the session after confirming `lsn`, waiting up to `wait` for the server to be
     /// told. Returns whether it was.
     pub async fn finish(mut self, lsn: Lsn, wait: Duration) -> bool {

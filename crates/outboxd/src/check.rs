@@ -106,11 +106,7 @@ async fn check_postgres(config: &Config, report: &mut Report) {
         Err(e) => {
             let err = crate::pipeline::RunError::connect(&conn)(e);
             report.add(Status::Fail, "postgres", one_line(&err));
-            report.add(
-                Status::Fail,
-                "slot",
-                "not checked: Postgres is unreachable",
-            );
+            report.add(Status::Fail, "slot", "not checked: Postgres is unreachable");
             return;
         }
     };
@@ -155,14 +151,21 @@ async fn check_postgres(config: &Config, report: &mut Report) {
             );
         }
         match Router::bind(&config.route.spec(), &table.columns) {
-            Ok(_) => report.add(Status::Ok, "route", "every routed column exists in the table"),
+            Ok(_) => report.add(
+                Status::Ok,
+                "route",
+                "every routed column exists in the table",
+            ),
             Err(e) => report.add(Status::Fail, "route", one_line(&e)),
         }
         if !failed("publication") {
             report.add(
                 Status::Ok,
                 "publication",
-                format!("{:?} publishes inserts of the table", config.postgres.publication),
+                format!(
+                    "{:?} publishes inserts of the table",
+                    config.postgres.publication
+                ),
             );
         }
     }

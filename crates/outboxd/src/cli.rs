@@ -73,7 +73,9 @@ pub enum Command {
 
     /// Preflight: configuration, Postgres, wal_level, table and rights, publication, slot,
     /// route against the table's columns, broker. Lists every problem; exit 1 if any.
-    #[command(after_help = "Example:\n  outboxd check --config outboxd.toml && outboxd run --config outboxd.toml")]
+    #[command(
+        after_help = "Example:\n  outboxd check --config outboxd.toml && outboxd run --config outboxd.toml"
+    )]
     Check,
 
     /// Inspect or drop the replication slot.

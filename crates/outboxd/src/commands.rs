@@ -15,6 +15,9 @@ use crate::cli::SlotCommand;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
+use crate::status::Status;
+use crate::{http, progress};
+use outboxd_core::Sink;
 
 /// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
 /// present; then the environment.
@@ -71,8 +74,8 @@ pub async fn setup(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `outboxd run`.
-pub async fn run(config: &Config) -> anyhow::Result<()> {
+/// `outboxd run`. `show_progress`: draw a progress line for long catch-ups (terminal only).
+pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
     Broker::check(config)?;
     let settings = RunSettings {
         conn: conn_info(config)?,
@@ -87,12 +90,74 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         drain_timeout: Duration::from_millis(config.sink.drain_timeout_ms),
         broker: Broker::name(config),
         broker_target: Broker::target(config),
+        http: config.http.listen.trim().to_owned(),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
     let metrics = Arc::new(Metrics::new());
-    pipeline::run(settings, || Broker::build(config), metrics, shutdown).await?;
+    let status = Arc::new(Status::default());
+    // Bind first: a taken port is a startup error, not a surprise later.
+    let listen = config.http.listen.trim();
+    if !listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
+            format!(
+                "cannot listen on http.listen = {listen:?}: choose a free address, or set it to \"\" to serve no HTTP"
+            )
+        })?;
+        tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(probe_broker(
+        config.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+    if show_progress {
+        tokio::spawn(progress::show(
+            metrics.clone(),
+            status.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let result = pipeline::run(
+        settings,
+        || Broker::build(config),
+        metrics,
+        status,
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    result?;
     Ok(())
+}
+
+/// Asks the broker, on a connection of its own, whether it answers, every 2 seconds: so
+/// that `/readyz` notices a broker that went away while the outbox is idle.
+async fn probe_broker(config: Config, status: Arc<Status>, stop: CancellationToken) {
+    let mut broker = match Broker::build(&config) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the broker readiness probe");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(5), broker.ping()).await,
+            Ok(Ok(()))
+        );
+        status.set_broker_ok(ok);
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

@@ -24,6 +24,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
+use crate::status::Status;
 
 /// A record on its way to the sink, with the budget it holds.
 #[derive(Debug)]
@@ -51,6 +52,7 @@ pub async fn run<S: Sink>(
     budget: Arc<Semaphore>,
     options: DispatchOptions,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
 ) -> Result<(), SinkError> {
     let mut queued: Vec<Queued> = Vec::with_capacity(options.max_batch);
     let mut batch: Vec<Record> = Vec::with_capacity(options.max_batch);
@@ -70,6 +72,7 @@ pub async fn run<S: Sink>(
                 Ok(delivery) => break delivery,
                 Err(e) if e.is_transient() => {
                     metrics.sink_errors.inc();
+                    status.set_broker_ok(false);
                     let delay = backoff.next_delay();
                     // One line when the broker fails, then one every 30 s while it stays down.
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
@@ -88,6 +91,7 @@ pub async fn run<S: Sink>(
                 Err(e) => return Err(e),
             }
         };
+        status.set_broker_ok(true);
         if backoff.attempts() > 0 {
             tracing::info!(
                 broker = options.broker,

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use outboxd::cli::{Cli, Command, LogFormat};
-use outboxd::commands;
 use outboxd::report::one_line;
+use outboxd::{commands, progress};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Setup => commands::setup(&config).await,
-            Command::Run => commands::run(&config).await,
+            Command::Run => {
+                let show_progress = cli.log_format == LogFormat::Text && progress::enabled();
+                commands::run(&config, show_progress).await
+            }
             Command::Check => commands::check(&config).await,
             Command::Slot(args) => commands::slot(&config, &args.command).await,
         }
@@ -58,7 +61,7 @@ fn init_logging(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(progress::ClearingWriter)
         .with_target(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

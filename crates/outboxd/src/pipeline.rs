@@ -45,6 +45,7 @@ use crate::backoff::Backoff;
 use crate::dispatch::{self, DispatchOptions, Queued};
 use crate::metrics::Metrics;
 use crate::retention;
+use crate::status::{Status, StreamingGuard};
 
 /// How often the summary line is logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(30);
@@ -76,6 +77,8 @@ pub struct RunSettings {
     pub broker: &'static str,
     /// The broker's address without secrets, for messages.
     pub broker_target: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (empty: nowhere), for the log.
+    pub http: String,
 }
 
 /// Why `run` stopped.
@@ -155,6 +158,7 @@ pub async fn run<S, F>(
     settings: RunSettings,
     mut make_sink: F,
     metrics: Arc<Metrics>,
+    status: Arc<Status>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError>
 where
@@ -195,6 +199,7 @@ where
         broker = settings.broker,
         target = %settings.broker_target,
         confirmed_flush_lsn = %prepared.slot.confirmed_flush_lsn.unwrap_or_default(),
+        http = %settings.http,
         "outboxd starting"
     );
 
@@ -218,6 +223,7 @@ where
             settings: &settings,
             options: &options,
             metrics: &metrics,
+            status: &status,
             shutdown: &shutdown,
         };
         let err = match session.run(s, &mut backoff).await {
@@ -254,6 +260,7 @@ struct Session<'a> {
     settings: &'a RunSettings,
     options: &'a StreamOptions,
     metrics: &'a Arc<Metrics>,
+    status: &'a Arc<Status>,
     shutdown: &'a CancellationToken,
 }
 
@@ -302,12 +309,14 @@ impl Session<'_> {
         let mut stream = WalStream::start(&settings.conn, self.options.clone(), start).await?;
         backoff.reset();
         tracing::info!(slot = %settings.slot, from = %start, "streaming");
+        let _streaming = StreamingGuard::new(self.status);
         let watching = self.shutdown.child_token();
         let _stop_watching = watching.clone().drop_guard();
         tokio::spawn(retention::watch(
             settings.conn.clone(),
             settings.slot.clone(),
             self.metrics.clone(),
+            self.status.clone(),
             watching,
         ));
 
@@ -325,6 +334,7 @@ impl Session<'_> {
                 broker: settings.broker,
             },
             self.metrics.clone(),
+            self.status.clone(),
         ));
         let mut flow = Flow {
             checkpoint: Checkpoint::new(start),
@@ -368,7 +378,7 @@ impl Session<'_> {
                         dead_lettered_total = self.metrics.dead_lettered_total(),
                         in_flight = flow.checkpoint.in_flight(),
                         confirmed_lsn = %confirmed,
-                        lag_bytes = confirmed.bytes_until(stream.server_wal_end()),
+                        lag_bytes = confirmed.bytes_until(Lsn::new(self.status.server_wal_end())),
                         "summary"
                     );
                     last_forwarded = forwarded;

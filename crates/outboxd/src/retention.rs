@@ -7,7 +7,7 @@
 //! seconds of WAL, more on a server writing fast elsewhere.
 //!
 //! While a session streams, this task reads the slot every few seconds, keeps the
-//! `retained_wal_bytes` metric current, and when the slot retains more than
+//! `retained_wal_bytes` metric and the server's WAL position (the backlog) current, and when the slot retains more than
 //! [`NUDGE_ABOVE_BYTES`] it calls `pg_log_standby_snapshot()` (PostgreSQL 16+, EXECUTE granted
 //! by sql/role.sql), at most once per [`NUDGE_EVERY`]. The record costs a few bytes of WAL.
 //! Without the function or the grant, Postgres' own cadence applies; that is logged once.
@@ -21,6 +21,7 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::status::Status;
 
 /// How often the slot is read.
 const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -29,8 +30,15 @@ pub const NUDGE_ABOVE_BYTES: u64 = 4 * 1024 * 1024;
 /// Least time between two requests.
 pub const NUDGE_EVERY: Duration = Duration::from_secs(5);
 
-/// Watches `slot` until `stop` is cancelled.
-pub async fn watch(conn: ConnInfo, slot: String, metrics: Arc<Metrics>, stop: CancellationToken) {
+/// Watches `slot` until `stop` is cancelled; also publishes the server's WAL position, for
+/// the backlog shown in logs and the progress line.
+pub async fn watch(
+    conn: ConnInfo,
+    slot: String,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    stop: CancellationToken,
+) {
     let mut client = None;
     let mut can_nudge = true;
     let mut last_nudge: Option<Instant> = None;
@@ -64,6 +72,7 @@ pub async fn watch(conn: ConnInfo, slot: String, metrics: Arc<Metrics>, stop: Ca
                 continue;
             }
         };
+        status.set_server_wal_end(s.current_wal_lsn.get());
         let Some(retained) = s.retained_wal_bytes() else {
             continue;
         };

@@ -1,0 +1,66 @@
+//! The live status of a running outboxd, shared by the pipeline, the readiness probe, the
+//! HTTP endpoints and the progress display.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// What `/readyz` and the progress display read. Cheap to update from any task.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// A replication session is streaming the slot.
+    streaming: AtomicBool,
+    /// The broker answered the last probe or batch.
+    broker_ok: AtomicBool,
+    /// The server's current WAL position (read every few seconds), for the backlog.
+    server_wal_end: AtomicU64,
+}
+
+impl Status {
+    /// Whether outboxd is ready: streaming, and the broker answers.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            return Err("not streaming from the replication slot");
+        }
+        if !self.broker_ok.load(Ordering::Relaxed) {
+            return Err("the broker does not answer");
+        }
+        Ok(())
+    }
+
+    /// A session started or ended.
+    pub fn set_streaming(&self, on: bool) {
+        self.streaming.store(on, Ordering::Relaxed);
+    }
+
+    /// The broker answered, or failed.
+    pub fn set_broker_ok(&self, ok: bool) {
+        self.broker_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// The server mentioned WAL up to `lsn`.
+    pub fn set_server_wal_end(&self, lsn: u64) {
+        self.server_wal_end.fetch_max(lsn, Ordering::Relaxed);
+    }
+
+    /// The newest WAL position the server mentioned.
+    pub fn server_wal_end(&self) -> u64 {
+        self.server_wal_end.load(Ordering::Relaxed)
+    }
+}
+
+/// Sets `streaming` for as long as it lives.
+#[derive(Debug)]
+pub struct StreamingGuard<'a>(&'a Status);
+
+impl<'a> StreamingGuard<'a> {
+    /// Marks `status` as streaming until dropped.
+    pub fn new(status: &'a Status) -> Self {
+        status.set_streaming(true);
+        StreamingGuard(status)
+    }
+}
+
+impl Drop for StreamingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_streaming(false);
+    }
+}
