@@ -169,3 +169,82 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric families as the exposition names them (`# TYPE <name> <type>`).
+    fn families() -> Vec<String> {
+        Metrics::new()
+            .encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `outboxd_...` names in a text.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("outboxd_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            // The bare prefix, as in "prefixed `outboxd_`", names nothing.
+            if end > "outboxd_".len() {
+                names.push(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_spec_names_are_exported() {
+        let families = families();
+        for name in [
+            "outboxd_events_forwarded",
+            "outboxd_events_dead_lettered",
+            "outboxd_sink_errors",
+            "outboxd_reconnects",
+            "outboxd_inflight_events",
+            "outboxd_confirmed_lsn",
+            "outboxd_retained_wal_bytes",
+            "outboxd_commit_to_ack_seconds",
+        ] {
+            assert!(
+                families.iter().any(|f| f == name),
+                "{name} missing: {families:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_docs_and_the_dashboard_name_only_real_metrics() {
+        let families = families();
+        let doc = include_str!("../../../docs/metrics.md");
+        for family in &families {
+            assert!(
+                doc.contains(family.as_str()),
+                "docs/metrics.md does not describe {family}"
+            );
+        }
+        let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+        for text in [doc, dashboard] {
+            for name in names_in(text) {
+                let base = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    families.iter().any(|f| f == base),
+                    "{name} is not an outboxd metric (families: {families:?})"
+                );
+            }
+        }
+    }
+}
