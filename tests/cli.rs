@@ -271,6 +271,8 @@ fn every_command_has_help_with_an_example() {
         vec!["--help"],
         vec!["setup", "--help"],
         vec!["run", "--help"],
+        vec!["check", "--help"],
+        vec!["slot", "--help"],
         vec!["slot", "status", "--help"],
         vec!["slot", "drop", "--help"],
     ] {

@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "outboxd", version, propagate_version = true)]
 #[command(after_help = "Examples:
   outboxd setup --config outboxd.toml     create the publication and the slot
+  outboxd check --config outboxd.toml     preflight: list every problem
   outboxd run --config outboxd.toml       stream until stopped (SIGTERM drains and exits 0)
+  outboxd slot status --json              confirmed position, retained WAL, lag
 
 Every configuration key can be overridden by an environment variable
 OUTBOXD_<SECTION>__<KEY>, e.g. OUTBOXD_POSTGRES__URL or OUTBOXD_SINK__REDIS__URL.")]
@@ -79,6 +81,7 @@ pub enum Command {
     Check,
 
     /// Inspect or drop the replication slot.
+    #[command(after_help = "Examples:\n  outboxd slot status --json\n  outboxd slot drop --yes")]
     Slot(SlotArgs),
 }
 
