@@ -5,7 +5,6 @@
 mod support;
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use support::*;
 
@@ -247,19 +246,7 @@ async fn slot_drop_asks_for_yes_and_refuses_an_active_slot() {
 
     let running = env.run();
     let db = env.db().await;
-    wait_until("outboxd to stream", Duration::from_secs(20), || {
-        let db = &db;
-        async move {
-            db.query_one(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_slot_active(&db).await;
     let out = env.command(&["slot", "drop", "--yes"]);
     assert_one_clear_line(&out, &["is in use", "stop outboxd first"]);
     drop(running);

@@ -483,23 +483,7 @@ async fn readyz_is_not_ready_while_not_streaming() {
         env.dir.join("holder.log"),
         &[("OUTBOXD_HTTP__LISTEN", "")],
     );
-    wait_until(
-        "the first instance to stream",
-        Duration::from_secs(20),
-        || {
-            let db = &db;
-            async move {
-                db.query_one(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
-                    &[],
-                )
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false)
-            }
-        },
-    )
-    .await;
+    wait_slot_active(&db).await;
     let standby = env.run();
     let port = env.http_port;
     wait_until(

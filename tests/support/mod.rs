@@ -581,6 +581,24 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// Waits until a session streams the `outboxd` slot.
+pub async fn wait_slot_active(db: &Client) {
+    wait_until(
+        "outboxd to stream the slot",
+        Duration::from_secs(20),
+        || async move {
+            db.query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

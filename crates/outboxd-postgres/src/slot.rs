@@ -192,6 +192,16 @@ impl SlotError {
         }
     }
 
+    /// The slot was invalidated (its `wal_status` is `lost`).
+    pub fn invalidated(slot: &Slot) -> SlotError {
+        SlotError::SlotInvalidated {
+            slot: slot.name.clone(),
+            confirmed: slot
+                .confirmed_flush_lsn
+                .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
+        }
+    }
+
     fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
         move |source| SlotError::Postgres { what, source }
     }
@@ -304,12 +314,7 @@ impl Inspection {
             });
         }
         if slot.is_invalidated() {
-            return Err(SlotError::SlotInvalidated {
-                slot: slot.name.clone(),
-                confirmed: slot
-                    .confirmed_flush_lsn
-                    .map_or_else(|| "unknown".to_owned(), |l| l.to_string()),
-            });
+            return Err(SlotError::invalidated(slot));
         }
         Ok(())
     }

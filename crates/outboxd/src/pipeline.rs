@@ -297,13 +297,7 @@ impl Session<'_> {
             })?;
         drop(client);
         if slot.is_invalidated() {
-            return Err(SlotError::SlotInvalidated {
-                slot: settings.slot.clone(),
-                confirmed: slot
-                    .confirmed_flush_lsn
-                    .map_or_else(|| "unknown".into(), |l| l.to_string()),
-            }
-            .into());
+            return Err(SlotError::invalidated(&slot).into());
         }
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let mut stream = WalStream::start(&settings.conn, self.options.clone(), start).await?;
