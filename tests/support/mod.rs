@@ -9,6 +9,8 @@
 //! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::fs;
 use std::net::TcpListener;
@@ -284,6 +286,8 @@ pub struct Redis {
     pub port: u16,
     /// `requirepass`, if any.
     pub password: Option<String>,
+    /// More `redis-server` arguments.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -298,6 +302,29 @@ impl Redis {
         let mut r = Redis {
             port: free_port(),
             password: password.map(str::to_owned),
+            extra: Vec::new(),
+            child: None,
+        };
+        r.start_again();
+        r
+    }
+
+    /// Starts a server that keeps every acknowledged write on disk in `dir` (append-only
+    /// file, fsync always), so that it survives `stop` and `start_again`.
+    pub fn start_persistent(dir: &Path) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            password: None,
+            extra: [
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                &dir.to_string_lossy(),
+            ]
+            .map(String::from)
+            .to_vec(),
             child: None,
         };
         r.start_again();
@@ -313,6 +340,7 @@ impl Redis {
         if let Some(pw) = &self.password {
             cmd.args(["--requirepass", pw]);
         }
+        cmd.args(&self.extra);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -423,6 +451,19 @@ impl Outboxd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Its resident memory now and at its peak (`VmRSS`, `VmHWM`), in KiB.
+    pub fn rss_kib(&self) -> Option<(u64, u64)> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     /// Whether it is still running.
@@ -537,11 +578,16 @@ impl Env {
 
     /// Starts `outboxd run`.
     pub fn run(&self) -> Outboxd {
+        self.run_with(&[])
+    }
+
+    /// Starts `outboxd run` with extra environment variables.
+    pub fn run_with(&self, env: &[(&str, &str)]) -> Outboxd {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         Outboxd::spawn(
             &["run", "--config", &self.config.to_string_lossy()],
             self.dir.join(format!("outboxd-{n}.log")),
-            &[],
+            env,
         )
     }
 

@@ -365,6 +365,18 @@ impl WalStream {
         Lsn::new(self.client.metrics().last_applied_lsn().as_u64())
     }
 
+    /// Whether a transaction's Begin was read and its Commit was not.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// A handle that reads the newest position reported to the server, usable from another
+    /// task.
+    pub fn reported_handle(&self) -> impl Fn() -> Lsn + Send + Sync + 'static {
+        let metrics = self.client.metrics();
+        move || Lsn::new(metrics.last_applied_lsn().as_u64())
+    }
+
     /// Ends the session after confirming `lsn`, waiting up to `wait` for the server to be
     /// told. Returns whether it was.
     pub async fn finish(mut self, lsn: Lsn, wait: Duration) -> bool {

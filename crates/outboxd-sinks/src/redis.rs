@@ -18,6 +18,12 @@
 //!
 //! With `wait_replicas = N`, `WAIT N timeout` follows each batch; fewer replicas than `N`
 //! fails the batch for a retry.
+//!
+//! An event larger than `max_event_bytes` is dead-lettered as `too_large` before it is sent:
+//! Redis answers an argument over its `proto-max-bulk-len` by closing the connection, which
+//! would otherwise look like an outage and stall the stream. Its dead-letter entry carries an
+//! empty payload (and empty headers if those are too large too); the row is in the outbox
+//! table under its id.
 
 use std::time::Duration;
 
@@ -44,6 +50,9 @@ pub struct RedisConfig {
     pub wait_timeout: Duration,
     /// How long to wait for a connection or a reply.
     pub timeout: Duration,
+    /// Largest entry (payload, headers, id, key, type, topic) published; a larger event goes
+    /// to the dead-letter stream as `too_large`, without its payload.
+    pub max_event_bytes: usize,
 }
 
 /// Server error codes that pass: retry the batch.
@@ -184,6 +193,15 @@ impl RedisSink {
             if self.config.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
             }
+            // A dead letter too large for Redis keeps its context, not its body.
+            let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
+            let payload: &[u8] = if oversized { b"" } else { &event.payload };
+            let headers: &[u8] =
+                if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
+                    b"{}"
+                } else {
+                    &event.headers.json
+                };
             cmd.arg("*")
                 .arg("id")
                 .arg(event.id.as_ref())
@@ -192,9 +210,9 @@ impl RedisSink {
                 .arg("key")
                 .arg(event.key.as_ref())
                 .arg("payload")
-                .arg(event.payload.as_ref())
+                .arg(payload)
                 .arg("headers")
-                .arg(event.headers.json.as_ref());
+                .arg(headers);
             if let Some(poison) = poison {
                 for (name, value) in dead_letter::context(event, poison) {
                     cmd.arg(name).arg(value.as_ref());
@@ -234,7 +252,20 @@ impl RedisSink {
 
 impl Sink for RedisSink {
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
-        let mut rejected: Vec<(usize, Poison)> = Vec::new();
+        let limit = self.config.max_event_bytes;
+        let mut rejected: Vec<(usize, Poison)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.poison.is_none() && entry_bytes(&r.event) > limit)
+            .map(|(i, r)| {
+                let size = entry_bytes(&r.event);
+                let detail = format!(
+                    "the event is {size} bytes, over sink.redis.max_event_bytes = {limit}; \
+                     its payload is not copied here: read it from the outbox table by id"
+                );
+                (i, Poison::new(PoisonKind::TooLarge, detail))
+            })
+            .collect();
         let mut pipe = redis::pipe();
         // Each round either succeeds or rejects at least one more entry, so this ends.
         let executed_errors = loop {
@@ -311,6 +342,16 @@ impl Sink for RedisSink {
     }
 }
 
+/// The bytes an event's stream entry takes.
+fn entry_bytes(event: &outboxd_core::Event) -> usize {
+    event.payload.len()
+        + event.headers.json.len()
+        + event.id.len()
+        + event.key.len()
+        + event.event_type.len()
+        + event.topic.len()
+}
+
 fn is_code(err: &ServerError, codes: &[&str]) -> bool {
     codes.contains(&err.code())
 }
@@ -318,7 +359,11 @@ fn is_code(err: &ServerError, codes: &[&str]) -> bool {
 fn rejection(err: &ServerError) -> Poison {
     Poison::new(
         PoisonKind::Rejected,
-        format!("redis refused the entry: {err}"),
+        format!(
+            "redis refused the entry: {} {}",
+            err.code(),
+            err.details().unwrap_or_default()
+        ),
     )
 }
 

@@ -68,6 +68,7 @@ impl Broker {
             wait_replicas: r.wait_replicas,
             wait_timeout: Duration::from_millis(r.wait_timeout_ms),
             timeout: Duration::from_millis(r.timeout_ms),
+            max_event_bytes: usize::try_from(r.max_event_bytes).unwrap_or(usize::MAX),
         })?))
     }
 }

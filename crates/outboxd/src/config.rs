@@ -248,6 +248,8 @@ pub struct RedisSinkConfig {
     pub wait_timeout_ms: u64,
     /// Connection and reply timeout, in milliseconds.
     pub timeout_ms: u64,
+    /// Largest event published; a larger one is dead-lettered as `too_large`.
+    pub max_event_bytes: u64,
 }
 
 impl Default for RedisSinkConfig {
@@ -259,6 +261,7 @@ impl Default for RedisSinkConfig {
             wait_replicas: 0,
             wait_timeout_ms: 1000,
             timeout_ms: 10_000,
+            max_event_bytes: 16 * 1024 * 1024,
         }
     }
 }

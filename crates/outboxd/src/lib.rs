@@ -12,6 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dispatch;
+pub mod failpoint;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::dispatch::{self, DispatchOptions, Queued};
+use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::retention;
 use crate::status::{Status, StreamingGuard};
@@ -248,6 +249,7 @@ where
             }
         }
         metrics.reconnects.inc();
+        failpoint::hit("during-reconnect");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => return Ok(()),
@@ -440,9 +442,23 @@ impl Session<'_> {
     }
 
     fn acknowledged(&self, checkpoint: &mut Checkpoint, stream: &WalStream, acked: u64) {
+        failpoint::hit("after-ack-before-confirm");
+        if stream.in_transaction() {
+            failpoint::hit("mid-transaction");
+        }
         if let Some(lsn) = checkpoint.ack(acked) {
             stream.confirm(lsn);
             self.metrics.confirmed_lsn.set(lsn.get());
+            if failpoint::is_armed("after-confirm") {
+                // Crash once Postgres has been told.
+                let reported = stream.reported_handle();
+                tokio::spawn(async move {
+                    while reported() < lsn {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    failpoint::hit("after-confirm");
+                });
+            }
         }
         self.metrics
             .inflight_events
