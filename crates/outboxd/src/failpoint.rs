@@ -46,10 +46,11 @@ pub fn is_armed(name: &str) -> bool {
 
 /// Aborts the process if `name` is armed and this is its `n`-th pass.
 pub fn hit(name: &str) {
-    if let Some(a) = armed() {
-        if a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
-            eprintln!("outboxd: failpoint {name} reached: aborting");
-            std::process::abort();
-        }
+    if let Some(a) = armed()
+        && a.name == name
+        && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at
+    {
+        eprintln!("outboxd: failpoint {name} reached: aborting");
+        std::process::abort();
     }
 }
