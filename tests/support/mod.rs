@@ -6,8 +6,10 @@
 //! parallel.
 //!
 //! Postgres binaries: `OUTBOXD_TEST_PG_BIN` (a `bin` directory), else the newest
-//! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH.
+//! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH. Kafka: see [`kafka`].
 #![allow(dead_code)]
+
+pub mod kafka;
 
 use std::collections::HashMap;
 use std::fs;
@@ -459,22 +461,7 @@ impl Env {
     /// Servers, schema and configuration on a given cluster, with extra configuration lines;
     /// `setup` not run.
     pub async fn new(pg: Postgres, extra_config: &str) -> Env {
-        let admin = pg.connect("postgres").await;
-        admin
-            .batch_execute("CREATE DATABASE app")
-            .await
-            .expect("create database");
-        let db = pg.connect("app").await;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        for file in ["sql/outbox.sql", "sql/role.sql"] {
-            let sql = fs::read_to_string(root.join(file)).expect("read sql");
-            db.batch_execute(&sql)
-                .await
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-        }
-        db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
-            .await
-            .expect("set password");
+        create_outbox_db(&pg).await;
         let redis = Redis::start();
         let dir = scratch_dir("env");
         let config = dir.join("outboxd.toml");
@@ -523,6 +510,26 @@ impl Env {
     pub async fn db(&self) -> Client {
         self.pg.connect("app").await
     }
+}
+
+/// Creates database `app` with the outbox schema (sql/) and the `outboxd` role's password.
+pub async fn create_outbox_db(pg: &Postgres) {
+    let admin = pg.connect("postgres").await;
+    admin
+        .batch_execute("CREATE DATABASE app")
+        .await
+        .expect("create database");
+    let db = pg.connect("app").await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for file in ["sql/outbox.sql", "sql/role.sql"] {
+        let sql = fs::read_to_string(root.join(file)).expect("read sql");
+        db.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
+        .await
+        .expect("set password");
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.
