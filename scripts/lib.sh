@@ -66,6 +66,24 @@ PY
     echo "$dest/bin"
 }
 
+# ensure_tansu: the tansu Kafka-compatible broker for the Kafka end-to-end tests. Reuses
+# `tansu` on the PATH or in ~/.cargo/bin; otherwise builds it from crates.io (about 10 minutes
+# on 2 cores; its in-memory storage needs the `dynostore` feature). Prints the binary's path.
+TANSU_VERSION="0.6.0"
+ensure_tansu() {
+    local bin
+    bin="$(command -v tansu 2>/dev/null || true)"
+    if [ -z "$bin" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
+        bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    fi
+    if [ -z "$bin" ]; then
+        say "installing tansu $TANSU_VERSION (a Kafka-compatible broker for the tests; about 10 minutes)"
+        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore >&2
+        bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    fi
+    echo "$bin"
+}
+
 ensure_test_tools() {
     ensure_apt redis-server redis-server
     ensure_postgres_user

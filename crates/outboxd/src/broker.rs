@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use outboxd_core::{Delivery, Record, Sink, SinkError};
+#[cfg(feature = "kafka")]
+use outboxd_sinks::kafka::{KafkaConfig, KafkaSink};
 use outboxd_sinks::redis::{RedisConfig, RedisSink};
 
 use crate::config::{Config, DeliveryMode, SinkKind, mask_url};
@@ -12,16 +14,19 @@ use crate::config::{Config, DeliveryMode, SinkKind, mask_url};
 pub enum Broker {
     /// Redis Streams.
     Redis(RedisSink),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaSink),
 }
 
 /// The broker cannot be built from this configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerConfigError {
-    /// A sink this build does not have yet.
+    /// This build of outboxd was made without the `kafka` cargo feature.
     #[error(
-        "sink.kind = \"kafka\" is not available in this version of outboxd: use sink.kind = \"redis\""
+        "sink.kind = \"kafka\": this build of outboxd has no Kafka support (it was built without the `kafka` cargo feature)"
     )]
-    KafkaUnavailable,
+    KafkaNotBuilt,
     /// A delivery mode this build does not have yet.
     #[error(
         "sink.delivery = \"effectively-once\" is not available in this version of outboxd: use \"at-least-once\""
@@ -37,7 +42,8 @@ impl Broker {
         }
         match config.sink.kind {
             SinkKind::Redis => Ok(()),
-            SinkKind::Kafka => Err(BrokerConfigError::KafkaUnavailable),
+            SinkKind::Kafka if cfg!(feature = "kafka") => Ok(()),
+            SinkKind::Kafka => Err(BrokerConfigError::KafkaNotBuilt),
         }
     }
 
@@ -59,6 +65,20 @@ impl Broker {
 
     /// Builds the broker client (connections are made on first use).
     pub fn build(config: &Config) -> Result<Broker, SinkError> {
+        #[cfg(feature = "kafka")]
+        if config.sink.kind == SinkKind::Kafka {
+            let k = &config.sink.kafka;
+            return Ok(Broker::Kafka(KafkaSink::new(KafkaConfig {
+                brokers: k.brokers.clone(),
+                dead_letter: config.sink.dead_letter.clone(),
+                options: k.options.clone(),
+                create_topics: k.create_topics,
+                topic_partitions: i32::try_from(k.topic_partitions).unwrap_or(i32::MAX),
+                topic_replication_factor: k.topic_replication_factor,
+                delivery_timeout: Duration::from_millis(k.delivery_timeout_ms),
+                timeout: Duration::from_millis(k.timeout_ms),
+            })?));
+        }
         let r = &config.sink.redis;
         Ok(Broker::Redis(RedisSink::new(RedisConfig {
             url: r.url.expose().to_owned(),
@@ -77,12 +97,16 @@ impl Sink for Broker {
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
         match self {
             Broker::Redis(s) => s.send(batch).await,
+            #[cfg(feature = "kafka")]
+            Broker::Kafka(s) => s.send(batch).await,
         }
     }
 
     async fn ping(&mut self) -> Result<(), SinkError> {
         match self {
             Broker::Redis(s) => s.ping().await,
+            #[cfg(feature = "kafka")]
+            Broker::Kafka(s) => s.ping().await,
         }
     }
 }

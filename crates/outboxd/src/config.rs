@@ -267,13 +267,25 @@ impl Default for RedisSinkConfig {
 }
 
 /// `[sink.kafka]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSinkConfig {
     /// Bootstrap servers.
     pub brokers: String,
     /// Effectively-once: the compacted topic holding the committed LSN per slot.
     pub offsets_topic: String,
+    /// Create missing topics (the routed ones and the dead-letter topic) through the Admin
+    /// API, for clusters that do not create topics on first use.
+    pub create_topics: bool,
+    /// Partitions of the topics outboxd creates.
+    pub topic_partitions: u32,
+    /// Replication factor of the topics outboxd creates; -1 for the broker's default.
+    pub topic_replication_factor: i32,
+    /// How long a batch may wait for its delivery reports before it is sent again, in
+    /// milliseconds.
+    pub delivery_timeout_ms: u64,
+    /// Timeout of metadata and Admin requests, in milliseconds.
+    pub timeout_ms: u64,
     /// Passed to librdkafka as is.
     pub options: BTreeMap<String, String>,
 }
@@ -283,9 +295,57 @@ impl Default for KafkaSinkConfig {
         KafkaSinkConfig {
             brokers: "127.0.0.1:9092".into(),
             offsets_topic: "outboxd.offsets".into(),
+            create_topics: false,
+            topic_partitions: 1,
+            topic_replication_factor: -1,
+            delivery_timeout_ms: 60_000,
+            timeout_ms: 10_000,
             options: BTreeMap::new(),
         }
     }
+}
+
+impl KafkaSinkConfig {
+    /// The options with the values of secret ones (passwords, keys) replaced by `***`.
+    pub fn redacted_options(&self) -> BTreeMap<String, String> {
+        self.options
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_option(k) {
+                    "***".to_owned()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for KafkaSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSinkConfig")
+            .field("brokers", &self.brokers)
+            .field("offsets_topic", &self.offsets_topic)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("options", &self.redacted_options())
+            .finish()
+    }
+}
+
+/// Whether a librdkafka option holds a secret (`sasl.password`, `ssl.key.password`,
+/// `ssl.key.pem`, `sasl.oauthbearer.client.secret`, …).
+pub fn is_secret_option(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password")
+        || name.contains("secret")
+        || name.contains("jaas")
+        || name.ends_with(".pem")
+        || name == "sasl.oauthbearer.config"
 }
 
 /// `[http]`.
@@ -362,11 +422,37 @@ impl Config {
                 self.postgres.status_interval_ms,
             ),
         ];
+        let kafka = &self.sink.kafka;
+        let positive = positive.into_iter().chain([
+            (
+                "sink.kafka.topic_partitions",
+                u64::from(kafka.topic_partitions),
+            ),
+            ("sink.kafka.delivery_timeout_ms", kafka.delivery_timeout_ms),
+            ("sink.kafka.timeout_ms", kafka.timeout_ms),
+        ]);
         for (key, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Invalid {
                     origin: "configuration".into(),
                     message: format!("{key} must be greater than 0"),
+                });
+            }
+        }
+        if kafka.topic_replication_factor == 0 || kafka.topic_replication_factor < -1 {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: "sink.kafka.topic_replication_factor must be -1 (the broker's default) \
+                          or at least 1"
+                    .into(),
+            });
+        }
+        #[cfg(feature = "kafka")]
+        for (name, value) in &kafka.options {
+            if let Some(why) = outboxd_sinks::kafka::protected_option(name, value) {
+                return Err(ConfigError::Invalid {
+                    origin: "configuration".into(),
+                    message: format!("sink.kafka.options.\"{name}\" may not be set: {why}"),
                 });
             }
         }
@@ -378,6 +464,7 @@ impl Config {
         let mut c = self.clone();
         c.postgres.url = Secret(mask_url(c.postgres.url.expose()));
         c.sink.redis.url = Secret(mask_url(c.sink.redis.url.expose()));
+        c.sink.kafka.options = c.sink.kafka.redacted_options();
         toml::to_string(&c).unwrap_or_default()
     }
 }
@@ -686,6 +773,50 @@ listen = "127.0.0.1:9187"
             text.contains("not valid TOML") && !text.contains('\n'),
             "{text}"
         );
+    }
+
+    #[test]
+    fn kafka_keys_load_and_options_that_weaken_the_producer_are_refused() {
+        let f = write(
+            "[postgres]\nurl = \"postgres://u@h/d\"\n[sink]\nkind = \"kafka\"\n\
+             [sink.kafka]\nbrokers = \"k1:9092,k2:9092\"\ncreate_topics = true\n\
+             topic_partitions = 6\ntopic_replication_factor = 3\n\
+             [sink.kafka.options]\n\"security.protocol\" = \"sasl_ssl\"\n\
+             \"sasl.password\" = \"kafka-Secr3t\"\n",
+        );
+        let env = [(
+            "OUTBOXD_SINK__KAFKA__DELIVERY_TIMEOUT_MS".to_owned(),
+            "5000".to_owned(),
+        )];
+        let c = Config::load(f.path(), true, env).expect("loads");
+        let k = &c.sink.kafka;
+        assert_eq!(k.brokers, "k1:9092,k2:9092");
+        assert!(k.create_topics);
+        assert_eq!((k.topic_partitions, k.topic_replication_factor), (6, 3));
+        assert_eq!(k.delivery_timeout_ms, 5000);
+        assert_eq!(k.timeout_ms, 10_000);
+        assert!(!format!("{c:?}").contains("kafka-Secr3t"));
+        assert!(!c.redacted_toml().contains("kafka-Secr3t"));
+        assert!(c.redacted_toml().contains("sasl_ssl"));
+
+        for (name, value) in [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("message.timeout.ms", "1000"),
+        ] {
+            let f = write(&format!(
+                "[postgres]\nurl = \"postgres://u@h/d\"\n[sink.kafka.options]\n\"{name}\" = \"{value}\"\n"
+            ));
+            let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+            assert!(
+                text.contains(name) && text.contains("may not be set"),
+                "{text}"
+            );
+        }
+        let f =
+            write("[postgres]\nurl = \"postgres://u@h/d\"\n[sink.kafka]\ntopic_partitions = 0\n");
+        let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+        assert!(text.contains("sink.kafka.topic_partitions"), "{text}");
     }
 
     #[test]
