@@ -3,7 +3,8 @@
 # Postgres (wal_level = logical), Redis and Kafka-protocol brokers (librdkafka's mock cluster,
 # in the test process, and a tansu broker process) that the tests start and stop themselves.
 #
-#   scripts/test.sh            everything
+#   scripts/test.sh            everything CI runs
+#   scripts/test.sh --long     also the long tests (a 5-minute broker outage)
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
 # Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 17 and 18 binaries
@@ -13,6 +14,12 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+
+long=""
+if [ "${1:-}" = "--long" ]; then
+    long=1
+    shift
+fi
 
 ensure_test_tools
 PG_SYSTEM="$(system_pg_bin)"
@@ -34,11 +41,13 @@ run_tests() {
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
         [ "$which" = core ] && select=(-E 'binary(redis_e2e)')
+        [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
-        local select=(--workspace)
+        local select=(--workspace) harness=()
         [ "$which" = core ] && select=(-p outboxd --test redis_e2e)
-        cargo test --locked --no-fail-fast "${select[@]}" -- "$@"
+        [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
+        cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
     fi
 }
 

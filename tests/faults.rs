@@ -786,3 +786,61 @@ async fn a_second_instance_takes_over_within_seconds() {
         "takeover took {takeover:?}"
     );
 }
+
+/// Five minutes: not in the default run. `scripts/test.sh --long` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes 6 minutes: scripts/test.sh --long"]
+async fn a_five_minute_redis_outage_under_load_stays_within_the_memory_bound() {
+    const BOUND_KIB: u64 = 64 * 1024;
+    let pg = Postgres::start();
+    let redis_dir = scratch_dir("redis-aof-long");
+    let mut env = Env::with_redis(pg, Redis::start_persistent(&redis_dir), "").await;
+    env.setup();
+    let outboxd = env.run();
+    // Load: 500 events a second for 5.5 minutes, in transactions of 25.
+    let writer_db = env.db().await;
+    let writer = tokio::spawn(async move {
+        let started = Instant::now();
+        for i in 0..6600u64 {
+            emit_txn(&writer_db, i * 25, 25, 50).await;
+            let due = started + Duration::from_millis(50 * (i + 1));
+            tokio::time::sleep_until(due.into()).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    env.redis.stop();
+    let outage = Instant::now();
+    let mut samples = Vec::new();
+    while outage.elapsed() < Duration::from_secs(300) {
+        samples.push(outboxd.rss_kib().unwrap().0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    env.redis.start_again();
+    let mut redis = env.redis.connect().await;
+    writer.await.unwrap();
+    let entries = wait_all(
+        &mut redis,
+        "outbox.order",
+        0..165_000,
+        Duration::from_secs(600),
+    )
+    .await;
+    let duplicates = check_complete_and_ordered(&entries, 0..165_000);
+    let (_, peak) = outboxd.rss_kib().unwrap();
+    let minute = |m: usize| {
+        samples[m * 60..(m + 1) * 60]
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "5-minute Redis outage under 500 events/s: none lost, {duplicates} duplicates; RSS max per minute of the outage {:?} KiB; peak {peak} KiB (bound {BOUND_KIB} KiB)",
+        (0..5).map(minute).collect::<Vec<_>>()
+    );
+    assert!(peak <= BOUND_KIB, "peak RSS {peak} KiB over the bound");
+    assert!(
+        minute(4) <= minute(0) + 8 * 1024,
+        "memory grew during the outage"
+    );
+}
