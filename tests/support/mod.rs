@@ -418,8 +418,8 @@ impl Outboxd {
         let err = out.try_clone().expect("clone log handle");
         let child = Command::new(outboxd_bin())
             .args(args)
-            .envs(env.iter().copied())
             .env("OUTBOXD_LOG", "info,outboxd=debug")
+            .envs(env.iter().copied())
             .stdout(out)
             .stderr(err)
             .spawn()

@@ -1,0 +1,799 @@
+//! The outboxd benchmark: outboxd against references measured in the same run, on throwaway
+//! servers this program starts (Postgres, Redis, a tansu Kafka broker).
+//!
+//! ```text
+//! scripts/bench.sh                      everything, results into docs/benchmarks.md + .png
+//! scripts/bench.sh --events 50000 --quick
+//! ```
+//!
+//! What it measures (see docs/benchmarks.md):
+//!
+//! 1. Backlog drain: N events in 1,000-row transactions are written with outboxd stopped; then
+//!    `pg_recvlogical` (pgoutput, same publication) reads the same WAL to /dev/null, outboxd
+//!    drains it to the broker, and `pg_recvlogical` reads it once more; the reference is the
+//!    mean of its two runs. Once for Redis, once for Kafka (tansu).
+//! 2. The same with one-row transactions.
+//! 3. Live: events committed at fixed rates while outboxd runs; the latency from each
+//!    transaction's commit (its `COMMIT` returned) to the event being readable in Redis.
+//! 4. One 1,000,000-row transaction: outboxd's peak RSS.
+//! 5. A polling relay (`SELECT … FOR UPDATE SKIP LOCKED`, publish, `UPDATE … published_at`)
+//!    on the same backlog, the baseline users would otherwise write.
+//!
+//! Run through cargo (`cargo bench --bench outboxd`), so that the outboxd binary under test is
+//! the release build of this tree.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a panic is a failed run
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use support::kafka::Tansu;
+use support::*;
+use tokio_postgres::Client;
+
+/// Payload padding: about 300 bytes of JSON per event.
+const PAD: usize = 270;
+
+#[derive(Debug, Clone)]
+struct Args {
+    events: u64,
+    one_row: u64,
+    rates: Vec<u64>,
+    live_secs: u64,
+    big_txn: u64,
+    kafka: bool,
+    only: Option<String>,
+    out: Option<PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        events: 200_000,
+        one_row: 20_000,
+        rates: vec![1_000, 5_000, 20_000],
+        live_secs: 10,
+        big_txn: 1_000_000,
+        kafka: true,
+        only: None,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().context("a value is missing after an option");
+        match arg.as_str() {
+            "--bench" => {} // cargo passes it to benches
+            "--events" => a.events = value()?.parse()?,
+            "--one-row" => a.one_row = value()?.parse()?,
+            "--rates" => {
+                a.rates = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--live-secs" => a.live_secs = value()?.parse()?,
+            "--big-txn" => a.big_txn = value()?.parse()?,
+            "--no-kafka" => a.kafka = false,
+            "--only" => a.only = Some(value()?),
+            "--out" => a.out = Some(PathBuf::from(value()?)),
+            "--quick" => {
+                a.events = 50_000;
+                a.one_row = 5_000;
+                a.live_secs = 5;
+                a.big_txn = 200_000;
+            }
+            "--help" | "-h" => {
+                println!(
+                    "outboxd-bench [--events N] [--one-row N] [--rates R1,R2,..] [--live-secs S] \
+                     [--big-txn N] [--no-kafka] [--quick] [--only live] [--out DIR]\n\
+                     Writes the results table and chart into DIR (e.g. docs) when --out is given."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown option {other:?} (see --help)"),
+        }
+    }
+    Ok(a)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broker {
+    Redis,
+    Kafka,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::Redis => "redis",
+            Broker::Kafka => "kafka",
+        }
+    }
+}
+
+/// outboxd's environment overrides for a broker.
+fn broker_env(broker: Broker, tansu: Option<&Tansu>) -> Vec<(String, String)> {
+    let mut env = vec![("OUTBOXD_LOG".to_owned(), "info".to_owned())];
+    if broker == Broker::Kafka {
+        let tansu = tansu.expect("a Kafka broker");
+        env.extend([
+            ("OUTBOXD_SINK__KIND".to_owned(), "kafka".to_owned()),
+            ("OUTBOXD_SINK__KAFKA__BROKERS".to_owned(), tansu.brokers()),
+            (
+                "OUTBOXD_SINK__KAFKA__CREATE_TOPICS".to_owned(),
+                "true".to_owned(),
+            ),
+        ]);
+    }
+    env
+}
+
+fn run_outboxd(env: &Env, vars: &[(String, String)]) -> Outboxd {
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.run_with(&vars)
+}
+
+/// Writes `count` events from `first` in transactions of `per_txn` rows (INSERT … SELECT).
+async fn write_backlog(db: &Client, first: u64, count: u64, per_txn: u64) {
+    let insert = db
+        .prepare(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT 'order', 'k' || (g % 100), 'order.created', \
+                    jsonb_build_object('seq', g, 'pad', repeat('x', $3::int)) \
+             FROM generate_series($1::bigint, $2::bigint) AS g",
+        )
+        .await
+        .unwrap();
+    let mut seq = first;
+    while seq < first + count {
+        // Up to 64 transactions in flight on the connection: each still commits on its own.
+        let mut pending = Vec::new();
+        let mut k = seq;
+        while k < first + count && pending.len() < 64 {
+            let m = per_txn.min(first + count - k);
+            let (a, b) = (k as i64, (k + m - 1) as i64);
+            pending.push((a, b));
+            k += m;
+        }
+        let pad = PAD as i32;
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 3]> = pending
+            .iter()
+            .map(|(a, b)| [a as _, b as _, &pad as _])
+            .collect();
+        let futures = params.iter().map(|p| db.execute(&insert, p));
+        for r in futures::future::join_all(futures).await {
+            r.unwrap();
+        }
+        seq = k;
+    }
+}
+
+async fn current_lsn(db: &Client) -> String {
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Reads the slot's WAL up to `end` with pg_recvlogical; returns the seconds it took.
+fn pg_recvlogical(pg: &Postgres, slot: &str, end: &str) -> f64 {
+    let bin = pg_bin().join("pg_recvlogical");
+    let started = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(["-d", &pg.admin_url("app"), "--slot", slot, "--start"])
+        .args(["--endpos", end, "--no-loop", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=outboxd"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_recvlogical failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed().as_secs_f64()
+}
+
+/// How many events reached the broker: Redis' own count, or for Kafka the events outboxd
+/// counted as acknowledged by delivery reports (`/metrics` on `http_port`).
+async fn delivered(broker: Broker, redis: &mut MultiplexedConnection, http_port: u16) -> u64 {
+    match broker {
+        Broker::Redis => stream_len(redis, "outbox.order").await,
+        Broker::Kafka => http_get(http_port, "/metrics")
+            .await
+            .and_then(|(_, text)| {
+                metric(
+                    &text,
+                    "outboxd_events_forwarded_total{topic=\"outbox.order\"}",
+                )
+            })
+            .map_or(0, |n| n as u64),
+    }
+}
+
+/// Waits until `slot` is streamed; returns when it was first seen active.
+async fn wait_active(db: &Client, slot: &str) -> Instant {
+    loop {
+        let active: bool = db
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Drain {
+    broker: Broker,
+    per_txn: u64,
+    events: u64,
+    outboxd_eps: f64,
+    reference_eps: f64,
+}
+
+/// Scenario 1 and 2: a backlog drained by outboxd, against pg_recvlogical on the same WAL.
+async fn drain(broker: Broker, per_txn: u64, events: u64, tansu: Option<&Tansu>) -> Drain {
+    let env = Env::start().await;
+    let db = env.db().await;
+    for slot in ["reference_a", "reference_b"] {
+        db.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    }
+    write_backlog(&db, 0, events, per_txn).await;
+    let end = current_lsn(&db).await;
+    db.batch_execute("CHECKPOINT").await.unwrap();
+
+    let reference_a = pg_recvlogical(&env.pg, "reference_a", &end);
+
+    let mut redis = env.redis.connect().await;
+    let mut outboxd = run_outboxd(&env, &broker_env(broker, tansu));
+    let started = wait_active(&db, "outboxd").await;
+    let deadline = started + Duration::from_secs(600);
+    while delivered(broker, &mut redis, env.http_port).await < events {
+        assert!(
+            Instant::now() < deadline,
+            "outboxd did not drain the backlog:\n{}",
+            outboxd.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let outboxd_secs = started.elapsed().as_secs_f64();
+    outboxd.sigterm();
+    outboxd.wait(Duration::from_secs(60));
+
+    let reference_b = pg_recvlogical(&env.pg, "reference_b", &end);
+    let reference_secs = (reference_a + reference_b) / 2.0;
+    let result = Drain {
+        broker,
+        per_txn,
+        events,
+        outboxd_eps: events as f64 / outboxd_secs,
+        reference_eps: events as f64 / reference_secs,
+    };
+    println!(
+        "drain {} ({} events, {}-row transactions): outboxd {:.0} events/s, pg_recvlogical {:.0} events/s ({reference_a:.2} s and {reference_b:.2} s), ratio {:.1} %",
+        broker.name(),
+        events,
+        per_txn,
+        result.outboxd_eps,
+        result.reference_eps,
+        100.0 * result.outboxd_eps / result.reference_eps
+    );
+    result
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    rate: u64,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Scenario 3: events committed at `rate` per second for `secs`; commit-to-visible latency.
+async fn live(env: &Env, first: u64, rate: u64, secs: u64) -> Live {
+    const WRITERS: usize = 4;
+    let total = rate * secs;
+    let commits: Arc<Mutex<HashMap<u64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+
+    // The reader: XREAD BLOCK from the end of the stream, noting when each event shows up.
+    let mut reader = env.redis.connect().await;
+    let start_id: String = {
+        let last: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XREVRANGE")
+            .arg("outbox.order")
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut reader)
+            .await
+            .unwrap();
+        last.first()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id.clone())
+    };
+    let seen = arrivals.clone();
+    let read_task = tokio::spawn(async move {
+        let mut after = start_id;
+        loop {
+            let reply: redis::Value = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(100)
+                .arg("COUNT")
+                .arg(5000)
+                .arg("STREAMS")
+                .arg("outbox.order")
+                .arg(&after)
+                .query_async(&mut reader)
+                .await
+                .unwrap();
+            let now = Instant::now();
+            for (id, seq) in xread_seqs(&reply) {
+                seen.lock().unwrap().insert(seq, now);
+                after = id;
+            }
+            if seen.lock().unwrap().len() as u64 >= total {
+                return;
+            }
+        }
+    });
+
+    // The writers: one-row transactions (up to 5,000/s), more rows per transaction above.
+    let per_txn = (rate / 5_000).max(1);
+    let txns = total / per_txn;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS as u64 {
+        let db = env.db().await;
+        let commits = commits.clone();
+        tasks.push(tokio::spawn(async move {
+            let insert = db
+                .prepare(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     SELECT 'order', 'k' || (g % 100), 'order.created', \
+                            jsonb_build_object('seq', g, 'pad', repeat('x', 270)) \
+                     FROM generate_series($1::bigint, $2::bigint) AS g",
+                )
+                .await
+                .unwrap();
+            let mut t = w;
+            while t < txns {
+                let due =
+                    started + Duration::from_secs_f64(t as f64 * per_txn as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let a = first + t * per_txn;
+                let b = a + per_txn - 1;
+                db.execute(&insert, &[&(a as i64), &(b as i64)])
+                    .await
+                    .unwrap();
+                let now = Instant::now();
+                let mut c = commits.lock().unwrap();
+                for seq in a..=b {
+                    c.insert(seq, now);
+                }
+                t += WRITERS as u64;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    tokio::time::timeout(Duration::from_secs(120), read_task)
+        .await
+        .expect("every live event arrives")
+        .unwrap();
+
+    let commits = commits.lock().unwrap();
+    let arrivals = arrivals.lock().unwrap();
+    // The first second is a warm-up (connections start, caches fill): not counted.
+    let warm = started + Duration::from_secs(1);
+    let mut latencies: Vec<f64> = commits
+        .iter()
+        .filter(|(_, c)| **c >= warm)
+        .filter_map(|(seq, c)| {
+            arrivals
+                .get(seq)
+                .map(|a| a.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    if std::env::var("BENCH_SERIES").is_ok() {
+        let mut per: std::collections::BTreeMap<u64, f64> = Default::default();
+        for (seq, c) in commits.iter() {
+            if let Some(a) = arrivals.get(seq) {
+                let slot = (c.duration_since(started).as_millis() / 250) as u64;
+                let l = a.saturating_duration_since(*c).as_secs_f64() * 1000.0;
+                let e = per.entry(slot).or_default();
+                *e = e.max(l);
+            }
+        }
+        println!(
+            "max latency per 250 ms: {:?}",
+            per.values().map(|v| *v as u64).collect::<Vec<_>>()
+        );
+    }
+    latencies.sort_by(f64::total_cmp);
+    let result = Live {
+        rate,
+        achieved,
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+    };
+    println!(
+        "live {rate} events/s (achieved {achieved:.0}): commit to readable in Redis p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        result.p50_ms, result.p99_ms, result.max_ms
+    );
+    result
+}
+
+/// (entry id, payload seq) of an XREAD reply.
+fn xread_seqs(reply: &redis::Value) -> Vec<(String, u64)> {
+    use redis::Value;
+    let mut out = Vec::new();
+    let streams: Vec<&Value> = match reply {
+        Value::Array(s) => s.iter().collect(),
+        Value::Map(m) => m.iter().map(|(_, v)| v).collect(),
+        _ => return out,
+    };
+    for stream in streams {
+        let entries = match stream {
+            Value::Array(pair) if pair.len() == 2 => &pair[1],
+            other => other,
+        };
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let (Some(Value::BulkString(id)), Some(Value::Array(fields))) =
+                (parts.first(), parts.get(1))
+            else {
+                continue;
+            };
+            let mut seq = None;
+            for kv in fields.chunks(2) {
+                if let [Value::BulkString(k), Value::BulkString(v)] = kv
+                    && k == b"payload"
+                {
+                    seq = payload_seq(v);
+                }
+            }
+            if let Some(seq) = seq {
+                out.push((String::from_utf8_lossy(id).into_owned(), seq));
+            }
+        }
+    }
+    out
+}
+
+/// The `seq` of a payload `{"seq": N, ...}`, without parsing the JSON (the reader must stay
+/// light: it shares the machine with what it measures).
+fn payload_seq(payload: &[u8]) -> Option<u64> {
+    let at = payload.windows(6).position(|w| w == b"\"seq\":")? + 6;
+    let digits = payload[at..]
+        .iter()
+        .skip_while(|b| **b == b' ')
+        .take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n * 10 + u64::from(d - b'0');
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// Scenario 4: one transaction of `rows` rows; outboxd's peak RSS.
+async fn big_transaction(rows: u64) -> (u64, f64) {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let mut redis = env.redis.connect().await;
+    let outboxd = run_outboxd(&env, &broker_env(Broker::Redis, None));
+    wait_active(&db, "outboxd").await;
+    write_backlog(&db, 0, rows, rows).await;
+    let started = Instant::now();
+    while stream_len(&mut redis, "outbox.order").await < rows {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "the transaction did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (_, peak) = outboxd.rss_kib().unwrap();
+    println!(
+        "one {rows}-row transaction: forwarded in {secs:.1} s after its commit; outboxd peak RSS {:.1} MiB",
+        peak as f64 / 1024.0
+    );
+    (peak, secs)
+}
+
+/// Scenario 5: a polling relay on the same kind of backlog.
+async fn polling_relay(events: u64) -> f64 {
+    let env = Env::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "ALTER TABLE outbox ADD COLUMN published_at timestamptz; \
+         CREATE INDEX outbox_unpublished ON outbox (created_at, id) WHERE published_at IS NULL",
+    )
+    .await
+    .unwrap();
+    write_backlog(&db, 0, events, 1000).await;
+    let mut relay = env.db().await;
+    let mut redis = env.redis.connect().await;
+    let started = Instant::now();
+    let mut published = 0;
+    while published < events {
+        let tx = relay.transaction().await.unwrap();
+        let rows = tx
+            .query(
+                "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text, headers::text \
+                 FROM outbox WHERE published_at IS NULL ORDER BY created_at, id \
+                 LIMIT 1000 FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.get(0);
+            let topic = format!("outbox.{}", row.get::<_, String>(1));
+            pipe.cmd("XADD")
+                .arg(topic)
+                .arg("*")
+                .arg("id")
+                .arg(&id)
+                .arg("type")
+                .arg(row.get::<_, String>(3))
+                .arg("key")
+                .arg(row.get::<_, String>(2))
+                .arg("payload")
+                .arg(row.get::<_, String>(4))
+                .arg("headers")
+                .arg(row.get::<_, String>(5))
+                .ignore();
+            ids.push(id);
+        }
+        let () = pipe.query_async(&mut redis).await.unwrap();
+        tx.execute(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1::text[]::uuid[])",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        published += rows.len() as u64;
+    }
+    let eps = events as f64 / started.elapsed().as_secs_f64();
+    println!("polling relay ({events} events, batches of 1,000): {eps:.0} events/s");
+    eps
+}
+
+fn versions() -> String {
+    let pg = std::process::Command::new(pg_bin().join("postgres"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let redis = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{pg}; Redis {redis}; tansu 0.6; {cpus} CPUs; outboxd release build")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let started = Instant::now();
+    println!("outboxd benchmark: {}", versions());
+    if args.only.as_deref() == Some("live") {
+        // Only the live scenario, for profiling.
+        let conf: Vec<String> = std::env::var("BENCH_PG_CONF")
+            .map(|c| c.split(';').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut lines = vec!["wal_level = logical"];
+        lines.extend(conf.iter().map(String::as_str));
+        let env = Env::new(Postgres::start_with(&lines), "").await;
+        env.setup();
+        let outboxd = run_outboxd(&env, &broker_env(Broker::Redis, None));
+        wait_active(&env.db().await, "outboxd").await;
+        println!("outboxd pid {}, http {}", outboxd.pid(), env.http_port);
+        let mut first = 0;
+        for &rate in &args.rates {
+            live(&env, first, rate, args.live_secs).await;
+            first += rate * args.live_secs;
+        }
+        if let Some((_, text)) = http_get(env.http_port, "/metrics").await {
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("outboxd_commit_to_ack_seconds"))
+            {
+                println!("{line}");
+            }
+        }
+        return Ok(());
+    }
+
+    let mut drains = vec![
+        drain(Broker::Redis, 1000, args.events, None).await,
+        drain(Broker::Redis, 1, args.one_row, None).await,
+    ];
+    if args.kafka {
+        let tansu = Tansu::start();
+        drains.push(drain(Broker::Kafka, 1000, args.events, Some(&tansu)).await);
+    }
+
+    let live_env = Env::start().await;
+    let _outboxd = run_outboxd(&live_env, &broker_env(Broker::Redis, None));
+    wait_active(&live_env.db().await, "outboxd").await;
+    let mut lives = Vec::new();
+    let mut first = 0;
+    for &rate in &args.rates {
+        lives.push(live(&live_env, first, rate, args.live_secs).await);
+        first += rate * args.live_secs;
+    }
+    drop(_outboxd);
+    drop(live_env);
+
+    let (peak_kib, big_secs) = big_transaction(args.big_txn).await;
+    let relay_eps = polling_relay(args.events).await;
+
+    let results = json!({
+        "environment": versions(),
+        "drain": drains.iter().map(|d| json!({
+            "broker": d.broker.name(), "rows_per_transaction": d.per_txn, "events": d.events,
+            "outboxd_events_per_s": d.outboxd_eps.round(), "reference_events_per_s": d.reference_eps.round(),
+            "ratio": d.outboxd_eps / d.reference_eps,
+        })).collect::<Vec<_>>(),
+        "live": lives.iter().map(|l| json!({
+            "rate": l.rate, "achieved": l.achieved.round(), "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms,
+        })).collect::<Vec<_>>(),
+        "big_transaction": { "rows": args.big_txn, "peak_rss_mib": peak_kib as f64 / 1024.0, "seconds": big_secs },
+        "polling_relay_events_per_s": relay_eps.round(),
+        "seconds": started.elapsed().as_secs(),
+    });
+    let table = render_table(&args, &drains, &lives, peak_kib, relay_eps);
+    println!("\n{table}");
+    if let Some(dir) = &args.out {
+        write_results(dir, &results, &table)?;
+    }
+    Ok(())
+}
+
+fn render_table(
+    args: &Args,
+    drains: &[Drain],
+    lives: &[Live],
+    peak_kib: u64,
+    relay_eps: f64,
+) -> String {
+    let mut t = String::new();
+    t.push_str(&format!("Environment: {}.\n\n", versions()));
+    t.push_str("| scenario | outboxd | reference, same run | ratio | target | met |\n|---|---|---|---|---|---|\n");
+    for d in drains {
+        let target = match (d.broker, d.per_txn) {
+            (Broker::Redis, 1000) => 0.95,
+            (Broker::Kafka, _) => 0.90,
+            _ => 0.90,
+        };
+        let ratio = d.outboxd_eps / d.reference_eps;
+        t.push_str(&format!(
+            "| drain to {}, {} events in {}-row transactions | {:.0} events/s | pg_recvlogical {:.0} events/s | {:.0} % | ≥ {:.0} % | {} |\n",
+            d.broker.name(),
+            d.events,
+            d.per_txn,
+            d.outboxd_eps,
+            d.reference_eps,
+            100.0 * ratio,
+            100.0 * target,
+            if ratio >= target { "yes" } else { "no" }
+        ));
+    }
+    if let Some(redis) = drains
+        .iter()
+        .find(|d| d.broker == Broker::Redis && d.per_txn == 1000)
+    {
+        let ratio = redis.outboxd_eps / relay_eps;
+        t.push_str(&format!(
+            "| drain to redis against a polling relay ({} events) | {:.0} events/s | polling relay {:.0} events/s | {:.1}× | ≥ 3× | {} |\n",
+            args.events,
+            redis.outboxd_eps,
+            relay_eps,
+            ratio,
+            if ratio >= 3.0 { "yes" } else { "no" }
+        ));
+    }
+    for l in lives {
+        let met = if l.rate == 5_000 {
+            if l.p99_ms <= 25.0 { "yes" } else { "no" }
+        } else {
+            "-"
+        };
+        let target = if l.rate == 5_000 {
+            "p99 ≤ 25 ms"
+        } else {
+            "-"
+        };
+        t.push_str(&format!(
+            "| live {} events/s (achieved {:.0}), commit to readable in Redis | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | | | {target} | {met} |\n",
+            l.rate, l.achieved, l.p50_ms, l.p99_ms, l.max_ms
+        ));
+    }
+    let mib = peak_kib as f64 / 1024.0;
+    t.push_str(&format!(
+        "| one {}-row transaction | peak RSS {mib:.1} MiB | | | ≤ 64 MiB | {} |\n",
+        args.big_txn,
+        if mib <= 64.0 { "yes" } else { "no" }
+    ));
+    t
+}
+
+/// Writes the table into `dir/benchmarks.md` (between the result markers), the raw results
+/// into `dir/benchmarks.json`, and the chart into `dir/benchmarks.png` (via
+/// scripts/bench_chart.py).
+fn write_results(dir: &Path, results: &serde_json::Value, table: &str) -> anyhow::Result<()> {
+    let json_path = dir.join("benchmarks.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(results)? + "\n")?;
+    let doc_path = dir.join("benchmarks.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap_or_default();
+    let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
+    let updated = match (doc.find(begin), doc.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{begin}\n{table}{}", &doc[..a], &doc[b..]),
+        _ => format!("{doc}\n{begin}\n{table}{end}\n"),
+    };
+    std::fs::write(&doc_path, updated)?;
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_chart.py");
+    let status = std::process::Command::new("python3")
+        .arg(chart)
+        .arg(&json_path)
+        .arg(dir.join("benchmarks.png"))
+        .status()?;
+    if !status.success() {
+        bail!(
+            "drawing the chart failed (python3 with matplotlib is needed: scripts/bench.sh installs it)"
+        );
+    }
+    println!(
+        "wrote {}, {} and benchmarks.png",
+        doc_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
