@@ -19,6 +19,6 @@ pub mod sink;
 
 pub use checkpoint::Checkpoint;
 pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
-pub use lsn::Lsn;
+pub use lsn::{Lsn, WalHorizon};
 pub use route::{RouteError, RouteSpec, Router, Template};
 pub use sink::{Delivery, Sink, SinkError};

@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A position in the write-ahead log, displayed the way Postgres does (`16/B374D848`).
 ///
@@ -44,6 +46,27 @@ impl fmt::Debug for Lsn {
     }
 }
 
+/// The newest WAL position the server is known to have reached, shared between the task that
+/// learns it (keepalives, the retention watcher) and those that need a bound on what can have
+/// been written (the effectively-once Redis sink). It only moves forward. Cloning shares it.
+#[derive(Clone, Debug, Default)]
+pub struct WalHorizon(Arc<AtomicU64>);
+
+impl WalHorizon {
+    /// The server reached `lsn`.
+    pub fn observe(&self, lsn: Lsn) {
+        self.0.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// The newest position observed, or `None` before the first.
+    pub fn get(&self) -> Option<Lsn> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            raw => Some(Lsn(raw)),
+        }
+    }
+}
+
 /// A string that is not of the form `HI/LO` with hexadecimal halves of at most 32 bits each.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid LSN {input:?}: expected two hexadecimal halves like 16/B374D848")]
@@ -82,6 +105,16 @@ mod tests {
         for bad in ["", "16", "16/", "/1", "G/1", "1/100000000", "1/2/3"] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn the_horizon_only_moves_forward_and_is_shared() {
+        let h = WalHorizon::default();
+        assert_eq!(h.get(), None);
+        let other = h.clone();
+        other.observe(Lsn::new(50));
+        h.observe(Lsn::new(40));
+        assert_eq!(h.get(), Some(Lsn::new(50)));
     }
 
     #[test]

@@ -168,6 +168,26 @@ impl Template {
         })
     }
 
+    /// A Redis `SCAN MATCH` glob that matches every name the template can produce:
+    /// placeholders become `*`, glob characters of the literal text are escaped.
+    pub fn glob(&self) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Column(_) => out.push('*'),
+                Part::Text(t) => {
+                    for c in t.chars() {
+                        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                            out.push('\\');
+                        }
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
@@ -603,5 +623,14 @@ mod tests {
         assert_eq!(r.poison, None);
         assert_eq!(r.event.id, "1/A0#3");
         assert_eq!(r.event.key, "");
+    }
+
+    #[test]
+    fn a_template_becomes_a_glob_of_the_names_it_can_produce() {
+        let t = Template::parse("outbox.{aggregate_type}").unwrap();
+        assert_eq!(t.glob(), "outbox.*");
+        let t = Template::parse("a*b?[{x}]-{y}").unwrap();
+        assert_eq!(t.glob(), "a\\*b\\?\\[*\\]-*");
+        assert_eq!(Template::parse("fixed").unwrap().glob(), "fixed");
     }
 }

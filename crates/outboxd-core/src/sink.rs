@@ -20,6 +20,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///   the order of the calls.
 /// - An `Err` says nothing about which records arrived. The caller sends the same batch
 ///   again (delivery is at-least-once); the event id is the consumers' idempotency key.
+/// - A sink that can tell an event is already at the broker (effectively-once delivery: a
+///   replay after a crash) does not publish it again and reports it in
+///   [`Delivery::duplicates`]. It must be sure: "already delivered" is claimed only on the
+///   broker's own evidence, never to get past an error.
 /// - Records with `poison` set go to the dead-letter destination, never to their topic.
 pub trait Sink: Send {
     /// Publishes `batch` and waits for the broker to accept all of it.
@@ -38,6 +42,10 @@ pub struct Delivery {
     /// Records the broker refused and that were written to the dead-letter destination
     /// instead: their index in the batch and the reason.
     pub rejected: Vec<(usize, Poison)>,
+    /// Records that were already at the broker (in their topic or the dead-letter
+    /// destination) from an earlier attempt, and were not written again: their index in the
+    /// batch, ascending. Never also in `rejected`.
+    pub duplicates: Vec<usize>,
 }
 
 /// A failure to publish a batch, split by what the caller should do about it.

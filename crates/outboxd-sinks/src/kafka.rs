@@ -782,7 +782,10 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        Ok(Delivery { rejected })
+        Ok(Delivery {
+            rejected,
+            duplicates: Vec::new(),
+        })
     }
 
     async fn ping(&mut self) -> Result<(), SinkError> {

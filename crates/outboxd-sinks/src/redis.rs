@@ -19,6 +19,26 @@
 //! With `wait_replicas = N`, `WAIT N timeout` follows each batch; fewer replicas than `N`
 //! fails the batch for a retry.
 //!
+//! # Effectively-once
+//!
+//! With `effectively_once`, each entry's id is not `*` but its WAL position:
+//! `<commit LSN as a number>-<index in the transaction>`. Events reach a stream in commit
+//! order, so ids only grow, and a replay after a crash writes an id that is not greater than
+//! the stream's top: Redis refuses it ("equal or smaller than the target stream top item"),
+//! and that refusal, and only that one, counts as "already delivered". Dead-letter entries get
+//! the same id in the dead-letter stream.
+//!
+//! A batch is one Lua script ([`EFFECTIVELY_ONCE_SCRIPT`]) instead of `MULTI`/`EXEC`: it adds
+//! the entries in order and stops at the first entry Redis refuses for another reason, so
+//! that the entry can be dead-lettered *before* any later dead-letter entry (whose larger id
+//! would make the dead-letter stream refuse it). The script is not atomic across a crash or a
+//! transient error, and need not be: whatever it added is refused as a duplicate on the retry.
+//!
+//! The refusal proves delivery only if every id in the stream is one of outboxd's. An id
+//! beyond the server's WAL position (for example a `*` id, a millisecond timestamp, added by
+//! another writer) cannot be, so a refusal by such a stream is a permanent error that names
+//! it, never "already delivered": the stream must have outboxd as its only writer.
+//!
 //! An event larger than `max_event_bytes` is dead-lettered as `too_large` before it is sent:
 //! Redis answers an argument over its `proto-max-bulk-len` by closing the connection, which
 //! would otherwise look like an outage and stall the stream. Its dead-letter entry carries an
@@ -27,9 +47,11 @@
 
 use std::time::Duration;
 
-use outboxd_core::{Delivery, Poison, PoisonKind, Record, Sink, SinkError};
+use outboxd_core::{Delivery, Lsn, Poison, PoisonKind, Record, Sink, SinkError, WalHorizon};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerError, Value};
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, ServerError, Value,
+};
 
 use crate::dead_letter;
 
@@ -53,7 +75,58 @@ pub struct RedisConfig {
     /// Largest entry (payload, headers, id, key, type, topic) published; a larger event goes
     /// to the dead-letter stream as `too_large`, without its payload.
     pub max_event_bytes: usize,
+    /// Entry ids derived from the WAL position, so that replays are refused by Redis.
+    pub effectively_once: bool,
+    /// How far the server's WAL is known to reach: no id outboxd wrote can be beyond it.
+    pub wal_horizon: WalHorizon,
 }
+
+/// Adds a batch's entries in order (effectively-once mode).
+///
+/// `KEYS[i]`: the stream of entry `i`. `ARGV[1]`: `MAXLEN ~` value, `0` for none; then for
+/// each entry: the number of field pairs, the entry id, the fields. Returns
+/// `{processed, error, duplicates}`: `error` is empty when every entry was handled, else the
+/// error of entry `processed` (0-based), which was not added and after which nothing was
+/// tried; `duplicates` holds, for each entry refused as not above its stream's top, its index
+/// and that stream's last generated id.
+pub const EFFECTIVELY_ONCE_SCRIPT: &str = r"
+local maxlen = ARGV[1]
+local a = 2
+local dups = {}
+local tops = {}
+for i = 1, #KEYS do
+  local pairs_n = tonumber(ARGV[a])
+  local cmd = {'XADD', KEYS[i]}
+  if maxlen ~= '0' then
+    cmd[#cmd + 1] = 'MAXLEN'
+    cmd[#cmd + 1] = '~'
+    cmd[#cmd + 1] = maxlen
+  end
+  for j = a + 1, a + 1 + 2 * pairs_n do
+    cmd[#cmd + 1] = ARGV[j]
+  end
+  a = a + 2 + 2 * pairs_n
+  local r = redis.pcall(unpack(cmd))
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'equal or smaller than the target stream top', 1, true) then
+      local top = tops[KEYS[i]]
+      if not top then
+        top = ''
+        local info = redis.call('XINFO', 'STREAM', KEYS[i])
+        for k = 1, #info, 2 do
+          if info[k] == 'last-generated-id' then top = info[k + 1] end
+        end
+        tops[KEYS[i]] = top
+      end
+      dups[#dups + 1] = i - 1
+      dups[#dups + 1] = top
+    else
+      return {i - 1, r.err, dups}
+    end
+  end
+end
+return {#KEYS, '', dups}
+";
 
 /// Server error codes that pass: retry the batch.
 const TRANSIENT_CODES: &[&str] = &[
@@ -76,6 +149,7 @@ pub struct RedisSink {
     client: Client,
     config: RedisConfig,
     conn: Option<MultiplexedConnection>,
+    script: redis::Script,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -99,12 +173,21 @@ enum Outcome {
 impl RedisSink {
     /// Checks the URL; connects on first use.
     pub fn new(config: RedisConfig) -> Result<Self, SinkError> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| SinkError::permanent("sink.redis.url is not a valid Redis URL", e))?;
+        let invalid = |e| SinkError::permanent("sink.redis.url is not a valid Redis URL", e);
+        // TCP_NODELAY: a batch is one write followed by a wait for its reply; Nagle's
+        // algorithm would hold back a partial segment until the previous one is acknowledged.
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(invalid)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info).map_err(invalid)?;
         Ok(RedisSink {
             client,
             config,
             conn: None,
+            script: redis::Script::new(EFFECTIVELY_ONCE_SCRIPT),
         })
     }
 
@@ -180,44 +263,58 @@ impl RedisSink {
         }
     }
 
+    /// The stream an entry goes to.
+    fn stream(&self, record: &Record, poison: Option<&Poison>) -> String {
+        match poison {
+            None => format!("{}{}", self.config.stream_prefix, record.event.topic),
+            Some(_) => self.config.dead_letter.clone(),
+        }
+    }
+
+    /// Appends an entry's field/value pairs to `cmd` (after its id); returns how many pairs.
+    fn fields(&self, cmd: &mut redis::Cmd, record: &Record, poison: Option<&Poison>) -> usize {
+        let event = &record.event;
+        // A dead letter too large for Redis keeps its context, not its body.
+        let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
+        let payload: &[u8] = if oversized { b"" } else { &event.payload };
+        let headers: &[u8] =
+            if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
+                b"{}"
+            } else {
+                &event.headers.json
+            };
+        cmd.arg("id")
+            .arg(event.id.as_ref())
+            .arg("type")
+            .arg(event.event_type.as_ref())
+            .arg("key")
+            .arg(event.key.as_ref())
+            .arg("payload")
+            .arg(payload)
+            .arg("headers")
+            .arg(headers);
+        let mut pairs = 5;
+        if let Some(poison) = poison {
+            for (name, value) in dead_letter::context(event, poison) {
+                cmd.arg(name).arg(value.as_ref());
+                pairs += 1;
+            }
+        }
+        pairs
+    }
+
     fn build(&self, pipe: &mut redis::Pipeline, entries: &[(&Record, Option<&Poison>)]) {
         pipe.clear();
         pipe.cmd("MULTI");
         for (record, poison) in entries {
-            let event = &record.event;
-            let cmd = pipe.cmd("XADD");
-            match poison {
-                None => cmd.arg(format!("{}{}", self.config.stream_prefix, event.topic)),
-                Some(_) => cmd.arg(&self.config.dead_letter),
-            };
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(self.stream(record, *poison));
             if self.config.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
             }
-            // A dead letter too large for Redis keeps its context, not its body.
-            let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
-            let payload: &[u8] = if oversized { b"" } else { &event.payload };
-            let headers: &[u8] =
-                if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
-                    b"{}"
-                } else {
-                    &event.headers.json
-                };
-            cmd.arg("*")
-                .arg("id")
-                .arg(event.id.as_ref())
-                .arg("type")
-                .arg(event.event_type.as_ref())
-                .arg("key")
-                .arg(event.key.as_ref())
-                .arg("payload")
-                .arg(payload)
-                .arg("headers")
-                .arg(headers);
-            if let Some(poison) = poison {
-                for (name, value) in dead_letter::context(event, poison) {
-                    cmd.arg(name).arg(value.as_ref());
-                }
-            }
+            cmd.arg("*");
+            self.fields(&mut cmd, record, *poison);
+            pipe.add_command(cmd);
         }
         pipe.cmd("EXEC");
     }
@@ -252,8 +349,32 @@ impl RedisSink {
 
 impl Sink for RedisSink {
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
+        let rejected = self.too_large(batch);
+        let delivery = if self.config.effectively_once {
+            self.send_effectively_once(batch, rejected).await?
+        } else {
+            self.send_at_least_once(batch, rejected).await?
+        };
+        self.wait_for_replicas().await?;
+        Ok(delivery)
+    }
+
+    async fn ping(&mut self) -> Result<(), SinkError> {
+        let conn = self.connection().await?;
+        let res: Result<String, RedisError> = redis::cmd("PING").query_async(conn).await;
+        if let Err(e) = res {
+            self.conn = None;
+            return Err(classify("pinging Redis", e));
+        }
+        Ok(())
+    }
+}
+
+impl RedisSink {
+    /// The events of `batch` over `max_event_bytes`: dead-lettered without being sent.
+    fn too_large(&self, batch: &[Record]) -> Vec<(usize, Poison)> {
         let limit = self.config.max_event_bytes;
-        let mut rejected: Vec<(usize, Poison)> = batch
+        batch
             .iter()
             .enumerate()
             .filter(|(_, r)| r.poison.is_none() && entry_bytes(&r.event) > limit)
@@ -265,7 +386,15 @@ impl Sink for RedisSink {
                 );
                 (i, Poison::new(PoisonKind::TooLarge, detail))
             })
-            .collect();
+            .collect()
+    }
+
+    /// `MULTI`/`EXEC` batches with `*` ids.
+    async fn send_at_least_once(
+        &mut self,
+        batch: &[Record],
+        mut rejected: Vec<(usize, Poison)>,
+    ) -> Result<Delivery, SinkError> {
         let mut pipe = redis::pipe();
         // Each round either succeeds or rejects at least one more entry, so this ends.
         let executed_errors = loop {
@@ -326,19 +455,299 @@ impl Sink for RedisSink {
             }
         }
 
-        self.wait_for_replicas().await?;
         rejected.sort_by_key(|(i, _)| *i);
-        Ok(Delivery { rejected })
+        Ok(Delivery {
+            rejected,
+            duplicates: Vec::new(),
+        })
     }
 
-    async fn ping(&mut self) -> Result<(), SinkError> {
-        let conn = self.connection().await?;
-        let res: Result<String, RedisError> = redis::cmd("PING").query_async(conn).await;
-        if let Err(e) = res {
-            self.conn = None;
-            return Err(classify("pinging Redis", e));
+    /// Entry ids from the WAL position, through [`EFFECTIVELY_ONCE_SCRIPT`]: see the module
+    /// documentation.
+    async fn send_effectively_once(
+        &mut self,
+        batch: &[Record],
+        mut rejected: Vec<(usize, Poison)>,
+    ) -> Result<Delivery, SinkError> {
+        let mut duplicates: Vec<usize> = Vec::new();
+        let mut start = 0;
+        // Each round ends the batch or dead-letters one more entry, so this ends.
+        while start < batch.len() {
+            let round = self.script_round(batch, start, &rejected).await?;
+            for (i, top) in round.duplicates {
+                self.check_top(&batch[start + i], &top)?;
+                duplicates.push(start + i);
+            }
+            let Some((processed, error)) = round.error else {
+                break;
+            };
+            let i = start + processed;
+            let poisoned = batch[i].poison.is_some() || rejected.iter().any(|(j, _)| *j == i);
+            let code = error.split_whitespace().next().unwrap_or("");
+            if poisoned {
+                return Err(SinkError::permanent(
+                    "the dead-letter stream refused an entry (check sink.dead_letter names a \
+                     stream the Redis user may write)",
+                    format!("stream {:?}: {error}", self.config.dead_letter),
+                ));
+            }
+            if TRANSIENT_CODES.contains(&code) || PERMANENT_CODES.contains(&code) {
+                let what = "adding a batch to Redis (effectively-once script)";
+                return Err(if PERMANENT_CODES.contains(&code) {
+                    SinkError::permanent(what, error)
+                } else {
+                    SinkError::transient(what, error)
+                });
+            }
+            rejected.push((
+                i,
+                Poison::new(
+                    PoisonKind::Rejected,
+                    format!("redis refused the entry: {error}"),
+                ),
+            ));
+            start = i;
         }
-        Ok(())
+        rejected.retain(|(i, _)| !duplicates.contains(i));
+        rejected.sort_by_key(|(i, _)| *i);
+        Ok(Delivery {
+            rejected,
+            duplicates,
+        })
+    }
+
+    /// Runs the script on `batch[start..]`.
+    async fn script_round(
+        &mut self,
+        batch: &[Record],
+        start: usize,
+        rejected: &[(usize, Poison)],
+    ) -> Result<ScriptRound, SinkError> {
+        let entries: Vec<(&Record, Option<&Poison>)> = batch[start..]
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let i = start + k;
+                let poison = r
+                    .poison
+                    .as_ref()
+                    .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p));
+                (r, poison)
+            })
+            .collect();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(entries.len());
+        self.script_args(&mut cmd, &entries);
+        let reply = match self.query_script(&cmd).await? {
+            Some(reply) => reply,
+            None => {
+                // The script is not in Redis' cache (a restart, SCRIPT FLUSH): send it whole.
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(EFFECTIVELY_ONCE_SCRIPT).arg(entries.len());
+                self.script_args(&mut cmd, &entries);
+                self.query_script(&cmd).await?.ok_or_else(|| {
+                    SinkError::transient(
+                        "running the effectively-once script",
+                        "NOSCRIPT after EVAL",
+                    )
+                })?
+            }
+        };
+        ScriptRound::parse(&reply)
+    }
+
+    fn script_args(&self, cmd: &mut redis::Cmd, entries: &[(&Record, Option<&Poison>)]) {
+        for (record, poison) in entries {
+            cmd.arg(self.stream(record, *poison));
+        }
+        cmd.arg(self.config.maxlen);
+        for (record, poison) in entries {
+            let pairs = if poison.is_some() { 11 } else { 5 };
+            cmd.arg(pairs).arg(entry_id(record));
+            let written = self.fields(cmd, record, *poison);
+            debug_assert_eq!(written, pairs);
+        }
+    }
+
+    /// Sends a script command; `None` when Redis does not have the script cached.
+    async fn query_script(&mut self, cmd: &redis::Cmd) -> Result<Option<Value>, SinkError> {
+        let conn = self.connection().await?;
+        match cmd.query_async::<Value>(conn).await {
+            Ok(Value::ServerError(e)) if e.code() == "NOSCRIPT" => Ok(None),
+            Ok(Value::ServerError(e)) => {
+                Err(server_error("running the effectively-once script", &e))
+            }
+            Ok(reply) => Ok(Some(reply)),
+            Err(e) if e.code() == Some("NOSCRIPT") => Ok(None),
+            Err(e) if e.code().is_some() => {
+                // A server error: the connection is fine.
+                Err(classify("running the effectively-once script", e))
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(classify("running the effectively-once script", e))
+            }
+        }
+    }
+
+    /// A stream refused `record` as not above its top `top`: that proves the record is there
+    /// only if `top` can be an id outboxd wrote, that is, not beyond the server's WAL.
+    fn check_top(&self, record: &Record, top: &str) -> Result<(), SinkError> {
+        let top_ms: Option<u64> = top.split_once('-').and_then(|(ms, _)| ms.parse().ok());
+        let Some(horizon) = self.config.wal_horizon.get() else {
+            return Err(SinkError::transient(
+                "judging a replayed entry",
+                "the server's WAL position is not known yet",
+            ));
+        };
+        let horizon = horizon.max(record.event.position.commit_lsn);
+        match top_ms {
+            Some(ms) if ms <= horizon.get() => Ok(()),
+            _ => Err(SinkError::permanent(
+                "a Redis stream holds entries outboxd did not write; with sink.delivery = \
+                 \"effectively-once\" outboxd must be the only writer of its streams (entry ids \
+                 are WAL positions). Remove the foreign entries' stream or use another \
+                 sink.redis.stream_prefix",
+                format!(
+                    "stream {:?} refused entry {} because its newest id is {top:?}, beyond the \
+                     server's WAL position {horizon} ({}): not an id outboxd wrote",
+                    self.stream(record, record.poison.as_ref()),
+                    entry_id(record),
+                    horizon.get()
+                ),
+            )),
+        }
+    }
+
+    /// Streams matching `patterns` whose newest id is beyond `wal` (so not written by
+    /// outboxd in effectively-once mode), with that id; for `outboxd check`. Looks at no more
+    /// than `limit` streams.
+    pub async fn foreign_streams(
+        &mut self,
+        patterns: &[String],
+        wal: Lsn,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, SinkError> {
+        let conn = self.connection().await?;
+        let err = |e| classify("scanning Redis streams", e);
+        let mut names: Vec<String> = Vec::new();
+        for pattern in patterns {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("stream")
+                    .query_async(conn)
+                    .await
+                    .map_err(err)?;
+                for name in batch {
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                cursor = next;
+                if cursor == 0 || names.len() >= limit {
+                    break;
+                }
+            }
+        }
+        names.truncate(limit);
+        let mut foreign = Vec::new();
+        for name in names {
+            let info: Value = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(&name)
+                .query_async(conn)
+                .await
+                .map_err(err)?;
+            let top = reply_field(&info, b"last-generated-id");
+            let Some(top) = top else { continue };
+            let ms: u64 = top
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse().ok())
+                .unwrap_or(u64::MAX);
+            if ms > wal.get() {
+                foreign.push((name, top));
+            }
+        }
+        Ok(foreign)
+    }
+}
+
+/// The value of `name` in a field/value reply (a flat array in RESP2, a map in RESP3), as
+/// text.
+fn reply_field(reply: &Value, name: &[u8]) -> Option<String> {
+    let text = |v: &Value| k_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned());
+    match reply {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .find(|kv| kv.len() == 2 && k_bytes(&kv[0]) == Some(name))
+            .and_then(|kv| text(&kv[1])),
+        Value::Map(map) => map
+            .iter()
+            .find(|(k, _)| k_bytes(k) == Some(name))
+            .and_then(|(_, v)| text(v)),
+        _ => None,
+    }
+}
+
+fn k_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The entry id of an event in effectively-once mode: `<commit LSN>-<index>`.
+pub fn entry_id(record: &Record) -> String {
+    let p = record.event.position;
+    format!("{}-{}", p.commit_lsn.get(), p.index)
+}
+
+/// What one run of the effectively-once script reported.
+#[derive(Debug, Default)]
+struct ScriptRound {
+    /// `(entry, error)`: the first entry Redis refused for a reason other than its id.
+    error: Option<(usize, String)>,
+    /// Entries refused as not above their stream's top, with that top id.
+    duplicates: Vec<(usize, String)>,
+}
+
+impl ScriptRound {
+    fn parse(reply: &Value) -> Result<ScriptRound, SinkError> {
+        let bad = || {
+            SinkError::transient(
+                "reading the effectively-once script's reply",
+                format!("unexpected reply {reply:?}"),
+            )
+        };
+        let Value::Array(parts) = reply else {
+            return Err(bad());
+        };
+        let [Value::Int(processed), error, Value::Array(dups)] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let error = k_bytes(error).ok_or_else(bad)?;
+        let mut round = ScriptRound::default();
+        if !error.is_empty() {
+            let at = usize::try_from(*processed).map_err(|_| bad())?;
+            round.error = Some((at, String::from_utf8_lossy(error).into_owned()));
+        }
+        for pair in dups.chunks(2) {
+            let [Value::Int(i), top] = pair else {
+                return Err(bad());
+            };
+            let i = usize::try_from(*i).map_err(|_| bad())?;
+            let top = String::from_utf8_lossy(k_bytes(top).ok_or_else(bad)?).into_owned();
+            round.duplicates.push((i, top));
+        }
+        Ok(round)
     }
 }
 

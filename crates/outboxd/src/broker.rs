@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use outboxd_core::{Delivery, Record, Sink, SinkError};
+use outboxd_core::{Delivery, Record, Sink, SinkError, WalHorizon};
 #[cfg(feature = "kafka")]
 use outboxd_sinks::kafka::{KafkaConfig, KafkaSink};
 use outboxd_sinks::redis::{RedisConfig, RedisSink};
@@ -27,9 +27,10 @@ pub enum BrokerConfigError {
         "sink.kind = \"kafka\": this build of outboxd has no Kafka support (it was built without the `kafka` cargo feature)"
     )]
     KafkaNotBuilt,
-    /// A delivery mode this build does not have yet.
+    /// A delivery mode this build does not have yet for this broker.
     #[error(
-        "sink.delivery = \"effectively-once\" is not available in this version of outboxd: use \"at-least-once\""
+        "sink.delivery = \"effectively-once\" is available for Redis only in this version of \
+         outboxd (Kafka transactions are not built yet): use \"at-least-once\" with Kafka"
     )]
     EffectivelyOnceUnavailable,
 }
@@ -37,7 +38,9 @@ pub enum BrokerConfigError {
 impl Broker {
     /// Checks that the configured broker can be built, without connecting.
     pub fn check(config: &Config) -> Result<(), BrokerConfigError> {
-        if config.sink.delivery == DeliveryMode::EffectivelyOnce {
+        if config.sink.delivery == DeliveryMode::EffectivelyOnce
+            && config.sink.kind == SinkKind::Kafka
+        {
             return Err(BrokerConfigError::EffectivelyOnceUnavailable);
         }
         match config.sink.kind {
@@ -63,8 +66,9 @@ impl Broker {
         }
     }
 
-    /// Builds the broker client (connections are made on first use).
-    pub fn build(config: &Config) -> Result<Broker, SinkError> {
+    /// Builds the broker client (connections are made on first use). `horizon` is how far
+    /// the server's WAL is known to reach (effectively-once Redis checks replays against it).
+    pub fn build(config: &Config, horizon: &WalHorizon) -> Result<Broker, SinkError> {
         #[cfg(feature = "kafka")]
         if config.sink.kind == SinkKind::Kafka {
             let k = &config.sink.kafka;
@@ -89,6 +93,8 @@ impl Broker {
             wait_timeout: Duration::from_millis(r.wait_timeout_ms),
             timeout: Duration::from_millis(r.timeout_ms),
             max_event_bytes: usize::try_from(r.max_event_bytes).unwrap_or(usize::MAX),
+            effectively_once: config.sink.delivery == DeliveryMode::EffectivelyOnce,
+            wal_horizon: horizon.clone(),
         })?))
     }
 }

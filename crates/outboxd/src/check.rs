@@ -7,12 +7,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use outboxd_core::{Router, Sink};
+use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon};
 use outboxd_postgres::slot::{self, SlotSpec};
 use outboxd_postgres::{ConnInfo, catalog};
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, DeliveryMode};
 use crate::report::one_line;
 
 /// How a check came out.
@@ -91,15 +91,19 @@ pub async fn run(config: &Config) -> Report {
             config.postgres.table
         ),
     );
-    check_postgres(config, &mut report).await;
-    check_broker(config, &mut report).await;
+    let wal = check_postgres(config, &mut report).await;
+    check_broker(config, wal, &mut report).await;
     report
 }
 
-async fn check_postgres(config: &Config, report: &mut Report) {
+/// Checks Postgres; returns the server's current WAL position when it could be read.
+async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
     let conn = match ConnInfo::parse(config.postgres.url.expose()) {
         Ok(c) => c,
-        Err(e) => return report.add(Status::Fail, "postgres", one_line(&e)),
+        Err(e) => {
+            report.add(Status::Fail, "postgres", one_line(&e));
+            return None;
+        }
     };
     let client = match conn.connect().await {
         Ok(c) => c,
@@ -107,7 +111,7 @@ async fn check_postgres(config: &Config, report: &mut Report) {
             let err = crate::pipeline::RunError::connect(&conn)(e);
             report.add(Status::Fail, "postgres", one_line(&err));
             report.add(Status::Fail, "slot", "not checked: Postgres is unreachable");
-            return;
+            return None;
         }
     };
     let spec = SlotSpec {
@@ -118,7 +122,10 @@ async fn check_postgres(config: &Config, report: &mut Report) {
     };
     let found = match slot::inspect(&client, spec).await {
         Ok(f) => f,
-        Err(e) => return report.add(Status::Fail, "postgres", one_line(&e)),
+        Err(e) => {
+            report.add(Status::Fail, "postgres", one_line(&e));
+            return None;
+        }
     };
     let server = &found.server;
     report.add(
@@ -218,23 +225,36 @@ async fn check_postgres(config: &Config, report: &mut Report) {
             _ => {}
         }
     }
+    client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, i64>(0).ok())
+        .map(|raw| Lsn::new(raw as u64))
 }
 
-async fn check_broker(config: &Config, report: &mut Report) {
+async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
     let name = Broker::name(config);
     if let Err(e) = Broker::check(config) {
         return report.add(Status::Fail, "broker", one_line(&e));
     }
-    let mut broker = match Broker::build(config) {
+    let mut broker = match Broker::build(config, &WalHorizon::default()) {
         Ok(b) => b,
         Err(e) => return report.add(Status::Fail, "broker", one_line(&e)),
     };
     match tokio::time::timeout(Duration::from_secs(15), broker.ping()).await {
-        Ok(Ok(())) => report.add(
-            Status::Ok,
-            "broker",
-            format!("{name} at {} answers", Broker::target(config)),
-        ),
+        Ok(Ok(())) => {
+            report.add(
+                Status::Ok,
+                "broker",
+                format!("{name} at {} answers", Broker::target(config)),
+            );
+            if config.sink.delivery == DeliveryMode::EffectivelyOnce
+                && let (Broker::Redis(redis), Some(wal)) = (&mut broker, wal)
+            {
+                check_stream_ids(config, redis, wal, report).await;
+            }
+        }
         Ok(Err(e)) => report.add(
             Status::Fail,
             "broker",
@@ -250,4 +270,59 @@ async fn check_broker(config: &Config, report: &mut Report) {
             format!("{name} at {} did not answer within 15 s", Broker::target(config)),
         ),
     }
+}
+
+/// Effectively-once Redis: every stream outboxd may write (those the topic template can name,
+/// and the dead-letter stream) must hold only ids that are WAL positions; a newer id, such as
+/// the timestamp of an `XADD *` by another writer, would make Redis refuse every event.
+async fn check_stream_ids(
+    config: &Config,
+    redis: &mut outboxd_sinks::redis::RedisSink,
+    wal: Lsn,
+    report: &mut Report,
+) {
+    const LIMIT: usize = 1000;
+    let mut patterns = vec![glob_literal(&config.sink.dead_letter)];
+    match Template::parse(&config.route.topic) {
+        Ok(t) => patterns.push(format!(
+            "{}{}",
+            glob_literal(&config.sink.redis.stream_prefix),
+            t.glob()
+        )),
+        Err(_) => return, // the route check reports it
+    }
+    match redis.foreign_streams(&patterns, wal, LIMIT).await {
+        Ok(foreign) if foreign.is_empty() => report.add(
+            Status::Ok,
+            "stream ids",
+            format!(
+                "effectively-once: every stream matching {} holds only WAL-position ids (at most {LIMIT} streams looked at)",
+                patterns.join(" or ")
+            ),
+        ),
+        Ok(foreign) => {
+            for (stream, top) in foreign {
+                report.add(
+                    Status::Fail,
+                    "stream ids",
+                    format!(
+                        "stream {stream:?} has newest id {top}, beyond the server's WAL position {wal} ({}): another writer added it, and Redis would refuse every event outboxd writes there. With sink.delivery = \"effectively-once\" outboxd must be the stream's only writer: delete the stream or choose another sink.redis.stream_prefix",
+                        wal.get()
+                    ),
+                );
+            }
+        }
+        Err(e) => report.add(
+            Status::Warn,
+            "stream ids",
+            format!("could not look at the streams' ids: {}", one_line(&e)),
+        ),
+    }
+}
+
+/// `text` as a glob matching only itself.
+fn glob_literal(text: &str) -> String {
+    Template::parse(&text.replace('{', "{{").replace('}', "}}"))
+        .map(|t| t.glob())
+        .unwrap_or_else(|_| text.to_owned())
 }

@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
 use crate::{http, progress};
-use outboxd_core::Sink;
+use outboxd_core::{Sink, WalHorizon};
 
 /// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
 /// present; then the environment.
@@ -123,9 +123,10 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    let horizon = status.wal_horizon();
     let result = pipeline::run(
         settings,
-        || Broker::build(config),
+        || Broker::build(config, &horizon),
         metrics,
         status,
         shutdown.clone(),
@@ -139,7 +140,7 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
 /// Asks the broker, on a connection of its own, whether it answers, every 2 seconds: so
 /// that `/readyz` notices a broker that went away while the outbox is idle.
 async fn probe_broker(config: Config, status: Arc<Status>, stop: CancellationToken) {
-    let mut broker = match Broker::build(&config) {
+    let mut broker = match Broker::build(&config, &WalHorizon::default()) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the broker readiness probe");

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use outboxd_core::{Record, Sink, SinkError};
+use outboxd_core::{Delivery, Record, Sink, SinkError};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
@@ -102,7 +102,7 @@ pub async fn run<S: Sink>(
             backoff.reset();
         }
 
-        account(&batch, &delivery.rejected, &metrics);
+        account(&batch, &delivery, &metrics);
         acknowledged += batch.len() as u64;
         batch.clear();
         budget.add_permits(permits as usize);
@@ -113,17 +113,23 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// Counts a delivered batch: forwarded per topic, dead-lettered per reason, latency; and logs
-/// each dead letter.
-fn account(batch: &[Record], rejected: &[(usize, outboxd_core::Poison)], metrics: &Metrics) {
+/// Counts a delivered batch: forwarded per topic, dead-lettered per reason, already
+/// delivered per topic, latency; and logs each dead letter.
+fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
     let now_micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64);
     let mut forwarded: HashMap<&str, u64> = HashMap::new();
     let mut dead: HashMap<&'static str, u64> = HashMap::new();
-    let mut rejected = rejected.iter().peekable();
+    let mut already: HashMap<&str, u64> = HashMap::new();
+    let mut rejected = delivery.rejected.iter().peekable();
+    let mut duplicates = delivery.duplicates.iter().peekable();
     for (i, record) in batch.iter().enumerate() {
         let event = &record.event;
+        if duplicates.next_if(|&&j| j == i).is_some() {
+            *already.entry(event.topic.as_str()).or_default() += 1;
+            continue;
+        }
         let poison = match rejected.peek() {
             Some((j, p)) if *j == i => {
                 rejected.next();
@@ -151,4 +157,12 @@ fn account(batch: &[Record], rejected: &[(usize, outboxd_core::Poison)], metrics
         metrics.commit_to_ack_seconds.observe(latency);
     }
     metrics.record_batch(forwarded, dead);
+    if !already.is_empty() {
+        let total: u64 = already.values().sum();
+        tracing::debug!(
+            events = total,
+            "replayed events were already at the broker; not written again"
+        );
+        metrics.record_already_delivered(already);
+    }
 }

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub events_forwarded: Family<TopicLabel, Counter>,
     /// `events_dead_lettered_total{reason}`: events written to the dead-letter destination.
     pub events_dead_lettered: Family<ReasonLabel, Counter>,
+    /// `events_already_delivered_total{topic}`: replayed events the broker already held
+    /// (effectively-once delivery), not written again.
+    pub events_already_delivered: Family<TopicLabel, Counter>,
     /// `sink_errors_total`: failed attempts to publish a batch (each is retried).
     pub sink_errors: Counter,
     /// `reconnects_total`: replication sessions started after the first.
@@ -64,6 +67,12 @@ impl Metrics {
             "events_dead_lettered",
             "Events written to the dead-letter destination, by reason",
             events_dead_lettered.clone(),
+        );
+        let events_already_delivered = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            "events_already_delivered",
+            "Replayed events the broker already held (effectively-once delivery), not written again",
+            events_already_delivered.clone(),
         );
         let sink_errors = Counter::default();
         registry.register(
@@ -109,6 +118,7 @@ impl Metrics {
             registry,
             events_forwarded,
             events_dead_lettered,
+            events_already_delivered,
             sink_errors,
             reconnects,
             inflight_events,
@@ -150,6 +160,17 @@ impl Metrics {
                 })
                 .inc_by(n);
             self.dead_lettered_all.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts replayed events the broker already held, per topic.
+    pub fn record_already_delivered<'a>(&self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
+        for (topic, n) in counts {
+            self.events_already_delivered
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_owned(),
+                })
+                .inc_by(n);
         }
     }
 

@@ -298,6 +298,8 @@ impl Session<'_> {
                 slot: settings.slot.clone(),
             })?;
         drop(client);
+        // Before any event: the effectively-once Redis sink judges replays against it.
+        self.status.set_server_wal_end(slot.current_wal_lsn.get());
         if slot.is_invalidated() {
             return Err(SlotError::invalidated(&slot).into());
         }
@@ -429,7 +431,10 @@ impl Session<'_> {
                     .set(flow.checkpoint.in_flight() as i64);
             }
             WalEvent::Commit { end_lsn, .. } => self.confirm(flow, stream, end_lsn),
-            WalEvent::Idle { wal_end } => self.confirm(flow, stream, wal_end),
+            WalEvent::Idle { wal_end } => {
+                self.status.set_server_wal_end(wal_end.get());
+                self.confirm(flow, stream, wal_end);
+            }
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
 //! The live status of a running outboxd, shared by the pipeline, the readiness probe, the
 //! HTTP endpoints and the progress display.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use outboxd_core::{Lsn, WalHorizon};
 
 /// What `/readyz` and the progress display read. Cheap to update from any task.
 #[derive(Debug, Default)]
@@ -10,8 +12,9 @@ pub struct Status {
     streaming: AtomicBool,
     /// The broker answered the last probe or batch.
     broker_ok: AtomicBool,
-    /// The server's current WAL position (read every few seconds), for the backlog.
-    server_wal_end: AtomicU64,
+    /// The server's current WAL position (read every few seconds, and from keepalives), for
+    /// the backlog and the effectively-once Redis sink.
+    server_wal_end: WalHorizon,
 }
 
 impl Status {
@@ -38,12 +41,17 @@ impl Status {
 
     /// The server mentioned WAL up to `lsn`.
     pub fn set_server_wal_end(&self, lsn: u64) {
-        self.server_wal_end.fetch_max(lsn, Ordering::Relaxed);
+        self.server_wal_end.observe(Lsn::new(lsn));
     }
 
-    /// The newest WAL position the server mentioned.
+    /// The newest WAL position the server mentioned (0 before the first).
     pub fn server_wal_end(&self) -> u64 {
-        self.server_wal_end.load(Ordering::Relaxed)
+        self.server_wal_end.get().map_or(0, Lsn::get)
+    }
+
+    /// The shared horizon itself, for the sink.
+    pub fn wal_horizon(&self) -> WalHorizon {
+        self.server_wal_end.clone()
     }
 }
 
