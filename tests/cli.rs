@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use support::*;
 
@@ -250,6 +251,36 @@ async fn slot_drop_asks_for_yes_and_refuses_an_active_slot() {
     let out = env.command(&["slot", "drop", "--yes"]);
     assert_one_clear_line(&out, &["is in use", "stop outboxd first"]);
     drop(running);
+
+    // Stopped: `--yes` drops it, and Postgres no longer has it.
+    wait_until(
+        "the slot to be released",
+        Duration::from_secs(20),
+        || async {
+            !db.query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true)
+        },
+    )
+    .await;
+    let out = env.command(&["slot", "drop", "--yes"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the slot is gone");
+    // And outboxd does not recreate it on its own.
+    let out = env.command(&["run"]);
+    assert_one_clear_line(&out, &["outboxd setup"]);
 }
 
 #[test]

@@ -789,7 +789,6 @@ async fn a_second_instance_takes_over_within_seconds() {
 
 /// Five minutes: not in the default run. `scripts/test.sh --long` runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes 6 minutes: scripts/test.sh --long"]
 async fn a_five_minute_redis_outage_under_load_stays_within_the_memory_bound() {
     const BOUND_KIB: u64 = 64 * 1024;
     let pg = Postgres::start();

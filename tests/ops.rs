@@ -313,6 +313,20 @@ async fn check_reports_an_unreachable_broker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_an_unreachable_kafka_broker() {
+    let env = Env::start().await;
+    let port = free_port();
+    env.write_config(&format!(
+        "[sink]\nkind = \"kafka\"\n\n[sink.kafka]\nbrokers = \"127.0.0.1:{port}\"\ntimeout_ms = 2000\n"
+    ));
+    assert_fails(
+        &check(&env),
+        "broker",
+        &format!("cannot reach kafka at 127.0.0.1:{port}"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_every_problem_at_once() {
     let mut env = Env::new(Postgres::start(), "").await;
     env.redis.stop();
@@ -637,6 +651,57 @@ async fn no_log_line_or_error_message_contains_a_password() {
             .any(|o| o.contains("password authentication failed")),
         "{outputs:#?}"
     );
+}
+
+/// Kafka credentials in `[sink.kafka.options]` never reach a log line or an error message,
+/// even with librdkafka's debug logging on and the broker refusing the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_contains_a_kafka_password() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    const KAFKA_PASSWORD: &str = "kafka-Secr3t-pw";
+    let mock: MockCluster<'static, DefaultProducerContext> =
+        MockCluster::new(1).expect("start librdkafka's mock cluster");
+    let env = Env::start().await;
+    env.write_config(&format!(
+        "[sink]\nkind = \"kafka\"\n\n[sink.kafka]\nbrokers = \"{}\"\ntimeout_ms = 2000\n\n\
+         [sink.kafka.options]\n\"security.protocol\" = \"sasl_plaintext\"\n\
+         \"sasl.mechanism\" = \"PLAIN\"\n\"sasl.username\" = \"outboxd\"\n\
+         \"sasl.password\" = \"{KAFKA_PASSWORD}\"\ndebug = \"all\"\nlog_level = \"7\"\n",
+        mock.bootstrap_servers()
+    ));
+    let mut outputs = Vec::new();
+    let mut outboxd = Outboxd::spawn(
+        &[
+            "run",
+            "--config",
+            &env.config.to_string_lossy(),
+            "--log-level",
+            "trace",
+        ],
+        env.dir.join("kafka-trace.log"),
+        &[],
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    if outboxd.is_running() {
+        outboxd.sigterm();
+        outboxd.wait(Duration::from_secs(30));
+    }
+    let log = outboxd.log_text();
+    assert!(
+        log.contains("librdkafka"),
+        "librdkafka's debug log is on:\n{log}"
+    );
+    outputs.push(log);
+    for cmd in [&["check"][..], &["slot", "status"]] {
+        outputs.push(text(&env.command(cmd)));
+    }
+    for out in &outputs {
+        assert!(
+            !out.contains(KAFKA_PASSWORD),
+            "the Kafka password appears in:\n{out}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- progress display

@@ -244,6 +244,10 @@ async fn kill_9_in_the_middle_of_10000_events_loses_nothing() {
     .await;
     outboxd.kill9();
     let at_kill = stream_len(&mut redis, "outbox.order").await;
+    assert!(
+        at_kill < 10_000,
+        "the kill must land in the middle of the stream ({at_kill} entries had arrived)"
+    );
 
     let _restarted = env.run();
     writer.await.unwrap();
