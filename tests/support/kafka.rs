@@ -91,12 +91,28 @@ impl KafkaEnv {
 
     /// Starts `outboxd run`.
     pub fn run(&self) -> Outboxd {
+        self.run_with(&[])
+    }
+
+    /// Starts `outboxd run` with extra environment variables.
+    pub fn run_with(&self, env: &[(&str, &str)]) -> Outboxd {
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
         Outboxd::spawn(
             &["run", "--config", &self.config.to_string_lossy()],
             self.dir.join(format!("outboxd-{n}.log")),
-            &[],
+            env,
         )
+    }
+
+    /// Runs an outboxd command to completion with extra environment variables.
+    pub fn command_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        Command::new(outboxd_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run outboxd")
     }
 
     /// A superuser connection to the outbox database.
@@ -238,16 +254,30 @@ pub async fn read_topic(
     timeout: Duration,
     done: impl Fn(&[KafkaMessage]) -> bool + Send + 'static,
 ) -> Vec<KafkaMessage> {
+    read_topic_isolated(brokers, topic, "read_uncommitted", timeout, done).await
+}
+
+/// Like [`read_topic`], with the consumer's `isolation.level`.
+pub async fn read_topic_isolated(
+    brokers: &str,
+    topic: &str,
+    isolation: &'static str,
+    timeout: Duration,
+    done: impl Fn(&[KafkaMessage]) -> bool + Send + 'static,
+) -> Vec<KafkaMessage> {
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, timeout, done))
-        .await
-        .expect("consumer thread")
+    tokio::task::spawn_blocking(move || {
+        read_topic_blocking(&brokers, &topic, isolation, timeout, done)
+    })
+    .await
+    .expect("consumer thread")
 }
 
 fn read_topic_blocking(
     brokers: &str,
     topic: &str,
+    isolation: &str,
     timeout: Duration,
     done: impl Fn(&[KafkaMessage]) -> bool,
 ) -> Vec<KafkaMessage> {
@@ -262,6 +292,7 @@ fn read_topic_blocking(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set("isolation.level", isolation)
         .create()
         .expect("create consumer");
     let deadline = Instant::now() + timeout;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use outboxd_core::{Delivery, Record, Sink, SinkError, WalHorizon};
 #[cfg(feature = "kafka")]
-use outboxd_sinks::kafka::{KafkaConfig, KafkaSink};
+use outboxd_sinks::kafka::{KafkaConfig, KafkaSink, TransactionsConfig};
 use outboxd_sinks::redis::{RedisConfig, RedisSink};
 
 use crate::config::{Config, DeliveryMode, SinkKind, mask_url};
@@ -27,26 +27,27 @@ pub enum BrokerConfigError {
         "sink.kind = \"kafka\": this build of outboxd has no Kafka support (it was built without the `kafka` cargo feature)"
     )]
     KafkaNotBuilt,
-    /// A delivery mode this build does not have yet for this broker.
-    #[error(
-        "sink.delivery = \"effectively-once\" is available for Redis only in this version of \
-         outboxd (Kafka transactions are not built yet): use \"at-least-once\" with Kafka"
-    )]
-    EffectivelyOnceUnavailable,
 }
 
 impl Broker {
     /// Checks that the configured broker can be built, without connecting.
     pub fn check(config: &Config) -> Result<(), BrokerConfigError> {
-        if config.sink.delivery == DeliveryMode::EffectivelyOnce
-            && config.sink.kind == SinkKind::Kafka
-        {
-            return Err(BrokerConfigError::EffectivelyOnceUnavailable);
-        }
         match config.sink.kind {
             SinkKind::Redis => Ok(()),
             SinkKind::Kafka if cfg!(feature = "kafka") => Ok(()),
             SinkKind::Kafka => Err(BrokerConfigError::KafkaNotBuilt),
+        }
+    }
+
+    /// The Kafka producer's `transactional.id` in effectively-once mode: the configured one,
+    /// or `outboxd-<slot>`, so that every instance on the slot shares it (and fences the
+    /// previous one).
+    pub fn transactional_id(config: &Config) -> String {
+        let id = config.sink.kafka.transactional_id.trim();
+        if id.is_empty() {
+            format!("outboxd-{}", config.postgres.slot)
+        } else {
+            id.to_owned()
         }
     }
 
@@ -81,6 +82,13 @@ impl Broker {
                 topic_replication_factor: k.topic_replication_factor,
                 delivery_timeout: Duration::from_millis(k.delivery_timeout_ms),
                 timeout: Duration::from_millis(k.timeout_ms),
+                transactions: (config.sink.delivery == DeliveryMode::EffectivelyOnce).then(|| {
+                    TransactionsConfig {
+                        transactional_id: Self::transactional_id(config),
+                        offsets_topic: k.offsets_topic.clone(),
+                        slot: config.postgres.slot.clone(),
+                    }
+                }),
             })?));
         }
         let r = &config.sink.redis;

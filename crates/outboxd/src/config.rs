@@ -272,8 +272,10 @@ impl Default for RedisSinkConfig {
 pub struct KafkaSinkConfig {
     /// Bootstrap servers.
     pub brokers: String,
-    /// Effectively-once: the compacted topic holding the committed LSN per slot.
+    /// Effectively-once: the compacted topic holding the committed position per slot.
     pub offsets_topic: String,
+    /// Effectively-once: the producer's `transactional.id`; empty for `outboxd-<slot>`.
+    pub transactional_id: String,
     /// Create missing topics (the routed ones and the dead-letter topic) through the Admin
     /// API, for clusters that do not create topics on first use.
     pub create_topics: bool,
@@ -295,6 +297,7 @@ impl Default for KafkaSinkConfig {
         KafkaSinkConfig {
             brokers: "127.0.0.1:9092".into(),
             offsets_topic: "outboxd.offsets".into(),
+            transactional_id: String::new(),
             create_topics: false,
             topic_partitions: 1,
             topic_replication_factor: -1,
@@ -327,6 +330,7 @@ impl fmt::Debug for KafkaSinkConfig {
         f.debug_struct("KafkaSinkConfig")
             .field("brokers", &self.brokers)
             .field("offsets_topic", &self.offsets_topic)
+            .field("transactional_id", &self.transactional_id)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("topic_replication_factor", &self.topic_replication_factor)

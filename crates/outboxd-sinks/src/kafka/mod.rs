@@ -45,6 +45,13 @@
 //! loses its payload (and, if needed, the row's headers), with a note in `detail`. A
 //! dead-letter message that Kafka refuses is a permanent error: nothing is dropped.
 //!
+//! # Effectively-once: transactions
+//!
+//! With [`KafkaConfig::transactions`] set, the producer is transactional (see
+//! [`transactions`]): each batch is one Kafka transaction that also writes the WAL position of
+//! the batch's last event to the offsets topic, and a new producer reads that position back
+//! (`read_committed`) and skips what is at or below it.
+//!
 //! # Topics
 //!
 //! With `create_topics`, a topic (including the dead-letter topic) is created through the Admin
@@ -65,6 +72,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::dead_letter;
+
+pub mod transactions;
 
 /// librdkafka's default `message.max.bytes`.
 pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
@@ -101,8 +110,31 @@ pub const PROTECTED_OPTIONS: &[(&str, &str)] = &[
     ("metadata.broker.list", "use sink.kafka.brokers"),
     (
         "transactional.id",
-        "transactions (sink.delivery = \"effectively-once\") are not available yet",
+        "use sink.kafka.transactional_id (with sink.delivery = \"effectively-once\")",
     ),
+    (
+        "transaction.timeout.ms",
+        "outboxd sets it from sink.kafka.delivery_timeout_ms",
+    ),
+];
+
+/// Producer-only options of `sink.kafka.options` that the offsets topic's consumer is not
+/// given (librdkafka would warn about each).
+const CONSUMER_OPTIONS_SKIPPED: &[&str] = &[
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.num.messages",
+    "batch.size",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "request.timeout.ms",
+    "retries",
+    "message.send.max.retries",
 ];
 
 /// Why an option may not be set, or `None` when it may.
@@ -137,6 +169,20 @@ pub struct KafkaConfig {
     pub delivery_timeout: Duration,
     /// How long metadata and Admin requests may take.
     pub timeout: Duration,
+    /// Effectively-once delivery through transactions; `None` for at-least-once.
+    pub transactions: Option<TransactionsConfig>,
+}
+
+/// Settings of the transactional (effectively-once) mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionsConfig {
+    /// The producer's `transactional.id`: one per slot, so that a new instance fences the
+    /// previous one.
+    pub transactional_id: String,
+    /// The compacted topic that holds, per slot, the WAL position of the last event committed.
+    pub offsets_topic: String,
+    /// The key of this slot's records in the offsets topic.
+    pub slot: String,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -151,6 +197,7 @@ impl fmt::Debug for KafkaConfig {
             .field("topic_replication_factor", &self.topic_replication_factor)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("timeout", &self.timeout)
+            .field("transactions", &self.transactions)
             .finish()
     }
 }
@@ -250,6 +297,8 @@ impl ClientContext for Context {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Outgoing {
     topic: String,
+    /// A fixed partition (the offsets topic's marker); `None` lets the key choose.
+    partition: Option<i32>,
     key: Option<Bytes>,
     value: Bytes,
     headers: Vec<(String, Bytes)>,
@@ -264,6 +313,7 @@ impl Outgoing {
         headers.extend(event.headers.pairs.iter().cloned());
         Outgoing {
             topic: event.topic.clone(),
+            partition: None,
             key: (!event.key.is_empty()).then(|| event.key.clone()),
             value: event.payload.clone(),
             headers,
@@ -327,9 +377,12 @@ impl Outgoing {
                 value: Some(value.as_ref()),
             });
         }
-        let record = FutureRecord::to(&self.topic)
+        let mut record = FutureRecord::to(&self.topic)
             .payload(self.value.as_ref())
             .headers(headers);
+        if let Some(partition) = self.partition {
+            record = record.partition(partition);
+        }
         match &self.key {
             Some(key) => record.key(key.as_ref()),
             None => record,
@@ -347,6 +400,9 @@ pub struct KafkaSink {
     context: Context,
     /// Created on first use, and again after a timeout or a fatal error.
     producer: Option<FutureProducer<Context>>,
+    /// Transactional mode: whether `producer` has run `init_transactions`, and the position
+    /// of the last event committed (read back from the offsets topic after it did).
+    txn: transactions::State,
     admin: Option<AdminClient<Context>>,
     /// Topics known to exist (or created) when `create_topics` is on.
     topics: HashSet<String>,
@@ -416,11 +472,21 @@ impl KafkaSink {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "0");
+        if let Some(t) = &config.transactions {
+            // An aborted transaction is redone whole, so a per-message timeout cannot reorder
+            // committed events; librdkafka requires it to be within the transaction timeout.
+            let ms = config.delivery_timeout.as_millis().to_string();
+            client_config
+                .set("transactional.id", &t.transactional_id)
+                .set("transaction.timeout.ms", &ms)
+                .set("message.timeout.ms", &ms);
+        }
         let mut sink = KafkaSink {
             config,
             client_config,
             context: Context::default(),
             producer: None,
+            txn: transactions::State::default(),
             admin: None,
             topics: HashSet::new(),
             max_message_bytes,
@@ -451,6 +517,7 @@ impl KafkaSink {
     /// Destroys the producer: what it still holds is purged, and a new one (with a new
     /// producer id) is made for the next batch.
     fn discard_producer(&mut self) {
+        self.txn.producer_lost();
         if let Some(producer) = self.producer.take() {
             // Dropping it purges, flushes for up to 500 ms and joins librdkafka's threads.
             tokio::task::spawn_blocking(move || drop(producer));
@@ -459,8 +526,13 @@ impl KafkaSink {
 
     fn admin(&mut self) -> Result<&AdminClient<Context>, SinkError> {
         if self.admin.is_none() {
-            let admin: AdminClient<Context> = self
-                .client_config
+            // Not transactional: an admin client with a transactional.id would wait for
+            // transactions that it never starts.
+            let mut config = self.client_config.clone();
+            config
+                .remove("transactional.id")
+                .remove("transaction.timeout.ms");
+            let admin: AdminClient<Context> = config
                 .create_with_context(self.context.clone())
                 .map_err(|e| {
                     SinkError::permanent(
@@ -690,6 +762,9 @@ fn client_error(what: &'static str, e: KafkaError) -> SinkError {
 
 impl Sink for KafkaSink {
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
+        if self.config.transactions.is_some() {
+            return self.send_transactional(batch).await;
+        }
         let dead_letter = self.config.dead_letter.clone();
         let max = self.max_message_bytes;
         let mut rejected: Vec<(usize, Poison)> = Vec::new();
@@ -1010,6 +1085,7 @@ mod tests {
             topic_replication_factor: -1,
             delivery_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            transactions: None,
         };
         let err = KafkaSink::new(config(&[("acks", "1")])).unwrap_err();
         assert!(!err.is_transient());
