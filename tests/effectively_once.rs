@@ -330,3 +330,43 @@ async fn a_stream_with_a_foreign_writer_stops_outboxd_and_check_reports_it() {
     let entries = wait_entries(&mut redis, "outbox.order", 5, Duration::from_secs(30)).await;
     assert_exactly_once(&entries, 0..5);
 }
+
+/// A batch with no dead-letter entry of its own goes to Redis as one MULTI/EXEC: an entry
+/// refused there (WRONGTYPE) is dead-lettered after it, and a replay of the whole thing is
+/// refused as already delivered, the dead-letter entry included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_refused_in_a_multi_batch_is_dead_lettered_once_also_after_a_replay() {
+    let env = Env::new(Postgres::start(), EFFECTIVELY_ONCE).await;
+    env.setup();
+    let db = env.db().await;
+    let mut redis = env.redis.connect().await;
+    let () = redis::cmd("SET")
+        .arg("outbox.broken")
+        .arg("not a stream")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut outboxd = env.run_with(&[("OUTBOXD_FAILPOINT", "after-ack-before-confirm")]);
+    db.batch_execute(
+        "BEGIN; \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 0}'); \
+         SELECT outbox_emit('broken', 'k1', 'broken.created', '{\"seq\": 1}'); \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 2}'); \
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    // Crashes after Redis acknowledged the batch, before the slot was confirmed.
+    let status = outboxd.wait(Duration::from_secs(60));
+    assert!(!status.success(), "{}", outboxd.log_text());
+    let _restarted = env.run();
+    emit_txn(&db, 3, 5, 2).await;
+    let entries = wait_entries(&mut redis, "outbox.order", 7, Duration::from_secs(30)).await;
+    let seqs: Vec<u64> = entries.iter().map(Entry::seq).collect();
+    assert_eq!(seqs, [0, 2, 3, 4, 5, 6, 7]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dlq = read_stream(&mut redis, "outboxd.dlq").await;
+    assert_eq!(dlq.len(), 1, "the dead letter once: {dlq:?}");
+    assert!(dlq[0].get("detail").unwrap().contains("WRONGTYPE"));
+    assert!(dlq[0].entry_id.ends_with("-1"), "{}", dlq[0].entry_id);
+}

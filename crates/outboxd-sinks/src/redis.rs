@@ -28,11 +28,14 @@
 //! and that refusal, and only that one, counts as "already delivered". Dead-letter entries get
 //! the same id in the dead-letter stream.
 //!
-//! A batch is one Lua script ([`EFFECTIVELY_ONCE_SCRIPT`]) instead of `MULTI`/`EXEC`: it adds
-//! the entries in order and stops at the first entry Redis refuses for another reason, so
-//! that the entry can be dead-lettered *before* any later dead-letter entry (whose larger id
-//! would make the dead-letter stream refuse it). The script is not atomic across a crash or a
-//! transient error, and need not be: whatever it added is refused as a duplicate on the retry.
+//! A batch with no entry for the dead-letter stream is one `MULTI`/`EXEC`, as in
+//! at-least-once mode but with explicit ids: an entry refused when executing is dead-lettered
+//! afterwards, which is safe because nothing of the batch is in the dead-letter stream. A batch
+//! with dead-letter entries is one Lua script ([`EFFECTIVELY_ONCE_SCRIPT`]): it adds the
+//! entries in order and stops at the first entry Redis refuses for another reason, so that the
+//! entry can be dead-lettered *before* any later dead-letter entry (whose larger id would make
+//! the dead-letter stream refuse it). The script is not atomic across a crash or a transient
+//! error, and need not be: whatever it added is refused as a duplicate on the retry.
 //!
 //! The refusal proves delivery only if every id in the stream is one of outboxd's. An id
 //! beyond the server's WAL position (for example a `*` id, a millisecond timestamp, added by
@@ -127,6 +130,9 @@ for i = 1, #KEYS do
 end
 return {#KEYS, '', dups}
 ";
+
+/// How Redis refuses an entry id that is not above its stream's top.
+const DUPLICATE_ID: &str = "equal or smaller than the target stream top";
 
 /// Server error codes that pass: retry the batch.
 const TRANSIENT_CODES: &[&str] = &[
@@ -303,7 +309,14 @@ impl RedisSink {
         pairs
     }
 
-    fn build(&self, pipe: &mut redis::Pipeline, entries: &[(&Record, Option<&Poison>)]) {
+    /// `MULTI`, one `XADD` per entry (with `*` ids, or with [`entry_id`]s when
+    /// `explicit_ids`), `EXEC`.
+    fn build(
+        &self,
+        pipe: &mut redis::Pipeline,
+        entries: &[(&Record, Option<&Poison>)],
+        explicit_ids: bool,
+    ) {
         pipe.clear();
         pipe.cmd("MULTI");
         for (record, poison) in entries {
@@ -312,7 +325,11 @@ impl RedisSink {
             if self.config.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
             }
-            cmd.arg("*");
+            if explicit_ids {
+                cmd.arg(entry_id(record));
+            } else {
+                cmd.arg("*");
+            }
             self.fields(&mut cmd, record, *poison);
             pipe.add_command(cmd);
         }
@@ -409,7 +426,7 @@ impl RedisSink {
                     (r, poison)
                 })
                 .collect();
-            self.build(&mut pipe, &entries);
+            self.build(&mut pipe, &entries, false);
             match self.transact(&pipe, entries.len()).await? {
                 Outcome::Executed(errors) => break errors,
                 Outcome::Aborted(errors) => {
@@ -445,7 +462,7 @@ impl RedisSink {
                     (&batch[i], poison)
                 })
                 .collect();
-            self.build(&mut pipe, &entries);
+            self.build(&mut pipe, &entries, false);
             match self.transact(&pipe, entries.len()).await? {
                 Outcome::Executed(errors) | Outcome::Aborted(errors) => {
                     if let Some((_, err)) = errors.first() {
@@ -462,9 +479,90 @@ impl RedisSink {
         })
     }
 
-    /// Entry ids from the WAL position, through [`EFFECTIVELY_ONCE_SCRIPT`]: see the module
-    /// documentation.
+    /// Entry ids from the WAL position: see the module documentation.
+    ///
+    /// A batch with nothing for the dead-letter stream (the usual case) is one `MULTI`/`EXEC`
+    /// with explicit ids: a transient error aborts it whole, and an entry refused when
+    /// executing (`WRONGTYPE`) can be dead-lettered afterwards, since nothing of the batch is
+    /// in the dead-letter stream yet. Any other batch goes through [`EFFECTIVELY_ONCE_SCRIPT`].
     async fn send_effectively_once(
+        &mut self,
+        batch: &[Record],
+        mut rejected: Vec<(usize, Poison)>,
+    ) -> Result<Delivery, SinkError> {
+        if !rejected.is_empty() || batch.iter().any(|r| r.poison.is_some()) {
+            return self.send_scripted(batch, rejected).await;
+        }
+        let entries: Vec<(&Record, Option<&Poison>)> = batch.iter().map(|r| (r, None)).collect();
+        let mut pipe = redis::pipe();
+        self.build(&mut pipe, &entries, true);
+        let errors = match self.transact(&pipe, entries.len()).await? {
+            Outcome::Executed(errors) => errors,
+            Outcome::Aborted(errors) => {
+                // Nothing was added. Entries refused alone go to the dead-letter stream.
+                for (i, err) in errors {
+                    if is_code(&err, TRANSIENT_CODES) || is_code(&err, PERMANENT_CODES) {
+                        return Err(server_error("queueing a batch in Redis", &err));
+                    }
+                    rejected.push((i, rejection(&err)));
+                }
+                return self.send_scripted(batch, rejected).await;
+            }
+        };
+        let mut duplicates: Vec<usize> = Vec::new();
+        let mut tops: Vec<(String, String)> = Vec::new();
+        for (i, err) in errors {
+            if err.to_string().contains(DUPLICATE_ID) {
+                let stream = self.stream(&batch[i], None);
+                let top = match tops.iter().find(|(s, _)| *s == stream) {
+                    Some((_, top)) => top.clone(),
+                    None => {
+                        let top = self.stream_top(&stream).await?;
+                        tops.push((stream, top.clone()));
+                        top
+                    }
+                };
+                self.check_top(&batch[i], &top)?;
+                duplicates.push(i);
+            } else if is_code(&err, TRANSIENT_CODES) || is_code(&err, PERMANENT_CODES) {
+                // The rest of the batch is in; the retry finds it there.
+                return Err(server_error("adding a batch to Redis", &err));
+            } else {
+                rejected.push((i, rejection(&err)));
+            }
+        }
+        if !rejected.is_empty() {
+            let letters: Vec<Record> = rejected
+                .iter()
+                .map(|(i, p)| Record::dead_letter(batch[*i].event.clone(), p.clone()))
+                .collect();
+            let written = self.send_scripted(&letters, Vec::new()).await?;
+            for k in written.duplicates {
+                duplicates.push(rejected[k].0);
+            }
+            rejected.retain(|(i, _)| !duplicates.contains(i));
+        }
+        duplicates.sort_unstable();
+        Ok(Delivery {
+            rejected,
+            duplicates,
+        })
+    }
+
+    /// The last generated id of `stream`.
+    async fn stream_top(&mut self, stream: &str) -> Result<String, SinkError> {
+        let conn = self.connection().await?;
+        let info: Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(stream)
+            .query_async(conn)
+            .await
+            .map_err(|e| classify("reading a stream's newest id (XINFO STREAM)", e))?;
+        Ok(reply_field(&info, b"last-generated-id").unwrap_or_default())
+    }
+
+    /// Entry ids from the WAL position, through [`EFFECTIVELY_ONCE_SCRIPT`].
+    async fn send_scripted(
         &mut self,
         batch: &[Record],
         mut rejected: Vec<(usize, Poison)>,
