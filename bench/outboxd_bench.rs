@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use redis::aio::MultiplexedConnection;
-use serde_json::json;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
 use support::kafka::Tansu;
 use support::*;
 use tokio_postgres::Client;
@@ -153,7 +153,10 @@ fn broker_env_mode(
         let kafka = kafka.expect("a Kafka broker");
         env.extend([
             ("OUTBOXD_SINK__KIND".to_owned(), "kafka".to_owned()),
-            ("OUTBOXD_SINK__KAFKA__BROKERS".to_owned(), kafka.brokers.clone()),
+            (
+                "OUTBOXD_SINK__KAFKA__BROKERS".to_owned(),
+                kafka.brokers.clone(),
+            ),
             (
                 "OUTBOXD_SINK__KAFKA__CREATE_TOPICS".to_owned(),
                 kafka.create_topics.to_string(),

@@ -237,11 +237,9 @@ async fn write_events(db: &Client, first: u64, total: u64, max_txn: u64, seed: u
     }
 }
 
-/// A WRONGTYPE stream and a NULL key in one transaction: the refused entry is dead-lettered
-/// before the later poison one (ids in the dead-letter stream must grow too), and the events
-/// after them arrive.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_entries_are_dead_lettered_in_order_and_the_stream_goes_on() {
+/// An effectively-once setup whose key `outbox.broken` holds a string, so that Redis refuses
+/// stream entries there (WRONGTYPE).
+async fn with_a_broken_stream() -> (Env, Client, MultiplexedConnection) {
     let env = Env::new(Postgres::start(), EFFECTIVELY_ONCE).await;
     env.setup();
     let db = env.db().await;
@@ -252,6 +250,15 @@ async fn refused_entries_are_dead_lettered_in_order_and_the_stream_goes_on() {
         .query_async(&mut redis)
         .await
         .unwrap();
+    (env, db, redis)
+}
+
+/// A WRONGTYPE stream and a NULL key in one transaction: the refused entry is dead-lettered
+/// before the later poison one (ids in the dead-letter stream must grow too), and the events
+/// after them arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_entries_are_dead_lettered_in_order_and_the_stream_goes_on() {
+    let (env, db, mut redis) = with_a_broken_stream().await;
     let _outboxd = env.run();
     db.batch_execute(
         "BEGIN; \
@@ -336,16 +343,7 @@ async fn a_stream_with_a_foreign_writer_stops_outboxd_and_check_reports_it() {
 /// refused as already delivered, the dead-letter entry included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_refused_in_a_multi_batch_is_dead_lettered_once_also_after_a_replay() {
-    let env = Env::new(Postgres::start(), EFFECTIVELY_ONCE).await;
-    env.setup();
-    let db = env.db().await;
-    let mut redis = env.redis.connect().await;
-    let () = redis::cmd("SET")
-        .arg("outbox.broken")
-        .arg("not a stream")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let (env, db, mut redis) = with_a_broken_stream().await;
     let mut outboxd = env.run_with(&[("OUTBOXD_FAILPOINT", "after-ack-before-confirm")]);
     db.batch_execute(
         "BEGIN; \

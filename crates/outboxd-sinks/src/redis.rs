@@ -418,13 +418,7 @@ impl RedisSink {
             let entries: Vec<(&Record, Option<&Poison>)> = batch
                 .iter()
                 .enumerate()
-                .map(|(i, r)| {
-                    let poison = r
-                        .poison
-                        .as_ref()
-                        .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p));
-                    (r, poison)
-                })
+                .map(|(i, r)| (r, poison_of(r, i, &rejected)))
                 .collect();
             self.build(&mut pipe, &entries, false);
             match self.transact(&pipe, entries.len()).await? {
@@ -624,14 +618,7 @@ impl RedisSink {
         let entries: Vec<(&Record, Option<&Poison>)> = batch[start..]
             .iter()
             .enumerate()
-            .map(|(k, r)| {
-                let i = start + k;
-                let poison = r
-                    .poison
-                    .as_ref()
-                    .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p));
-                (r, poison)
-            })
+            .map(|(k, r)| (r, poison_of(r, start + k, rejected)))
             .collect();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash()).arg(entries.len());
@@ -800,6 +787,19 @@ fn k_bytes(v: &Value) -> Option<&[u8]> {
         Value::SimpleString(s) => Some(s.as_bytes()),
         _ => None,
     }
+}
+
+/// Why record `i` of a batch goes to the dead-letter stream, if it does: its own poison, or
+/// the broker's refusal recorded in `rejected`.
+fn poison_of<'a>(
+    record: &'a Record,
+    i: usize,
+    rejected: &'a [(usize, Poison)],
+) -> Option<&'a Poison> {
+    record
+        .poison
+        .as_ref()
+        .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p))
 }
 
 /// The entry id of an event in effectively-once mode: `<commit LSN>-<index>`.

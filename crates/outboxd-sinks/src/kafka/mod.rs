@@ -785,15 +785,7 @@ impl Sink for KafkaSink {
                     let message = Outgoing::event(event);
                     let size = message.wire_size();
                     if size > max {
-                        rejected.push((
-                            i,
-                            Poison::new(
-                                PoisonKind::TooLarge,
-                                format!(
-                                    "the message would be about {size} bytes, over the producer's message.max.bytes ({max})"
-                                ),
-                            ),
-                        ));
+                        rejected.push((i, too_large(size, max)));
                         first.push(None);
                     } else {
                         first.push(Some(message));
@@ -886,6 +878,16 @@ impl Sink for KafkaSink {
             }
         }
     }
+}
+
+/// Why a message of `size` bytes is not produced when the producer takes at most `max`.
+fn too_large(size: usize, max: usize) -> Poison {
+    Poison::new(
+        PoisonKind::TooLarge,
+        format!(
+            "the message would be about {size} bytes, over the producer's message.max.bytes ({max})"
+        ),
+    )
 }
 
 /// The dead-letter topic refused a message: permanent, since the event would otherwise be

@@ -43,7 +43,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::{
     Context, ErrorClass, KafkaSink, Outgoing, classify, client_error, dead_letter_refused,
-    produce_all,
+    produce_all, too_large,
 };
 
 /// The transactional state of a [`KafkaSink`].
@@ -135,15 +135,7 @@ impl KafkaSink {
             if record.poison.is_none() {
                 let size = Outgoing::event(&record.event).wire_size();
                 if size > max {
-                    rejected.push((
-                        i,
-                        Poison::new(
-                            PoisonKind::TooLarge,
-                            format!(
-                                "the message would be about {size} bytes, over the producer's message.max.bytes ({max})"
-                            ),
-                        ),
-                    ));
+                    rejected.push((i, too_large(size, max)));
                 }
             }
         }
