@@ -294,6 +294,52 @@ async fn check_reports_an_invalidated_slot() {
     assert_fails(&check(&env), "slot", "was invalidated");
 }
 
+/// A slot that keeps more WAL than `max_wal_size` (outboxd not running) is not a failure yet,
+/// but `check` warns that it is `extended`, and still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_a_slot_that_keeps_more_wal_than_max_wal_size() {
+    let env = Env::new(
+        Postgres::start_with(&[
+            "wal_level = logical",
+            "max_wal_size = 32MB",
+            "min_wal_size = 32MB",
+        ]),
+        "",
+    )
+    .await;
+    env.setup();
+    let db = env.db().await;
+    db.batch_execute("CREATE TABLE filler (pad text)")
+        .await
+        .unwrap();
+    wait_until("the slot to be extended", Duration::from_secs(60), || {
+        let db = &db;
+        async move {
+            db.batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+            db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'", &[])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+                .as_deref()
+                == Some("extended")
+        }
+    })
+    .await;
+    let (code, report) = check(&env);
+    assert_eq!(code, Some(0), "a warning is not a failure:\n{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("warn") && l.contains("wal_status is \"extended\"")),
+        "{report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_a_route_that_does_not_fit_the_table() {
     let env = Env::start().await;
@@ -374,7 +420,11 @@ async fn metrics_count_what_was_forwarded_and_dead_lettered() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
         if let Some((200, text)) = http_get(port, "/metrics").await {
-            if metric(&text, "outboxd_commit_to_ack_seconds_count") == Some(151.0) {
+            // The dispatcher counts a batch, then the pipeline takes the acknowledgement off
+            // the in-flight gauge: wait for both.
+            if metric(&text, "outboxd_commit_to_ack_seconds_count") == Some(151.0)
+                && metric(&text, "outboxd_inflight_events") == Some(0.0)
+            {
                 break text;
             }
             assert!(
