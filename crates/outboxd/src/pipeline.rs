@@ -51,6 +51,9 @@ use crate::status::{Status, StreamingGuard};
 /// How often the summary line is logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How long a session that failed waits for the batch being sent before it abandons it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything `run` needs, resolved from the configuration.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -385,7 +388,19 @@ impl Session<'_> {
         };
 
         if let Err(e) = result {
-            dispatcher.abort();
+            // Let the batch being sent finish (briefly) before the next session starts with a
+            // new sink: a Kafka transaction still committing in the background would
+            // otherwise land after the new sink read the committed position, and be sent
+            // again. Nothing is confirmed from here; the next session resumes from the slot.
+            if !dispatcher.is_finished() {
+                drop(flow);
+                if tokio::time::timeout(SETTLE_TIMEOUT, &mut dispatcher)
+                    .await
+                    .is_err()
+                {
+                    dispatcher.abort();
+                }
+            }
             return Err(e);
         }
         self.drain(flow, stream, acks, dispatcher).await
