@@ -11,11 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results = json.load(open(sys.argv[1]))
-fig, (drain, live) = plt.subplots(1, 2, figsize=(12, 4.8))
+fig, (drain, live) = plt.subplots(1, 2, figsize=(15, 5.2))
 
 labels, ours, refs = [], [], []
 for d in results["drain"]:
-    labels.append(f'{d["broker"]}\n{d["rows_per_transaction"]}-row txns')
+    mode = "\neffectively-once" if d.get("effectively_once") else ""
+    broker = d["broker"].replace("librdkafka mock cluster", "mock").replace(" (", "\n(")
+    labels.append(f'{broker}\n{d["rows_per_transaction"]}-row txns{mode}')
     ours.append(d["outboxd_events_per_s"])
     refs.append(d["reference_events_per_s"])
 labels.append("polling relay\n(redis)")
@@ -25,6 +27,7 @@ x = range(len(labels))
 drain.bar([i - 0.2 for i in x], ours, 0.4, label="outboxd")
 drain.bar([i + 0.2 for i in x], refs, 0.4, label="reference (same run)")
 drain.set_xticks(list(x), labels)
+drain.tick_params(axis="x", labelsize=7)
 drain.set_ylabel("events per second")
 drain.set_title("Backlog drain: outboxd against pg_recvlogical\nand against a polling relay")
 drain.legend()
