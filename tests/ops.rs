@@ -254,6 +254,33 @@ async fn check_reports_a_slot_of_another_plugin() {
     assert_fails(&check(&env), "slot", "plugin test_decoding");
 }
 
+/// Writes WAL to another table (switching segments and checkpointing) while nobody streams
+/// the slot, until its `wal_status` is `status`.
+async fn write_wal_until_the_slot_is(db: &tokio_postgres::Client, status: &'static str) {
+    db.batch_execute("CREATE TABLE filler (pad text)")
+        .await
+        .unwrap();
+    wait_until(
+        &format!("the slot's wal_status to be {status}"),
+        Duration::from_secs(60),
+        || async move {
+            db.batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+            db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'", &[])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+                .as_deref()
+                == Some(status)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_an_invalidated_slot() {
     let env = Env::new(
@@ -270,27 +297,7 @@ async fn check_reports_an_invalidated_slot() {
     let db = env.db().await;
     // Nobody streams the slot; the WAL it needs is written past its limit and a checkpoint
     // removes it.
-    db.batch_execute("CREATE TABLE filler (pad text)")
-        .await
-        .unwrap();
-    wait_until("the slot to be invalidated", Duration::from_secs(60), || {
-        let db = &db;
-        async move {
-            db.batch_execute(
-                "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
-                 SELECT pg_switch_wal(); CHECKPOINT;",
-            )
-            .await
-            .unwrap();
-            db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'", &[])
-                .await
-                .unwrap()
-                .get::<_, Option<String>>(0)
-                .as_deref()
-                == Some("lost")
-        }
-    })
-    .await;
+    write_wal_until_the_slot_is(&db, "lost").await;
     assert_fails(&check(&env), "slot", "was invalidated");
 }
 
@@ -309,27 +316,7 @@ async fn check_warns_about_a_slot_that_keeps_more_wal_than_max_wal_size() {
     .await;
     env.setup();
     let db = env.db().await;
-    db.batch_execute("CREATE TABLE filler (pad text)")
-        .await
-        .unwrap();
-    wait_until("the slot to be extended", Duration::from_secs(60), || {
-        let db = &db;
-        async move {
-            db.batch_execute(
-                "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
-                 SELECT pg_switch_wal(); CHECKPOINT;",
-            )
-            .await
-            .unwrap();
-            db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'", &[])
-                .await
-                .unwrap()
-                .get::<_, Option<String>>(0)
-                .as_deref()
-                == Some("extended")
-        }
-    })
-    .await;
+    write_wal_until_the_slot_is(&db, "extended").await;
     let (code, report) = check(&env);
     assert_eq!(code, Some(0), "a warning is not a failure:\n{report}");
     assert!(

@@ -20,5 +20,5 @@ pub mod sink;
 pub use checkpoint::Checkpoint;
 pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
 pub use lsn::{Lsn, WalHorizon};
-pub use route::{RouteError, RouteSpec, Router, Template};
+pub use route::{RouteError, RouteSpec, Router, Template, glob_escape};
 pub use sink::{Delivery, Sink, SinkError};

@@ -171,21 +171,13 @@ impl Template {
     /// A Redis `SCAN MATCH` glob that matches every name the template can produce:
     /// placeholders become `*`, glob characters of the literal text are escaped.
     pub fn glob(&self) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Column(_) => out.push('*'),
-                Part::Text(t) => {
-                    for c in t.chars() {
-                        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                            out.push('\\');
-                        }
-                        out.push(c);
-                    }
-                }
-            }
-        }
-        out
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Column(_) => "*".to_owned(),
+                Part::Text(t) => glob_escape(t),
+            })
+            .collect()
     }
 
     fn is_empty(&self) -> bool {
@@ -206,6 +198,18 @@ impl Template {
             .collect::<Result<_, _>>()?;
         Ok(BoundTemplate { field, parts })
     }
+}
+
+/// `text` as a Redis glob that matches only itself.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn column_index(field: &'static str, name: &str, columns: &[String]) -> Result<usize, RouteError> {

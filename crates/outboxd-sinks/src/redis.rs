@@ -511,17 +511,16 @@ impl RedisSink {
                 let top = match tops.iter().find(|(s, _)| *s == stream) {
                     Some((_, top)) => top.clone(),
                     None => {
-                        let top = self.stream_top(&stream).await?;
+                        let top = self.stream_top(&stream).await?.unwrap_or_default();
                         tops.push((stream, top.clone()));
                         top
                     }
                 };
                 self.check_top(&batch[i], &top)?;
                 duplicates.push(i);
-            } else if is_code(&err, TRANSIENT_CODES) || is_code(&err, PERMANENT_CODES) {
-                // The rest of the batch is in; the retry finds it there.
-                return Err(server_error("adding a batch to Redis", &err));
             } else {
+                // Never retried: later entries of its stream are in, so a retry would be
+                // refused as "already delivered". Dead-lettered, as in at-least-once mode.
                 rejected.push((i, rejection(&err)));
             }
         }
@@ -543,8 +542,8 @@ impl RedisSink {
         })
     }
 
-    /// The last generated id of `stream`.
-    async fn stream_top(&mut self, stream: &str) -> Result<String, SinkError> {
+    /// The last generated id of `stream` (`None` when Redis does not report one).
+    async fn stream_top(&mut self, stream: &str) -> Result<Option<String>, SinkError> {
         let conn = self.connection().await?;
         let info: Value = redis::cmd("XINFO")
             .arg("STREAM")
@@ -552,7 +551,7 @@ impl RedisSink {
             .query_async(conn)
             .await
             .map_err(|e| classify("reading a stream's newest id (XINFO STREAM)", e))?;
-        Ok(reply_field(&info, b"last-generated-id").unwrap_or_default())
+        Ok(reply_field(&info, b"last-generated-id"))
     }
 
     /// Entry ids from the WAL position, through [`EFFECTIVELY_ONCE_SCRIPT`].
@@ -678,7 +677,7 @@ impl RedisSink {
     /// A stream refused `record` as not above its top `top`: that proves the record is there
     /// only if `top` can be an id outboxd wrote, that is, not beyond the server's WAL.
     fn check_top(&self, record: &Record, top: &str) -> Result<(), SinkError> {
-        let top_ms: Option<u64> = top.split_once('-').and_then(|(ms, _)| ms.parse().ok());
+        let top_ms = id_ms(top);
         let Some(horizon) = self.config.wal_horizon.get() else {
             return Err(SinkError::transient(
                 "judging a replayed entry",
@@ -744,19 +743,10 @@ impl RedisSink {
         names.truncate(limit);
         let mut foreign = Vec::new();
         for name in names {
-            let info: Value = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(&name)
-                .query_async(conn)
-                .await
-                .map_err(err)?;
-            let top = reply_field(&info, b"last-generated-id");
-            let Some(top) = top else { continue };
-            let ms: u64 = top
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse().ok())
-                .unwrap_or(u64::MAX);
-            if ms > wal.get() {
+            let Some(top) = self.stream_top(&name).await? else {
+                continue;
+            };
+            if id_ms(&top).is_none_or(|ms| ms > wal.get()) {
                 foreign.push((name, top));
             }
         }
@@ -800,6 +790,12 @@ fn poison_of<'a>(
         .poison
         .as_ref()
         .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p))
+}
+
+/// The first part of a stream entry id (`<ms>-<seq>`): in effectively-once mode, a WAL
+/// position.
+fn id_ms(id: &str) -> Option<u64> {
+    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
 }
 
 /// The entry id of an event in effectively-once mode: `<commit LSN>-<index>`.

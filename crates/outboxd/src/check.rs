@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon};
+use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon, glob_escape};
 use outboxd_postgres::slot::{self, SlotSpec};
 use outboxd_postgres::{ConnInfo, catalog};
 
@@ -282,11 +282,11 @@ async fn check_stream_ids(
     report: &mut Report,
 ) {
     const LIMIT: usize = 1000;
-    let mut patterns = vec![glob_literal(&config.sink.dead_letter)];
+    let mut patterns = vec![glob_escape(&config.sink.dead_letter)];
     match Template::parse(&config.route.topic) {
         Ok(t) => patterns.push(format!(
             "{}{}",
-            glob_literal(&config.sink.redis.stream_prefix),
+            glob_escape(&config.sink.redis.stream_prefix),
             t.glob()
         )),
         Err(_) => return, // the route check reports it
@@ -318,11 +318,4 @@ async fn check_stream_ids(
             format!("could not look at the streams' ids: {}", one_line(&e)),
         ),
     }
-}
-
-/// `text` as a glob matching only itself.
-fn glob_literal(text: &str) -> String {
-    Template::parse(&text.replace('{', "{{").replace('}', "}}"))
-        .map(|t| t.glob())
-        .unwrap_or_else(|_| text.to_owned())
 }

@@ -130,41 +130,47 @@ impl KafkaSink {
         }
         let dead_letter = self.config.dead_letter.clone();
         let max = self.max_message_bytes;
+        let Some(t) = &self.config.transactions else {
+            unreachable!("send_transactional without transactions");
+        };
+        let marker = Outgoing {
+            topic: t.offsets_topic.clone(),
+            partition: Some(0),
+            key: Some(t.slot.clone().into_bytes().into()),
+            value: marker_value(last).into_bytes().into(),
+            headers: Vec::new(),
+        };
         let mut rejected: Vec<(usize, Poison)> = Vec::new();
-        for (i, record) in batch.iter().enumerate().skip(first_new) {
-            if record.poison.is_none() {
-                let size = Outgoing::event(&record.event).wire_size();
-                if size > max {
-                    rejected.push((i, too_large(size, max)));
-                }
-            }
-        }
         // Each round commits, fails, or dead-letters at least one more record, so this ends.
         loop {
             let mut messages: Vec<Option<Outgoing>> = Vec::with_capacity(batch.len() + 1);
             for (i, record) in batch.iter().enumerate().skip(first_new) {
-                let poison = record
+                let known = record
                     .poison
                     .as_ref()
-                    .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p));
-                messages.push(Some(match poison {
-                    Some(p) => Outgoing::dead_letter(&record.event, p, &dead_letter, max),
-                    None => Outgoing::event(&record.event),
-                }));
+                    .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p))
+                    .cloned();
+                let message = match known {
+                    Some(p) => Outgoing::dead_letter(&record.event, &p, &dead_letter, max),
+                    None => {
+                        // Over message.max.bytes: not produced; dead-lettered in its place.
+                        let message = Outgoing::event(&record.event);
+                        let size = message.wire_size();
+                        if size <= max {
+                            message
+                        } else {
+                            let poison = too_large(size, max);
+                            let letter =
+                                Outgoing::dead_letter(&record.event, &poison, &dead_letter, max);
+                            rejected.push((i, poison));
+                            letter
+                        }
+                    }
+                };
+                messages.push(Some(message));
             }
-            let (offsets_topic, slot) = match &self.config.transactions {
-                Some(t) => (t.offsets_topic.clone(), t.slot.clone()),
-                None => unreachable!("send_transactional without transactions"),
-            };
-            messages.push(Some(Outgoing {
-                topic: offsets_topic,
-                partition: Some(0),
-                key: Some(slot.into_bytes().into()),
-                value: marker_value(last).into_bytes().into(),
-                headers: Vec::new(),
-            }));
-            let topics: Vec<String> = messages.iter().flatten().map(|m| m.topic.clone()).collect();
-            self.ensure_topics(topics.iter().map(String::as_str))
+            messages.push(Some(marker.clone()));
+            self.ensure_topics(messages.iter().flatten().map(|m| m.topic.as_str()))
                 .await?;
 
             let producer = self.producer()?;
