@@ -32,14 +32,20 @@ drain.set_ylabel("events per second")
 drain.set_title("Backlog drain: outboxd against pg_recvlogical\nand against a polling relay")
 drain.legend()
 
-rates = [f'{l["rate"]}/s' for l in results["live"]]
-for key, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")):
-    live.plot(rates, [l[key] for l in results["live"]], marker="o", label=name)
-live.axhline(25, color="grey", linestyle="--", linewidth=1, label="p99 target at 5,000/s")
+styles = {"outboxd": "-", "pg_recvlogical": "--"}
+for observer, style in styles.items():
+    runs = [l for l in results["live"] if l.get("observer", "outboxd") == observer]
+    if not runs:
+        continue
+    rates = [f'{l["rate"]}/s' for l in runs]
+    name = "outboxd, to Redis" if observer == "outboxd" else "pg_recvlogical (reference)"
+    for key, q in (("p50_ms", "p50"), ("p99_ms", "p99")):
+        live.plot(rates, [l[key] for l in runs], marker="o", linestyle=style, label=f"{name} {q}")
+live.axhline(25, color="grey", linestyle=":", linewidth=1, label="p99 target at 5,000/s")
 live.set_yscale("log")
-live.set_ylabel("milliseconds, commit to readable in Redis")
-live.set_title("Live latency at fixed commit rates")
-live.legend()
+live.set_ylabel("milliseconds from commit")
+live.set_title("Live latency at fixed commit rates (rounds pooled)")
+live.legend(fontsize=7)
 
 fig.suptitle(results["environment"], fontsize=8)
 fig.tight_layout()

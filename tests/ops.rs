@@ -461,6 +461,15 @@ async fn metrics_count_what_was_forwarded_and_dead_lettered() {
         Some(0.0),
         "{body}"
     );
+    // Every event was read, then acknowledged: its read latency is part of its ack latency.
+    assert_eq!(
+        metric(&body, "outboxd_commit_to_read_seconds_count"),
+        Some(151.0),
+        "{body}"
+    );
+    let read_sum = metric(&body, "outboxd_commit_to_read_seconds_sum").expect("read sum");
+    let ack_sum = metric(&body, "outboxd_commit_to_ack_seconds_sum").expect("ack sum");
+    assert!(read_sum > 0.0 && read_sum <= ack_sum, "{body}");
     let confirmed = metric(&body, "outboxd_confirmed_lsn").expect("confirmed_lsn");
     assert!(confirmed > 0.0, "{body}");
     assert!(

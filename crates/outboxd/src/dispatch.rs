@@ -17,13 +17,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use outboxd_core::{Delivery, Record, Sink, SinkError};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, seconds_since};
 use crate::status::Status;
 
 /// A record on its way to the sink, with the budget it holds.
@@ -116,9 +116,6 @@ pub async fn run<S: Sink>(
 /// Counts a delivered batch: forwarded per topic, dead-lettered per reason, already
 /// delivered per topic, latency; and logs each dead letter.
 fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
-    let now_micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
     let mut forwarded: HashMap<&str, u64> = HashMap::new();
     let mut dead: HashMap<&'static str, u64> = HashMap::new();
     let mut already: HashMap<&str, u64> = HashMap::new();
@@ -153,8 +150,9 @@ fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
                 );
             }
         }
-        let latency = (now_micros - event.commit_time_micros).max(0) as f64 / 1e6;
-        metrics.commit_to_ack_seconds.observe(latency);
+        metrics
+            .commit_to_ack_seconds
+            .observe(seconds_since(event.commit_time_micros));
     }
     metrics.record_batch(forwarded, dead);
     if !already.is_empty() {

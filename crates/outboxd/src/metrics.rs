@@ -1,6 +1,7 @@
 //! The metrics of SPEC.md, all prefixed `outboxd_`, in the Prometheus text format.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +22,14 @@ pub struct TopicLabel {
 pub struct ReasonLabel {
     /// The poison reason (`null_field`, `rejected`, ...).
     pub reason: String,
+}
+
+/// Seconds from `micros` (since the Unix epoch) until now; 0 for a time in the future.
+pub fn seconds_since(micros: i64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    (now - micros).max(0) as f64 / 1e6
 }
 
 /// Every metric outboxd exports. Cheap to update from any task.
@@ -46,6 +55,9 @@ pub struct Metrics {
     pub retained_wal_bytes: Gauge<u64, AtomicU64>,
     /// `commit_to_ack_seconds`: from the transaction's commit to the broker's acknowledgement.
     pub commit_to_ack_seconds: Histogram,
+    /// `commit_to_read_seconds`: from the transaction's commit to outboxd reading the event
+    /// from the replication stream (the part of `commit_to_ack_seconds` before the broker).
+    pub commit_to_read_seconds: Histogram,
     /// Sum of `events_forwarded` over all topics, for the summary log.
     forwarded_all: AtomicU64,
     /// Sum of `events_dead_lettered` over all reasons, for the summary log.
@@ -114,6 +126,12 @@ impl Metrics {
             "Time from an event's commit in Postgres to the broker's acknowledgement",
             commit_to_ack_seconds.clone(),
         );
+        let commit_to_read_seconds = Histogram::new(buckets);
+        registry.register(
+            "commit_to_read_seconds",
+            "Time from an event's commit in Postgres to outboxd reading it from the replication stream",
+            commit_to_read_seconds.clone(),
+        );
         Metrics {
             registry,
             events_forwarded,
@@ -125,6 +143,7 @@ impl Metrics {
             confirmed_lsn,
             retained_wal_bytes,
             commit_to_ack_seconds,
+            commit_to_read_seconds,
             forwarded_all: AtomicU64::new(0),
             dead_lettered_all: AtomicU64::new(0),
         }

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::dispatch::{self, DispatchOptions, Queued};
 use crate::failpoint;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, seconds_since};
 use crate::retention;
 use crate::status::{Status, StreamingGuard};
 
@@ -426,6 +426,9 @@ impl Session<'_> {
                 let router = flow.router.as_ref().ok_or_else(|| {
                     StreamError::Sequence("outbox row before the table's shape".into())
                 })?;
+                self.metrics
+                    .commit_to_read_seconds
+                    .observe(seconds_since(commit_time_micros));
                 let record = router.route(&values, position, commit_time_micros);
                 let permits = u32::try_from(record.size())
                     .unwrap_or(u32::MAX)
