@@ -52,6 +52,8 @@ struct Args {
     rounds: u64,
     big_txn: u64,
     kafka: bool,
+    /// Live: measure outboxd only, without the pg_recvlogical reference (for profiling).
+    no_reference: bool,
     only: Option<String>,
     out: Option<PathBuf>,
 }
@@ -65,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 3,
         big_txn: 1_000_000,
         kafka: true,
+        no_reference: false,
         only: None,
         out: None,
     };
@@ -85,6 +88,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => a.rounds = value()?.parse::<u64>()?.max(1),
             "--big-txn" => a.big_txn = value()?.parse()?,
             "--no-kafka" => a.kafka = false,
+            "--no-reference" => a.no_reference = true,
             "--only" => a.only = Some(value()?),
             "--out" => a.out = Some(PathBuf::from(value()?)),
             "--quick" => {
@@ -97,8 +101,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "outboxd-bench [--events N] [--one-row N] [--rates R1,R2,..] [--live-secs S] \
-                     [--rounds R] [--big-txn N] [--no-kafka] [--quick] [--only live|drain] [--out DIR]\n\
+                     [--rounds R] [--big-txn N] [--no-kafka] [--no-reference] [--quick] [--only live|drain] [--out DIR]\n\
                      Writes the results table and chart into DIR (e.g. docs) when --out is given.\n\
+                     --no-reference: the live scenario without pg_recvlogical (for profiling).\n\
                      Each scenario runs R times (default 3; 1 with --quick): drains and the relay\n\
                      report the median, live runs pool their latencies."
                 );
@@ -412,6 +417,8 @@ struct Live {
     cpu_us_per_event: f64,
     /// The p99 of each round (one for a single run), ms.
     round_p99s: Vec<f64>,
+    /// The share of the machine's CPU time the hypervisor stole in each round, percent.
+    round_steal: Vec<f64>,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -430,6 +437,7 @@ impl Live {
         Live {
             cpu_us_per_event,
             round_p99s: vec![p99],
+            round_steal: Vec::new(),
             observer,
             rate,
             achieved,
@@ -451,6 +459,7 @@ impl Live {
         let cpu = rounds.iter().map(|l| l.cpu_us_per_event).sum::<f64>() / rounds.len() as f64;
         let mut pooled = Live::new(rounds[0].observer, rounds[0].rate, achieved, all, cpu);
         pooled.round_p99s = rounds.iter().map(|l| l.p99_ms).collect();
+        pooled.round_steal = rounds.iter().flat_map(|l| l.round_steal.clone()).collect();
         pooled
     }
 }
@@ -483,6 +492,9 @@ async fn lives(args: &Args) -> Vec<Live> {
             order.reverse();
         }
         for observer in order {
+            if args.no_reference && observer == Observer::PgRecvlogical {
+                continue;
+            }
             let env = Env::new(Postgres::start_with(&lines), "").await;
             env.setup();
             let outboxd = (observer == Observer::Outboxd).then(|| {
@@ -524,6 +536,9 @@ async fn lives(args: &Args) -> Vec<Live> {
                 .filter(|l| l.observer == observer && l.rate == rate)
                 .cloned()
                 .collect();
+            if of.is_empty() {
+                continue;
+            }
             let p = Live::pool(&of);
             println!(
                 "live {rate} events/s, {} rounds pooled: commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event (p99 per round: {})",
@@ -535,7 +550,11 @@ async fn lives(args: &Args) -> Vec<Live> {
                 observer.process(),
                 p.cpu_us_per_event,
                 of.iter()
-                    .map(|l| format!("{:.1}", l.p99_ms))
+                    .map(|l| format!(
+                        "{:.1} ms at {:.0} % steal",
+                        l.p99_ms,
+                        l.round_steal.first().copied().unwrap_or(f64::NAN)
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -553,6 +572,34 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / clock_ticks_per_second())
+}
+
+/// The machine's CPU time so far from `/proc/stat` (all CPUs, in ticks): (total, idle, steal).
+/// Steal is time the hypervisor gave this VM's CPUs to someone else.
+fn machine_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total = v.iter().take(8).sum();
+    Some((total, *v.get(3)? + *v.get(4)?, *v.get(7)?))
+}
+
+/// Idle and steal shares (percent) of the machine between two [`machine_ticks`] readings.
+fn idle_and_steal(before: Option<(u64, u64, u64)>, after: Option<(u64, u64, u64)>) -> (f64, f64) {
+    match (before, after) {
+        (Some((t0, i0, s0)), Some((t1, i1, s1))) if t1 > t0 => {
+            let total = (t1 - t0) as f64;
+            (
+                100.0 * (i1 - i0) as f64 / total,
+                100.0 * (s1 - s0) as f64 / total,
+            )
+        }
+        _ => (f64::NAN, f64::NAN),
+    }
 }
 
 /// `getconf CLK_TCK`: the unit of `/proc/PID/stat`'s times (100 on Linux).
@@ -613,6 +660,7 @@ async fn live(
         Watch::Recvlogical(child, _) => Some(child.id()),
     };
     let cpu_before = measured.and_then(cpu_seconds);
+    let machine_before = machine_ticks();
 
     // The writers: one-row transactions (up to 5,000/s), more rows per transaction above.
     let per_txn = (rate / 5_000).max(1);
@@ -663,6 +711,7 @@ async fn live(
         t.await.unwrap();
     }
     let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let (idle_pct, steal_pct) = idle_and_steal(machine_before, machine_ticks());
     let cpu_us_per_event = || {
         let used = measured.and_then(cpu_seconds)? - cpu_before?;
         Some(used * 1e6 / total as f64)
@@ -725,15 +774,16 @@ async fn live(
             per.values().map(|v| *v as u64).collect::<Vec<_>>()
         );
     }
-    let result = Live::new(
+    let mut result = Live::new(
         observer,
         rate,
         achieved,
         latencies,
         cpu_us_per_event.unwrap_or(f64::NAN),
     );
+    result.round_steal = vec![steal_pct];
     println!(
-        "live {rate} events/s (achieved {achieved:.0}): commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event",
+        "live {rate} events/s (achieved {achieved:.0}): commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event; machine idle {idle_pct:.0} %, stolen by the hypervisor {steal_pct:.1} %",
         observer.arrival(),
         result.p50_ms,
         result.p99_ms,
@@ -1084,7 +1134,8 @@ async fn main() -> anyhow::Result<()> {
         "live": lives.iter().map(|l| json!({
             "observer": match l.observer { Observer::Outboxd => "outboxd", Observer::PgRecvlogical => "pg_recvlogical" },
             "rate": l.rate, "rounds": args.rounds, "achieved": l.achieved.round(),
-            "cpu_us_per_event": l.cpu_us_per_event, "round_p99_ms": l.round_p99s, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms,
+            "cpu_us_per_event": l.cpu_us_per_event, "round_p99_ms": l.round_p99s,
+            "round_steal_pct": l.round_steal, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms,
         })).collect::<Vec<_>>(),
         "big_transaction": { "rows": args.big_txn, "peak_rss_mib": peak_kib as f64 / 1024.0, "seconds": big_secs },
         "polling_relay_events_per_s": relay_eps.round(),
@@ -1219,7 +1270,12 @@ fn render_table(
         ));
     }
     let rounds_of = |l: &Live| {
-        let each: Vec<String> = l.round_p99s.iter().map(|p| format!("{p:.1}")).collect();
+        let each: Vec<String> = l
+            .round_p99s
+            .iter()
+            .zip(&l.round_steal)
+            .map(|(p, st)| format!("{p:.1} ms at {st:.0} % steal"))
+            .collect();
         if each.len() < 2 {
             String::new()
         } else {

@@ -85,6 +85,7 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
         route: config.route.spec(),
         status_interval: Duration::from_millis(config.postgres.status_interval_ms),
         max_batch_events: config.sink.max_batch_events,
+        linger: Duration::from_millis(config.sink.linger_ms),
         max_inflight_events: config.sink.max_inflight_events,
         max_inflight_bytes: config.sink.max_inflight_bytes,
         drain_timeout: Duration::from_millis(config.sink.drain_timeout_ms),

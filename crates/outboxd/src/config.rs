@@ -192,6 +192,9 @@ pub enum DeliveryMode {
     EffectivelyOnce,
 }
 
+/// The longest `sink.linger_ms` accepted.
+const MAX_LINGER_MS: u64 = 1_000;
+
 /// `[sink]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -204,6 +207,8 @@ pub struct SinkConfig {
     pub delivery: DeliveryMode,
     /// Most events sent to the broker in one batch.
     pub max_batch_events: usize,
+    /// How long a short batch waits for more events before it is sent, in milliseconds.
+    pub linger_ms: u64,
     /// Most events read from the WAL and not yet acknowledged.
     pub max_inflight_events: usize,
     /// Most bytes of events read from the WAL and not yet acknowledged.
@@ -223,6 +228,7 @@ impl Default for SinkConfig {
             dead_letter: "outboxd.dlq".into(),
             delivery: DeliveryMode::AtLeastOnce,
             max_batch_events: 1000,
+            linger_ms: 1,
             max_inflight_events: 10_000,
             max_inflight_bytes: 16 * 1024 * 1024,
             drain_timeout_ms: 30_000,
@@ -442,6 +448,16 @@ impl Config {
                     message: format!("{key} must be greater than 0"),
                 });
             }
+        }
+        if self.sink.linger_ms > MAX_LINGER_MS {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: format!(
+                    "sink.linger_ms must be at most {MAX_LINGER_MS} (it is added to every \
+                     event's latency when events trickle in); it is {}",
+                    self.sink.linger_ms
+                ),
+            });
         }
         if kafka.topic_replication_factor == 0 || kafka.topic_replication_factor < -1 {
             return Err(ConfigError::Invalid {
@@ -728,6 +744,20 @@ listen = "127.0.0.1:9187"
         assert_eq!(c.sink.redis.maxlen, 5000);
         assert!(c.postgres.failover_slot);
         assert_eq!(c.sink.kafka.options["linger.ms"], "7");
+    }
+
+    #[test]
+    fn linger_defaults_to_one_millisecond_and_is_bounded() {
+        let f = write(SPEC_EXAMPLE);
+        let c = Config::load(f.path(), true, []).expect("loads");
+        assert_eq!(c.sink.linger_ms, 1);
+        let env = |v: &str| [("OUTBOXD_SINK__LINGER_MS".to_owned(), v.to_owned())];
+        let c = Config::load(f.path(), true, env("0")).expect("0 turns it off");
+        assert_eq!(c.sink.linger_ms, 0);
+        let err = Config::load(f.path(), true, env("5000"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sink.linger_ms must be at most 1000"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! Records arrive in the order they were read from the WAL and are sent in that order, one
 //! batch at a time: a batch is sent only after the one before it was acknowledged, so a retry
 //! never overtakes anything. While a batch is in flight the pipeline keeps reading, and the
-//! next batch takes everything that arrived meanwhile (up to `max_batch`).
+//! next batch takes everything that arrived meanwhile (up to `max_batch`). A batch that is
+//! not full waits up to `linger` for more records first: when events trickle in one at a
+//! time, that bounds the broker round trips (and the wakeups of outboxd, the broker and its
+//! readers) to about one per interval.
 //!
 //! Each acknowledgement is the number of records acknowledged since the session began, which
 //! is what [`outboxd_core::Checkpoint::ack`] takes. Acknowledging also returns the records'
@@ -40,6 +43,8 @@ pub struct Queued {
 pub struct DispatchOptions {
     /// Most records in one batch.
     pub max_batch: usize,
+    /// How long a batch shorter than `max_batch` waits for more records (zero: not at all).
+    pub linger: Duration,
     /// Broker name for log lines.
     pub broker: &'static str,
 }
@@ -61,6 +66,9 @@ pub async fn run<S: Sink>(
     loop {
         if records.recv_many(&mut queued, options.max_batch).await == 0 {
             return Ok(());
+        }
+        if !options.linger.is_zero() {
+            linger(&mut records, &mut queued, &options).await;
         }
         let permits: u32 = queued.iter().map(|q| q.permits).sum();
         batch.extend(queued.drain(..).map(|q| q.record));
@@ -109,6 +117,25 @@ pub async fn run<S: Sink>(
         if acks.send(acknowledged).is_err() {
             // The pipeline is gone (session ended): nothing left to report to.
             return Ok(());
+        }
+    }
+}
+
+/// Lets a short batch wait up to `options.linger` for more records, so that a trickle of
+/// events costs one broker round trip per linger interval instead of one per event. Ends
+/// early when the batch is full or the channel closed (what was taken is still sent).
+async fn linger(
+    records: &mut mpsc::Receiver<Queued>,
+    queued: &mut Vec<Queued>,
+    options: &DispatchOptions,
+) {
+    let deadline = tokio::time::Instant::now() + options.linger;
+    while queued.len() < options.max_batch {
+        let room = options.max_batch - queued.len();
+        tokio::select! {
+            // recv_many is cancel-safe: a record is either in `queued` or still queued.
+            n = records.recv_many(queued, room) => if n == 0 { return },
+            () = tokio::time::sleep_until(deadline) => return,
         }
     }
 }
@@ -162,5 +189,102 @@ fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
             "replayed events were already at the broker; not written again"
         );
         metrics.record_already_delivered(already);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use outboxd_core::{Event, Headers, Lsn, Position, Record};
+    use tokio::sync::mpsc;
+
+    use super::{DispatchOptions, Queued, linger};
+
+    fn queued(index: u32) -> Queued {
+        Queued {
+            record: Record::publish(Event {
+                id: Bytes::from(index.to_string()),
+                topic: "order".into(),
+                key: Bytes::new(),
+                event_type: Bytes::new(),
+                payload: Bytes::from_static(b"{}"),
+                headers: Headers::empty(),
+                position: Position {
+                    commit_lsn: Lsn::new(1),
+                    index,
+                },
+                commit_time_micros: 0,
+            }),
+            permits: 1,
+        }
+    }
+
+    fn options(max_batch: usize, linger_ms: u64) -> DispatchOptions {
+        DispatchOptions {
+            max_batch,
+            linger: Duration::from_millis(linger_ms),
+            broker: "test",
+        }
+    }
+
+    fn indexes(batch: &[Queued]) -> Vec<u32> {
+        batch
+            .iter()
+            .map(|q| q.record.event.position.index)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_batch_takes_what_arrives_within_the_linger() {
+        let (tx, mut rx) = mpsc::channel(100);
+        tx.send(queued(0)).await.unwrap();
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, 10).await;
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            tx.send(queued(1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(queued(2)).await.unwrap();
+            tx
+        });
+        let started = tokio::time::Instant::now();
+        linger(&mut rx, &mut batch, &options(10, 5)).await;
+        assert_eq!(indexes(&batch), [0, 1]);
+        assert_eq!(started.elapsed(), Duration::from_millis(5));
+        // The record after the linger waits for the next batch, in order.
+        let _tx = late.await.unwrap();
+        let mut next = Vec::new();
+        rx.recv_many(&mut next, 10).await;
+        assert_eq!(indexes(&next), [2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_sent_without_waiting_out_the_linger() {
+        let (tx, mut rx) = mpsc::channel(100);
+        for i in 0..5 {
+            tx.send(queued(i)).await.unwrap();
+        }
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, 3).await;
+        let started = tokio::time::Instant::now();
+        linger(&mut rx, &mut batch, &options(4, 1_000)).await;
+        assert_eq!(indexes(&batch), [0, 1, 2, 3]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_channel_ends_the_linger_and_keeps_what_was_taken() {
+        let (tx, mut rx) = mpsc::channel(100);
+        tx.send(queued(0)).await.unwrap();
+        tx.send(queued(1)).await.unwrap();
+        drop(tx);
+        let mut batch = Vec::new();
+        rx.recv_many(&mut batch, 1).await;
+        let started = tokio::time::Instant::now();
+        linger(&mut rx, &mut batch, &options(10, 1_000)).await;
+        assert_eq!(indexes(&batch), [0, 1]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -71,6 +71,8 @@ pub struct RunSettings {
     pub status_interval: Duration,
     /// Most records per batch.
     pub max_batch_events: usize,
+    /// How long a short batch waits for more records.
+    pub linger: Duration,
     /// Most records read and not acknowledged.
     pub max_inflight_events: usize,
     /// Most bytes read and not acknowledged.
@@ -332,6 +334,7 @@ impl Session<'_> {
             budget.clone(),
             DispatchOptions {
                 max_batch: settings.max_batch_events,
+                linger: settings.linger,
                 broker: settings.broker,
             },
             self.metrics.clone(),
