@@ -431,18 +431,19 @@ impl Live {
         achieved: f64,
         mut latencies: Vec<f64>,
         cpu_us_per_event: f64,
+        steal_pct: f64,
     ) -> Live {
         latencies.sort_by(f64::total_cmp);
         let p99 = percentile(&latencies, 99.0);
         Live {
             cpu_us_per_event,
             round_p99s: vec![p99],
-            round_steal: Vec::new(),
+            round_steal: vec![steal_pct],
             observer,
             rate,
             achieved,
             p50_ms: percentile(&latencies, 50.0),
-            p99_ms: percentile(&latencies, 99.0),
+            p99_ms: p99,
             max_ms: latencies.last().copied().unwrap_or(f64::NAN),
             latencies,
         }
@@ -457,10 +458,24 @@ impl Live {
             .flat_map(|l| l.latencies.iter().copied())
             .collect();
         let cpu = rounds.iter().map(|l| l.cpu_us_per_event).sum::<f64>() / rounds.len() as f64;
-        let mut pooled = Live::new(rounds[0].observer, rounds[0].rate, achieved, all, cpu);
-        pooled.round_p99s = rounds.iter().map(|l| l.p99_ms).collect();
+        let mut pooled = Live::new(rounds[0].observer, rounds[0].rate, achieved, all, cpu, 0.0);
+        pooled.round_p99s = rounds.iter().flat_map(|l| l.round_p99s.clone()).collect();
         pooled.round_steal = rounds.iter().flat_map(|l| l.round_steal.clone()).collect();
         pooled
+    }
+
+    /// " (p99 per round: 5.1 ms at 2 % steal, …)", or nothing for a single round.
+    fn per_round(&self) -> String {
+        if self.round_p99s.len() < 2 {
+            return String::new();
+        }
+        let each: Vec<String> = self
+            .round_p99s
+            .iter()
+            .zip(&self.round_steal)
+            .map(|(p, st)| format!("{p:.1} ms at {st:.0} % steal"))
+            .collect();
+        format!(" (p99 per round: {})", each.join(", "))
     }
 }
 
@@ -541,7 +556,7 @@ async fn lives(args: &Args) -> Vec<Live> {
             }
             let p = Live::pool(&of);
             println!(
-                "live {rate} events/s, {} rounds pooled: commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event (p99 per round: {})",
+                "live {rate} events/s, {} rounds pooled: commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event{}",
                 of.len(),
                 observer.arrival(),
                 p.p50_ms,
@@ -549,14 +564,7 @@ async fn lives(args: &Args) -> Vec<Live> {
                 p.max_ms,
                 observer.process(),
                 p.cpu_us_per_event,
-                of.iter()
-                    .map(|l| format!(
-                        "{:.1} ms at {:.0} % steal",
-                        l.p99_ms,
-                        l.round_steal.first().copied().unwrap_or(f64::NAN)
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                p.per_round()
             );
             pooled.push(p);
         }
@@ -774,14 +782,14 @@ async fn live(
             per.values().map(|v| *v as u64).collect::<Vec<_>>()
         );
     }
-    let mut result = Live::new(
+    let result = Live::new(
         observer,
         rate,
         achieved,
         latencies,
         cpu_us_per_event.unwrap_or(f64::NAN),
+        steal_pct,
     );
-    result.round_steal = vec![steal_pct];
     println!(
         "live {rate} events/s (achieved {achieved:.0}): commit to {} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} CPU {:.1} µs per event; machine idle {idle_pct:.0} %, stolen by the hypervisor {steal_pct:.1} %",
         observer.arrival(),
@@ -1269,19 +1277,6 @@ fn render_table(
             if ratio >= 3.0 { "yes" } else { "no" }
         ));
     }
-    let rounds_of = |l: &Live| {
-        let each: Vec<String> = l
-            .round_p99s
-            .iter()
-            .zip(&l.round_steal)
-            .map(|(p, st)| format!("{p:.1} ms at {st:.0} % steal"))
-            .collect();
-        if each.len() < 2 {
-            String::new()
-        } else {
-            format!(" (p99 per round: {})", each.join(", "))
-        }
-    };
     let within = |l: &Live| l.round_p99s.iter().filter(|p| **p <= 25.0).count();
     for l in lives.iter().filter(|l| l.observer == Observer::Outboxd) {
         let reference = lives
@@ -1311,7 +1306,7 @@ fn render_table(
                 r.p99_ms,
                 r.max_ms,
                 r.cpu_us_per_event,
-                rounds_of(r)
+                r.per_round()
             )
         });
         t.push_str(&format!(
@@ -1323,7 +1318,7 @@ fn render_table(
             l.p99_ms,
             l.max_ms,
             l.cpu_us_per_event,
-            rounds_of(l)
+            l.per_round()
         ));
     }
     let mib = peak_kib as f64 / 1024.0;

@@ -26,7 +26,7 @@ use outboxd_core::{Delivery, Record, Sink, SinkError};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
-use crate::metrics::{Metrics, seconds_since};
+use crate::metrics::{Metrics, seconds_between, unix_micros_now};
 use crate::status::Status;
 
 /// A record on its way to the sink, with the budget it holds.
@@ -143,6 +143,7 @@ async fn linger(
 /// Counts a delivered batch: forwarded per topic, dead-lettered per reason, already
 /// delivered per topic, latency; and logs each dead letter.
 fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
+    let now_micros = unix_micros_now();
     let mut forwarded: HashMap<&str, u64> = HashMap::new();
     let mut dead: HashMap<&'static str, u64> = HashMap::new();
     let mut already: HashMap<&str, u64> = HashMap::new();
@@ -179,7 +180,7 @@ fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
         }
         metrics
             .commit_to_ack_seconds
-            .observe(seconds_since(event.commit_time_micros));
+            .observe(seconds_between(event.commit_time_micros, now_micros));
     }
     metrics.record_batch(forwarded, dead);
     if !already.is_empty() {

@@ -24,12 +24,17 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
-/// Seconds from `micros` (since the Unix epoch) until now; 0 for a time in the future.
-pub fn seconds_since(micros: i64) -> f64 {
-    let now = SystemTime::now()
+/// Now, in microseconds since the Unix epoch (the unit of `Event::commit_time_micros`).
+pub fn unix_micros_now() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    (now - micros).max(0) as f64 / 1e6
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Seconds from `micros` until `now_micros` (both since the Unix epoch); 0 if `micros` is
+/// later.
+pub fn seconds_between(micros: i64, now_micros: i64) -> f64 {
+    (now_micros - micros).max(0) as f64 / 1e6
 }
 
 /// Every metric outboxd exports. Cheap to update from any task.

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::dispatch::{self, DispatchOptions, Queued};
 use crate::failpoint;
-use crate::metrics::{Metrics, seconds_since};
+use crate::metrics::{Metrics, seconds_between, unix_micros_now};
 use crate::retention;
 use crate::status::{Status, StreamingGuard};
 
@@ -431,7 +431,7 @@ impl Session<'_> {
                 })?;
                 self.metrics
                     .commit_to_read_seconds
-                    .observe(seconds_since(commit_time_micros));
+                    .observe(seconds_between(commit_time_micros, unix_micros_now()));
                 let record = router.route(&values, position, commit_time_micros);
                 let permits = u32::try_from(record.size())
                     .unwrap_or(u32::MAX)
