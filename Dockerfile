@@ -11,7 +11,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin outboxd --features kafka-ssl \
+RUN cargo build --release --locked --bin outboxd \
     && cp target/release/outboxd /usr/local/bin/outboxd
 
 # The runtime stage: the binary, the shared libraries librdkafka links (OpenSSL, zlib), CA
