@@ -42,6 +42,33 @@ pub async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
     })
 }
 
+/// A connection's TLS, as the server sees it (`pg_stat_ssl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsState {
+    /// Whether the connection is encrypted.
+    pub ssl: bool,
+    /// The TLS version, e.g. `TLSv1.3`.
+    pub version: Option<String>,
+    /// The cipher suite.
+    pub cipher: Option<String>,
+}
+
+impl TlsState {
+    /// The query that reads it for the current session.
+    pub const QUERY: &'static str =
+        "SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+}
+
+/// The TLS of this SQL connection.
+pub async fn tls_state(client: &Client) -> Result<TlsState, tokio_postgres::Error> {
+    let row = client.query_one(TlsState::QUERY, &[]).await?;
+    Ok(TlsState {
+        ssl: row.get(0),
+        version: row.get(1),
+        cipher: row.get(2),
+    })
+}
+
 /// The outbox table as the catalog describes it.
 #[derive(Debug, Clone)]
 pub struct Table {

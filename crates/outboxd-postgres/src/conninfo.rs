@@ -1,13 +1,22 @@
 //! The Postgres connection string: parsed once, used for both the SQL connection and the
 //! replication connection, and displayed only without its password.
+//!
+//! Both forms libpq accepts work: a URL (`postgres://user:pw@host:5432/db?sslmode=...`) and
+//! `key=value` pairs (`host=db user=outboxd sslmode=verify-full`). The TLS keys (`sslmode`,
+//! `sslrootcert`, `sslcert`, `sslkey`) are taken out here and resolved by [`crate::tls`];
+//! the rest goes to tokio-postgres.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationConfig, TlsConfig};
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, NoTls};
+use pgwire_replication::ReplicationConfig;
+use tokio_postgres::Client;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::tls::{PgTls, SslMode, TlsConfigError, TlsParams};
 
 /// A connection string outboxd cannot use.
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +30,9 @@ pub enum ConnInfoError {
     /// No host given.
     #[error("postgres.url names no host: use postgres://USER:PASSWORD@HOST:PORT/DB")]
     NoHost,
-    /// TLS was required, and this build speaks plain TCP only.
-    #[error(
-        "postgres.url asks for sslmode=require, but this build of outboxd connects without TLS: \
-         use sslmode=disable or prefer, or reach Postgres through a local socket or TLS proxy"
-    )]
-    TlsRequired,
+    /// The TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
     /// The password is not UTF-8.
     #[error("the password in postgres.url is not valid UTF-8")]
     PasswordNotUtf8,
@@ -38,6 +44,7 @@ pub enum ConnInfoError {
 #[derive(Clone)]
 pub struct ConnInfo {
     config: tokio_postgres::Config,
+    tls: PgTls,
     host: String,
     port: u16,
     user: String,
@@ -46,17 +53,28 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses a `postgres://` URL or a `key=value` connection string.
+    /// Parses a `postgres://` URL or a `key=value` connection string. Files named by the
+    /// TLS keys are read now, so that a wrong path is an error before any connection.
     pub fn parse(url: &str) -> Result<Self, ConnInfoError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(ConnInfoError::Invalid)?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(ConnInfoError::TlsRequired);
-        }
+        let (rest, params) = split_tls_params(url);
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(ConnInfoError::Invalid)?;
         let user = config.get_user().ok_or(ConnInfoError::NoUser)?.to_owned();
-        let host = match config.get_hosts().first().ok_or(ConnInfoError::NoHost)? {
-            Host::Tcp(h) => h.clone(),
-            Host::Unix(path) => path.to_string_lossy().into_owned(),
+        let (host, unix) = match config.get_hosts().first().ok_or(ConnInfoError::NoHost)? {
+            Host::Tcp(h) => (h.clone(), false),
+            Host::Unix(path) => (path.to_string_lossy().into_owned(), true),
         };
+        // libpq never uses TLS on a Unix-domain socket, whatever sslmode says.
+        let tls = if unix {
+            PgTls::disabled()
+        } else {
+            let home = std::env::var_os("HOME").map(PathBuf::from);
+            PgTls::resolve(&params, home.as_deref())?
+        };
+        config.ssl_mode(match tls.mode {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+        });
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let password = match config.get_password() {
             Some(p) => String::from_utf8(p.to_vec()).map_err(|_| ConnInfoError::PasswordNotUtf8)?,
@@ -71,6 +89,7 @@ impl ConnInfo {
         }
         Ok(ConnInfo {
             config,
+            tls,
             host,
             port,
             user,
@@ -81,12 +100,21 @@ impl ConnInfo {
 
     /// Opens a SQL connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres SQL connection closed");
+        let client = match self.tls.rustls() {
+            Some(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(MakeRustlsConnect::new((*tls).clone()))
+                    .await?;
+                spawn_connection(connection);
+                client
             }
-        });
+            None => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                spawn_connection(connection);
+                client
+            }
+        };
         Ok(client)
     }
 
@@ -101,8 +129,28 @@ impl ConnInfo {
             publication,
         )
         .with_port(self.port)
-        .with_tls(TlsConfig::disabled())
+        .with_tls(self.tls.replication(&self.host))
         .with_application_name(format!("outboxd:{slot}"))
+    }
+
+    /// The TLS settings both connections use.
+    pub fn tls(&self) -> &PgTls {
+        &self.tls
+    }
+
+    /// What to do about a failed connection whose message shows a TLS problem.
+    pub fn tls_advice(&self, error: &str) -> Option<String> {
+        crate::tls::advice(error, &self.tls, &self.host)
+    }
+
+    /// Whether the server is on this host (loopback address or Unix-domain socket).
+    pub fn is_local(&self) -> bool {
+        self.host.starts_with('/')
+            || self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     /// The database name.
@@ -119,6 +167,144 @@ impl ConnInfo {
     pub fn password(&self) -> &str {
         &self.password
     }
+}
+
+fn spawn_connection<C>(connection: C)
+where
+    C: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres SQL connection closed");
+        }
+    });
+}
+
+/// Takes the TLS keys out of a connection string (URL query parameters or `key=value`
+/// pairs); returns the rest, for tokio-postgres, and their values.
+fn split_tls_params(url: &str) -> (String, TlsParams) {
+    let mut params = TlsParams::default();
+    let mut take = |key: &str, value: String| -> bool {
+        let slot = match key {
+            "sslmode" => &mut params.sslmode,
+            "sslrootcert" => &mut params.sslrootcert,
+            "sslcert" => &mut params.sslcert,
+            "sslkey" => &mut params.sslkey,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // The query starts at the first '?' after the user info (a password may hold one
+        // only percent-encoded, but be lenient).
+        let after_at = url.rfind('@').map_or(0, |i| i + 1);
+        let Some(q) = url[after_at..].find('?').map(|i| i + after_at) else {
+            return (url.to_owned(), params);
+        };
+        let kept: Vec<&str> = url[q + 1..]
+            .split('&')
+            .filter(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                !take(k, percent_decode(v))
+            })
+            .filter(|pair| !pair.is_empty())
+            .collect();
+        let base = &url[..q];
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return (rest, params);
+    }
+    let mut kept = Vec::new();
+    for (key, value, raw) in key_value_pairs(url) {
+        if !take(&key, value) {
+            kept.push(raw);
+        }
+    }
+    (kept.join(" "), params)
+}
+
+/// The pairs of a libpq `key=value` string: key, unquoted value, and the pair as written.
+/// Values may be single-quoted, with `\'` and `\\` escapes. Whatever does not parse is kept
+/// as written, for tokio-postgres to report.
+fn key_value_pairs(s: &str) -> Vec<(String, String, String)> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let skip_ws = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= chars.len() {
+            return out;
+        }
+        let start = i;
+        let mut key = String::new();
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            key.push(chars[i]);
+            i += 1;
+        }
+        skip_ws(&mut i);
+        if i >= chars.len() || chars[i] != '=' {
+            // Not a pair: keep it as written.
+            out.push((
+                String::new(),
+                String::new(),
+                chars[start..i].iter().collect(),
+            ));
+            continue;
+        }
+        i += 1;
+        skip_ws(&mut i);
+        let mut value = String::new();
+        if i < chars.len() && chars[i] == '\'' {
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i]);
+                i += 1;
+            }
+            i += 1;
+        } else {
+            while i < chars.len() && !chars[i].is_whitespace() {
+                if chars[i] == '\\' && i + 1 < chars.len() {
+                    i += 1;
+                }
+                value.push(chars[i]);
+                i += 1;
+            }
+        }
+        let raw = chars[start..i.min(chars.len())].iter().collect();
+        out.push((key, value, raw));
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl fmt::Display for ConnInfo {
@@ -165,14 +351,55 @@ mod tests {
     }
 
     #[test]
+    fn takes_the_tls_keys_out_of_both_forms() {
+        let (rest, p) = split_tls_params(
+            "postgres://u:p%3Fw@h:5432/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        assert_eq!(rest, "postgres://u:p%3Fw@h:5432/db?application_name=x");
+        assert_eq!(p.sslmode.as_deref(), Some("verify-full"));
+        assert_eq!(p.sslrootcert.as_deref(), Some("/etc/ca.pem"));
+        let (rest, p) = split_tls_params("postgres://u@h/db?sslmode=require");
+        assert_eq!(
+            (rest.as_str(), p.sslmode.as_deref()),
+            ("postgres://u@h/db", Some("require"))
+        );
+
+        let (rest, p) = split_tls_params(
+            "host=db user=outboxd sslmode = verify-ca sslrootcert='/etc/my ca.pem' password='it\\'s' dbname=app",
+        );
+        assert_eq!(rest, "host=db user=outboxd password='it\\'s' dbname=app");
+        assert_eq!(p.sslmode.as_deref(), Some("verify-ca"));
+        assert_eq!(p.sslrootcert.as_deref(), Some("/etc/my ca.pem"));
+        let (_, p) = split_tls_params(r"sslkey=/k\ ey sslcert='/c\'rt' host=h");
+        assert_eq!(p.sslkey.as_deref(), Some("/k ey"));
+        assert_eq!(p.sslcert.as_deref(), Some("/c'rt"));
+    }
+
+    #[test]
+    fn tls_modes_reach_both_connections() {
+        let info = ConnInfo::parse("postgres://u@db.internal/app?sslmode=require").expect("parses");
+        assert_eq!(info.tls().mode, SslMode::Require);
+        let repl = info.replication_config("s", "p");
+        assert_eq!(repl.tls.mode, pgwire_replication::SslMode::Require);
+        let info = ConnInfo::parse("host=h user=u sslmode=disable").expect("parses");
+        assert_eq!(
+            info.replication_config("s", "p").tls.mode,
+            pgwire_replication::SslMode::Disable
+        );
+        // A Unix-domain socket never uses TLS.
+        let info = ConnInfo::parse("host=/run/postgresql user=u sslmode=require").expect("parses");
+        assert_eq!(info.tls().mode, SslMode::Disable);
+    }
+
+    #[test]
     fn refuses_what_it_cannot_use() {
         assert!(matches!(
             ConnInfo::parse("postgres://host/db"),
             Err(ConnInfoError::NoUser)
         ));
         assert!(matches!(
-            ConnInfo::parse("postgres://u@h/db?sslmode=require"),
-            Err(ConnInfoError::TlsRequired)
+            ConnInfo::parse("postgres://u@h/db?sslmode=verify-full"),
+            Err(ConnInfoError::Tls(TlsConfigError::NoRoots(_)))
         ));
         assert!(matches!(
             ConnInfo::parse("not a url ="),

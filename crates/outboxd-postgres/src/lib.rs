@@ -1,6 +1,7 @@
 //! outboxd's Postgres side.
 //!
 //! - [`conninfo`]: the connection string, never displayed with its password.
+//! - [`tls`]: TLS with libpq's `sslmode` meanings, for both connections.
 //! - [`catalog`]: what outboxd reads from the catalogs (server, table, publication, slot).
 //! - [`slot`]: setting up and checking the publication and the slot.
 //! - [`stream`]: one replication session, as events for the pipeline.
@@ -11,6 +12,7 @@ pub mod conninfo;
 pub mod decode;
 pub mod slot;
 pub mod stream;
+pub mod tls;
 
 pub use conninfo::ConnInfo;
-pub use stream::{StreamError, StreamOptions, WalEvent, WalStream};
+pub use stream::{StreamError, StreamOptions, WalEvent, WalStream, probe_replication};

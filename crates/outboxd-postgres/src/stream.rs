@@ -25,6 +25,7 @@ use bytes::Bytes;
 use outboxd_core::{Lsn, Position};
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 
+use crate::catalog::TlsState;
 use crate::conninfo::ConnInfo;
 use crate::decode::{self, DecodeError, Message, Relation};
 
@@ -112,6 +113,15 @@ pub enum StreamError {
         /// The server's message.
         detail: String,
     },
+    /// The replication connection's TLS handshake failed on the server's certificate or the
+    /// TLS settings: retrying cannot fix it.
+    #[error("the replication connection's TLS handshake failed: {detail}. {advice}")]
+    Tls {
+        /// What failed.
+        detail: String,
+        /// What to change.
+        advice: String,
+    },
     /// The server refused the session for a reason retrying cannot fix.
     #[error("postgres refused replication: {0}")]
     Refused(#[source] PgWireError),
@@ -139,6 +149,22 @@ impl StreamError {
             self,
             StreamError::Connection(_) | StreamError::SlotInUse { .. } | StreamError::Ended
         )
+    }
+
+    /// Like [`classify`](Self::classify), for the errors of opening a session, which may be
+    /// TLS failures that `conn` can explain.
+    fn classify_start(slot: &str, conn: &ConnInfo, err: PgWireError) -> StreamError {
+        if let PgWireError::Tls(detail) = &err {
+            return match conn.tls_advice(detail) {
+                Some(advice) => StreamError::Tls {
+                    detail: detail.clone(),
+                    advice,
+                },
+                // A handshake cut short (reset, timeout) may go through next time.
+                None => StreamError::Connection(err),
+            };
+        }
+        Self::classify(slot, err)
     }
 
     fn classify(slot: &str, err: PgWireError) -> StreamError {
@@ -176,6 +202,36 @@ impl StreamError {
             _ => StreamError::Connection(err),
         }
     }
+}
+
+/// Opens a replication connection the way `run` does (same TLS, same authentication,
+/// `replication=database`), reads its TLS state, and ends it without streaming: a preflight
+/// of the connection `run` streams on, harmless while another session streams the slot.
+pub async fn probe_replication(
+    conn: &ConnInfo,
+    slot: &str,
+    publication: &str,
+) -> Result<TlsState, StreamError> {
+    let config = conn.replication_config(slot, publication);
+    let mut client = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(|e| StreamError::classify_start(slot, conn, e))?;
+    let rows = client
+        .simple_query(TlsState::QUERY)
+        .await
+        .map_err(|e| StreamError::classify_start(slot, conn, e))?;
+    // Dropping the gated client ends the session with a Terminate message.
+    drop(client);
+    let text = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    Ok(TlsState {
+        ssl: text(0).as_deref() == Some("t"),
+        version: text(1),
+        cipher: text(2),
+    })
 }
 
 /// An open transaction.
@@ -225,11 +281,11 @@ impl WalStream {
         let slot = options.slot.clone();
         let mut client = ReplicationClient::connect(config)
             .await
-            .map_err(|e| StreamError::classify(&slot, e))?;
+            .map_err(|e| StreamError::classify_start(&slot, conn, e))?;
         client
             .wait_started()
             .await
-            .map_err(|e| StreamError::classify(&slot, e))?;
+            .map_err(|e| StreamError::classify_start(&slot, conn, e))?;
         Ok(WalStream {
             client,
             outbox_oid: options.table_oid,

@@ -19,6 +19,11 @@
 //! With `wait_replicas = N`, `WAIT N timeout` follows each batch; fewer replicas than `N`
 //! fails the batch for a retry.
 //!
+//! A `rediss://` URL connects over TLS (rustls), against the system's roots or the CA of
+//! [`RedisTls`], with a client certificate when the server asks for one; a certificate the
+//! client does not trust is a permanent error that names the setting to fix. An ACL user and
+//! password go in the URL (`rediss://user:password@host:port`).
+//!
 //! # Effectively-once
 //!
 //! With `effectively_once`, each entry's id is not `*` but its WAL position:
@@ -48,6 +53,7 @@
 //! empty payload (and empty headers if those are too large too); the row is in the outbox
 //! table under its id.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outboxd_core::{Delivery, Lsn, Poison, PoisonKind, Record, Sink, SinkError, WalHorizon};
@@ -61,8 +67,11 @@ use crate::dead_letter;
 /// Redis sink settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
+    /// TLS (`rediss://`): the CA and the client certificate, when not the system's roots and
+    /// no client certificate.
+    pub tls: RedisTls,
     /// Prepended to every routed topic to name its stream.
     pub stream_prefix: String,
     /// The stream for dead-letter entries (no prefix is added).
@@ -82,6 +91,48 @@ pub struct RedisConfig {
     pub effectively_once: bool,
     /// How far the server's WAL is known to reach: no id outboxd wrote can be beyond it.
     pub wal_horizon: WalHorizon,
+}
+
+/// The TLS files of a `rediss://` connection (PEM).
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// The CA that signed the server's certificate; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers with `tls-auth-clients yes`.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// Whether anything is set.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client.is_some()
+    }
+
+    fn certificates(&self) -> Result<redis::TlsCertificates, SinkError> {
+        let read = |what: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                SinkError::permanent(
+                    what,
+                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+                )
+            })
+        };
+        let root_cert = match &self.ca_file {
+            Some(p) => Some(read("cannot read sink.redis.ca_file", p)?),
+            None => None,
+        };
+        let client_tls = match &self.client {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("cannot read sink.redis.cert_file", cert)?,
+                client_key: read("cannot read sink.redis.key_file", key)?,
+            }),
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
 }
 
 /// Adds a batch's entries in order (effectively-once mode).
@@ -188,7 +239,23 @@ impl RedisSink {
             .into_connection_info()
             .map_err(invalid)?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info).map_err(invalid)?;
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let client = if config.tls.is_set() {
+            if !tls {
+                return Err(SinkError::permanent(
+                    "sink.redis.ca_file, cert_file and key_file need a rediss:// URL",
+                    std::io::Error::other("sink.redis.url is not rediss://"),
+                ));
+            }
+            Client::build_with_tls(info, config.tls.certificates()?).map_err(|e| {
+                SinkError::permanent(
+                    "sink.redis.ca_file, cert_file or key_file cannot be used",
+                    e,
+                )
+            })?
+        } else {
+            Client::open(info).map_err(invalid)?
+        };
         Ok(RedisSink {
             client,
             config,
@@ -888,6 +955,19 @@ fn server_error(what: &'static str, err: &ServerError) -> SinkError {
 }
 
 fn classify(what: &'static str, err: RedisError) -> SinkError {
+    // A certificate Redis' client does not trust stays untrusted: say which setting to fix.
+    let text = err.to_string();
+    if text.contains("invalid peer certificate") {
+        let what = if text.contains("UnknownIssuer") {
+            "TLS to Redis: the server's certificate is not signed by sink.redis.ca_file (or, \
+             without it, by a CA the system trusts)"
+        } else if text.contains("not valid for name") || text.contains("NotValidForName") {
+            "TLS to Redis: the server's certificate does not cover the host in sink.redis.url"
+        } else {
+            "TLS to Redis: the server's certificate is refused"
+        };
+        return SinkError::permanent(what, err);
+    }
     let permanent = matches!(
         err.kind(),
         ErrorKind::InvalidClientConfig | ErrorKind::AuthenticationFailed

@@ -5,7 +5,7 @@ use std::time::Duration;
 use outboxd_core::{Delivery, Record, Sink, SinkError, WalHorizon};
 #[cfg(feature = "kafka")]
 use outboxd_sinks::kafka::{KafkaConfig, KafkaSink, TransactionsConfig};
-use outboxd_sinks::redis::{RedisConfig, RedisSink};
+use outboxd_sinks::redis::{RedisConfig, RedisSink, RedisTls};
 
 use crate::config::{Config, DeliveryMode, SinkKind, mask_url};
 
@@ -94,6 +94,11 @@ impl Broker {
         let r = &config.sink.redis;
         Ok(Broker::Redis(RedisSink::new(RedisConfig {
             url: r.url.expose().to_owned(),
+            tls: RedisTls {
+                ca_file: (!r.ca_file.is_empty()).then(|| r.ca_file.clone().into()),
+                client: (!r.cert_file.is_empty())
+                    .then(|| (r.cert_file.clone().into(), r.key_file.clone().into())),
+            },
             stream_prefix: r.stream_prefix.clone(),
             dead_letter: config.sink.dead_letter.clone(),
             maxlen: r.maxlen,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon, glob_escape};
 use outboxd_postgres::slot::{self, SlotSpec};
-use outboxd_postgres::{ConnInfo, catalog};
+use outboxd_postgres::{ConnInfo, catalog, probe_replication};
 
 use crate::broker::Broker;
 use crate::config::{Config, DeliveryMode};
@@ -136,6 +136,35 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             server.version_num, server.user
         ),
     );
+    match catalog::tls_state(&client).await {
+        Ok(state) => {
+            let (status, message) = tls_finding(&conn, &state);
+            report.add(status, "tls", format!("SQL connection: {message}"));
+        }
+        Err(e) => report.add(
+            Status::Warn,
+            "tls",
+            format!("could not read pg_stat_ssl: {}", one_line(&e)),
+        ),
+    }
+    match probe_replication(&conn, &config.postgres.slot, &config.postgres.publication).await {
+        Ok(state) => {
+            let (status, message) = tls_finding(&conn, &state);
+            report.add(
+                status,
+                "replication",
+                format!("a replication connection is accepted; {message}"),
+            );
+        }
+        Err(e) => report.add(
+            Status::Fail,
+            "replication",
+            format!(
+                "a replication connection (what `run` streams on) is refused: {}",
+                one_line(&e)
+            ),
+        ),
+    }
     let problems = found.problems(spec);
     for p in &problems {
         report.add(Status::Fail, p.subject(), one_line(p));
@@ -231,6 +260,47 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         .ok()
         .and_then(|row| row.try_get::<_, i64>(0).ok())
         .map(|raw| Lsn::new(raw as u64))
+}
+
+/// How a connection's TLS came out: verified is fine; unencrypted or unverified is fine on
+/// this host (loopback) and worth a warning anywhere else.
+fn tls_finding(conn: &ConnInfo, state: &catalog::TlsState) -> (Status, String) {
+    let tls = conn.tls();
+    let local = conn.is_local();
+    if !state.ssl {
+        let status = if local { Status::Ok } else { Status::Warn };
+        return (
+            status,
+            format!(
+                "not encrypted (sslmode={}){}",
+                tls.requested,
+                if local {
+                    ""
+                } else {
+                    ": passwords and events cross the network in clear; use sslmode=verify-full"
+                }
+            ),
+        );
+    }
+    let status = if tls.mode.verifies() || local {
+        Status::Ok
+    } else {
+        Status::Warn
+    };
+    let hint = if tls.mode.verifies() || local {
+        ""
+    } else {
+        "; anyone between here and the server could pose as it: use sslmode=verify-full with sslrootcert"
+    };
+    (
+        status,
+        format!(
+            "{} ({}), {}{hint}",
+            state.version.as_deref().unwrap_or("TLS"),
+            state.cipher.as_deref().unwrap_or("-"),
+            tls.verification()
+        ),
+    )
 }
 
 async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {

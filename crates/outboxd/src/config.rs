@@ -53,6 +53,25 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A secret file (`…_file`) cannot be read. Its content is never shown.
+    #[error("cannot read {key} {path:?}: {source}")]
+    SecretFile {
+        /// The dotted key.
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A secret is set both directly and from a file.
+    #[error("{key} and {file_key} are both set: keep one")]
+    Both {
+        /// The direct key.
+        key: &'static str,
+        /// Its `_file` twin.
+        file_key: &'static str,
+    },
     /// A required key is not set.
     #[error("{key} is not set: set it in the configuration file or with {env}")]
     Missing {
@@ -101,6 +120,8 @@ pub struct Config {
 pub struct PostgresConfig {
     /// Connection URL (or `key=value` string); needs a role with REPLICATION.
     pub url: Secret,
+    /// A file holding the connection URL (a Kubernetes or Docker secret), instead of `url`.
+    pub url_file: String,
     /// The logical replication slot.
     pub slot: String,
     /// The publication of the outbox table.
@@ -117,6 +138,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             url: Secret::default(),
+            url_file: String::new(),
             slot: "outboxd".into(),
             publication: "outboxd".into(),
             table: "public.outbox".into(),
@@ -242,8 +264,16 @@ impl Default for SinkConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSinkConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: Secret,
+    /// A file holding the URL (a Kubernetes or Docker secret), instead of `url`.
+    pub url_file: String,
+    /// TLS: the CA certificate (PEM) that signed the server's; empty for the system's roots.
+    pub ca_file: String,
+    /// TLS: a client certificate (PEM), for servers with `tls-auth-clients yes`.
+    pub cert_file: String,
+    /// TLS: the client certificate's private key (PEM).
+    pub key_file: String,
     /// Prepended to each routed topic to name its stream.
     pub stream_prefix: String,
     /// `XADD MAXLEN ~ N` when non-zero.
@@ -262,6 +292,10 @@ impl Default for RedisSinkConfig {
     fn default() -> Self {
         RedisSinkConfig {
             url: Secret("redis://127.0.0.1:6379".into()),
+            url_file: String::new(),
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
             stream_prefix: String::new(),
             maxlen: 0,
             wait_replicas: 0,
@@ -294,6 +328,8 @@ pub struct KafkaSinkConfig {
     pub delivery_timeout_ms: u64,
     /// Timeout of metadata and Admin requests, in milliseconds.
     pub timeout_ms: u64,
+    /// A file holding the SASL password (`sasl.password`), for Kubernetes and Docker secrets.
+    pub sasl_password_file: String,
     /// Passed to librdkafka as is.
     pub options: BTreeMap<String, String>,
 }
@@ -309,6 +345,7 @@ impl Default for KafkaSinkConfig {
             topic_replication_factor: -1,
             delivery_timeout_ms: 60_000,
             timeout_ms: 10_000,
+            sasl_password_file: String::new(),
             options: BTreeMap::new(),
         }
     }
@@ -342,6 +379,7 @@ impl fmt::Debug for KafkaSinkConfig {
             .field("topic_replication_factor", &self.topic_replication_factor)
             .field("delivery_timeout_ms", &self.delivery_timeout_ms)
             .field("timeout_ms", &self.timeout_ms)
+            .field("sasl_password_file", &self.sasl_password_file)
             .field("options", &self.redacted_options())
             .finish()
     }
@@ -404,13 +442,55 @@ impl Config {
         let defaults = defaults_table();
         check_keys(&table, &defaults, "", &shown)?;
         apply_env(&mut table, &defaults, env)?;
-        let config: Config =
+        let redis_url_set = table
+            .get("sink")
+            .and_then(|s| s.get("redis"))
+            .is_some_and(|r| r.get("url").is_some());
+        let mut config: Config =
             Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
                 origin: shown.clone(),
                 message: one_line(&e.to_string()),
             })?;
+        config.read_secret_files(redis_url_set)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads the `…_file` twins of secret keys into the keys. `redis_url_set`: whether
+    /// `sink.redis.url` was set (it has a default, so the value cannot tell).
+    fn read_secret_files(&mut self, redis_url_set: bool) -> Result<(), ConfigError> {
+        let pg = &mut self.postgres;
+        if !pg.url_file.is_empty() {
+            if !pg.url.expose().is_empty() {
+                return Err(ConfigError::Both {
+                    key: "postgres.url",
+                    file_key: "postgres.url_file",
+                });
+            }
+            pg.url = Secret(read_secret("postgres.url_file", &pg.url_file)?);
+        }
+        let redis = &mut self.sink.redis;
+        if !redis.url_file.is_empty() {
+            if redis_url_set {
+                return Err(ConfigError::Both {
+                    key: "sink.redis.url",
+                    file_key: "sink.redis.url_file",
+                });
+            }
+            redis.url = Secret(read_secret("sink.redis.url_file", &redis.url_file)?);
+        }
+        let kafka = &mut self.sink.kafka;
+        if !kafka.sasl_password_file.is_empty() {
+            if kafka.options.contains_key("sasl.password") {
+                return Err(ConfigError::Both {
+                    key: "sink.kafka.options.\"sasl.password\"",
+                    file_key: "sink.kafka.sasl_password_file",
+                });
+            }
+            let password = read_secret("sink.kafka.sasl_password_file", &kafka.sasl_password_file)?;
+            kafka.options.insert("sasl.password".into(), password);
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -448,6 +528,22 @@ impl Config {
                     message: format!("{key} must be greater than 0"),
                 });
             }
+        }
+        let redis = &self.sink.redis;
+        if redis.cert_file.is_empty() != redis.key_file.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message:
+                    "sink.redis.cert_file and sink.redis.key_file go together: set both, or neither"
+                        .into(),
+            });
+        }
+        let redis_tls_files = !(redis.ca_file.is_empty() && redis.cert_file.is_empty());
+        if redis_tls_files && !redis.url.expose().starts_with("rediss://") {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: "sink.redis.ca_file, cert_file and key_file are for TLS: sink.redis.url must start with rediss://".into(),
+            });
         }
         if self.sink.linger_ms > MAX_LINGER_MS {
             return Err(ConfigError::Invalid {
@@ -487,6 +583,25 @@ impl Config {
         c.sink.kafka.options = c.sink.kafka.redacted_options();
         toml::to_string(&c).unwrap_or_default()
     }
+}
+
+/// Reads a secret from `path`: the file's text without its trailing line break (secret files
+/// written by `echo` or editors end with one).
+fn read_secret(key: &'static str, path: &str) -> Result<String, ConfigError> {
+    let error = |source| ConfigError::SecretFile {
+        key,
+        path: path.to_owned(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(error)?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty",
+        )));
+    }
+    Ok(value.to_owned())
 }
 
 /// Replaces the password of a `scheme://user:password@host` URL (or a `password=` pair) with

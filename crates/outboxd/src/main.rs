@@ -12,6 +12,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for every TLS client in the process (Postgres, Redis): rustls
+    // cannot choose on its own when more than one is compiled in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(cli.log_format, &cli.log_level);
 
     let config = match commands::load_config(cli.config.as_deref()) {

@@ -92,13 +92,14 @@ pub struct RunSettings {
 pub enum RunError {
     /// Postgres could not be reached.
     #[error(
-        "cannot connect to Postgres at {target}: {}. Check postgres.url and that Postgres is \
-         running and accepts connections from here",
+        "cannot connect to Postgres at {target}: {}. {advice}",
         crate::report::one_line(.source)
     )]
     Connect {
         /// The server, without password.
         target: String,
+        /// What to do: the TLS setting to change, or where to look.
+        advice: String,
         /// Why.
         #[source]
         source: tokio_postgres::Error,
@@ -143,6 +144,13 @@ impl RunError {
     pub fn connect(conn: &ConnInfo) -> impl FnOnce(tokio_postgres::Error) -> RunError + '_ {
         move |source| RunError::Connect {
             target: conn.to_string(),
+            advice: conn
+                .tls_advice(&crate::report::one_line(&source))
+                .unwrap_or_else(|| {
+                    "Check postgres.url and that Postgres is running and accepts connections \
+                     from here"
+                        .to_owned()
+                }),
             source,
         }
     }
