@@ -1,7 +1,11 @@
--- A least-privileged role for outboxd. Run as a superuser after sql/outbox.sql. Idempotent.
+-- A least-privileged role for outboxd. Idempotent. Run after sql/outbox.sql, as the admin role
+-- that owns the outbox table: a superuser is not needed. On managed services (RDS, Aurora,
+-- Cloud SQL, Azure, Supabase, Neon) see docs/managed-postgres.md for what runs where.
 --
 -- outboxd needs:
---   LOGIN REPLICATION       to stream the slot (and to create it in `outboxd setup`)
+--   LOGIN                   to connect
+--   replication rights      to stream the slot (and to create it in `outboxd setup`): the
+--                           REPLICATION attribute, or on RDS/Aurora the rds_replication role
 --   CONNECT, USAGE          to reach the database and schema
 --   SELECT on the table     logical replication requires it
 --   pg_log_standby_snapshot (PostgreSQL 16+, optional) lets an idle outboxd ask for a
@@ -10,24 +14,64 @@
 --                           within seconds instead of waiting for the next checkpoint
 --                           or 15-second standby snapshot
 --
+-- Who may give REPLICATION: a superuser; on PostgreSQL 16+ an admin with CREATEROLE that has
+-- REPLICATION itself; Cloud SQL's cloudsqlsuperuser and Azure's azure_pg_admin members. On
+-- RDS/Aurora the script grants rds_replication instead. Where the admin may not, the script
+-- stops and says who can. A role that already has the right (created by a provider's console,
+-- as on Neon) is left as it is.
+--
 -- The publication is created by sql/outbox.sql (CREATE PUBLICATION needs table ownership).
--- Set the password afterwards:  ALTER ROLE outboxd PASSWORD '...';
+-- Set the password afterwards:  ALTER ROLE outboxd PASSWORD '...';  (or \password outboxd)
 -- pg_hba.conf: a logical replication connection matches the database name (not the
--- `replication` keyword), e.g.  host  app  outboxd  10.0.0.0/8  scram-sha-256
+-- `replication` keyword), e.g.  hostssl  app  outboxd  10.0.0.0/8  scram-sha-256
 
 DO $$
+DECLARE
+    r pg_roles%ROWTYPE;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'outboxd') THEN
-        CREATE ROLE outboxd WITH LOGIN REPLICATION;
-    ELSE
-        ALTER ROLE outboxd WITH LOGIN REPLICATION;
+    SELECT * INTO r FROM pg_roles WHERE rolname = 'outboxd';
+    IF NOT FOUND THEN
+        CREATE ROLE outboxd WITH LOGIN;
+        SELECT * INTO r FROM pg_roles WHERE rolname = 'outboxd';
+    ELSIF NOT r.rolcanlogin THEN
+        ALTER ROLE outboxd WITH LOGIN;
     END IF;
-    EXECUTE format('GRANT CONNECT ON DATABASE %I TO outboxd', current_database());
-    IF current_setting('server_version_num')::int >= 160000 THEN
-        GRANT EXECUTE ON FUNCTION pg_catalog.pg_log_standby_snapshot() TO outboxd;
+
+    IF r.rolreplication OR r.rolsuper THEN
+        NULL; -- already may stream
+    ELSIF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication') THEN
+        -- Amazon RDS and Aurora: replication rights come from this role.
+        GRANT rds_replication TO outboxd;
+    ELSE
+        BEGIN
+            ALTER ROLE outboxd WITH REPLICATION;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'role % may not give role outboxd the REPLICATION attribute', current_user
+                USING HINT = 'Have a superuser run: ALTER ROLE outboxd WITH REPLICATION; then run this '
+                    'script again. On PostgreSQL 16+ an admin with CREATEROLE and REPLICATION may do it; '
+                    'on Cloud SQL run it as a cloudsqlsuperuser member, on Azure as the server admin; on '
+                    'Neon create the role in the Console; on Supabase before PostgreSQL 17 connect outboxd '
+                    'as postgres (docs/managed-postgres.md).';
+        END;
+    END IF;
+
+    IF NOT has_database_privilege('outboxd', current_database(), 'CONNECT') THEN
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO outboxd', current_database());
+    END IF;
+    IF NOT has_schema_privilege('outboxd', 'public', 'USAGE') THEN
+        GRANT USAGE ON SCHEMA public TO outboxd;
+    END IF;
+    GRANT SELECT ON public.outbox TO outboxd;
+
+    IF current_setting('server_version_num')::int >= 160000
+       AND NOT has_function_privilege('outboxd', 'pg_catalog.pg_log_standby_snapshot()', 'EXECUTE') THEN
+        BEGIN
+            GRANT EXECUTE ON FUNCTION pg_catalog.pg_log_standby_snapshot() TO outboxd;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE NOTICE 'skipped GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO outboxd '
+                '(only a superuser may): outboxd works without it, an idle slot releases WAL at '
+                'checkpoints instead of within seconds';
+        END;
     END IF;
 END
 $$;
-
-GRANT USAGE ON SCHEMA public TO outboxd;
-GRANT SELECT ON public.outbox TO outboxd;

@@ -11,6 +11,7 @@
 
 pub mod kafka;
 pub mod proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fs;
@@ -161,6 +162,20 @@ pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
     dir: PathBuf,
+    /// The Unix-socket directory the superuser connects through, when TCP takes only TLS.
+    socket: Option<PathBuf>,
+}
+
+/// How a TLS cluster is set up: its certificate, the CA it trusts for client certificates,
+/// and its `hostssl` lines (TCP without TLS is refused; the tests' superuser connects through
+/// a Unix socket).
+pub struct PgTlsSetup<'a> {
+    /// The server's certificate and key.
+    pub server: &'a tls::CertFiles,
+    /// `ssl_ca_file`: the CA of client certificates.
+    pub client_ca: &'a Path,
+    /// pg_hba.conf lines for TCP.
+    pub hba: &'a str,
 }
 
 impl Postgres {
@@ -171,6 +186,15 @@ impl Postgres {
 
     /// Starts a cluster with these postgresql.conf lines.
     pub fn start_with(conf: &[&str]) -> Postgres {
+        Self::start_configured(conf, None)
+    }
+
+    /// Starts a logical-replication-ready cluster that takes TCP connections only over TLS.
+    pub fn start_tls(setup: &PgTlsSetup<'_>) -> Postgres {
+        Self::start_configured(&["wal_level = logical"], Some(setup))
+    }
+
+    fn start_configured(conf: &[&str], tls: Option<&PgTlsSetup<'_>>) -> Postgres {
         let bin = pg_bin();
         let template = template(&bin);
         let dir = scratch_dir("pg");
@@ -190,16 +214,48 @@ impl Postgres {
             settings.push_str(line);
             settings.push('\n');
         }
+        let mut hba = "host all postgres 127.0.0.1/32 trust\n\
+                       host all all 127.0.0.1/32 scram-sha-256\n\
+                       host replication all 127.0.0.1/32 scram-sha-256\n"
+            .to_owned();
+        let mut socket = None;
+        if let Some(tls) = tls {
+            // The server reads its key only if the server's user owns it with mode 0600:
+            // copies in the data directory.
+            for (from, to) in [
+                (&tls.server.cert, "server.crt"),
+                (&tls.server.key, "server.key"),
+                (&tls.client_ca.to_path_buf(), "client-ca.crt"),
+            ] {
+                fs::copy(from, data.join(to)).expect("copy TLS file");
+            }
+            let sock = dir.join("sock");
+            fs::create_dir_all(&sock).expect("socket dir");
+            settings.push_str(&format!(
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                 ssl_ca_file = 'client-ca.crt'\nunix_socket_directories = '{}'\n",
+                sock.display()
+            ));
+            hba = format!("local all postgres trust\n{}\n", tls.hba);
+            socket = Some(sock);
+        }
         append(&data.join("postgresql.conf"), &settings);
-        fs::write(
-            data.join("pg_hba.conf"),
-            "host all postgres 127.0.0.1/32 trust\n\
-             host all all 127.0.0.1/32 scram-sha-256\n\
-             host replication all 127.0.0.1/32 scram-sha-256\n",
-        )
-        .expect("write pg_hba.conf");
+        fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         chown_postgres(&dir);
-        let pg = Postgres { port, bin, dir };
+        if tls.is_some() {
+            let status = Command::new("chmod")
+                .arg("0600")
+                .arg(data.join("server.key"))
+                .status()
+                .expect("chmod");
+            assert!(status.success());
+        }
+        let pg = Postgres {
+            port,
+            bin,
+            dir,
+            socket,
+        };
         pg.pg_ctl_start();
         pg
     }
@@ -238,7 +294,14 @@ impl Postgres {
 
     /// A superuser URL for database `db`.
     pub fn admin_url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        match &self.socket {
+            Some(sock) => format!(
+                "host={} port={} user=postgres dbname={db}",
+                sock.display(),
+                self.port
+            ),
+            None => format!("postgres://postgres@127.0.0.1:{}/{db}", self.port),
+        }
     }
 
     /// A URL for the `outboxd` role on database `db`.
@@ -298,6 +361,10 @@ pub struct Redis {
     pub password: Option<String>,
     /// More `redis-server` arguments.
     extra: Vec<String>,
+    /// TLS only (`rediss://`): the CA and the client certificate the tests' own client uses.
+    tls: Option<(PathBuf, tls::CertFiles)>,
+    /// An ACL user and its password, when the server has one.
+    user: Option<(String, String)>,
     child: Option<Child>,
 }
 
@@ -313,6 +380,8 @@ impl Redis {
             port: free_port(),
             password: password.map(str::to_owned),
             extra: Vec::new(),
+            tls: None,
+            user: None,
             child: None,
         };
         r.start_again();
@@ -335,8 +404,52 @@ impl Redis {
             ]
             .map(String::from)
             .to_vec(),
+            tls: None,
+            user: None,
             child: None,
         };
+        r.start_again();
+        r
+    }
+
+    /// Starts a server that listens only on TLS (no plain port), with `pki`'s server
+    /// certificate, requiring client certificates signed by its CA, and with an ACL user
+    /// `user` (password `password`) besides a disabled default user.
+    pub fn start_tls(pki: &tls::TestPki, user: &str, password: &str) -> Redis {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let extra = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            String::new(), // the port, filled in below
+            "--tls-cert-file".into(),
+            path(&pki.server.cert),
+            "--tls-key-file".into(),
+            path(&pki.server.key),
+            "--tls-ca-cert-file".into(),
+            path(&pki.ca),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+            "--user".into(),
+            "default".into(),
+            "off".into(),
+            "--user".into(),
+            user.into(),
+            "on".into(),
+            format!(">{password}"),
+            "~*".into(),
+            "&*".into(),
+            "+@all".into(),
+        ];
+        let mut r = Redis {
+            port: free_port(),
+            password: None,
+            extra,
+            tls: Some((pki.ca.clone(), pki.client.clone())),
+            user: Some((user.into(), password.into())),
+            child: None,
+        };
+        r.extra[3] = r.port.to_string();
         r.start_again();
         r
     }
@@ -372,8 +485,17 @@ impl Redis {
         }
     }
 
-    /// `redis://[:PASSWORD@]127.0.0.1:PORT`.
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT`, or `rediss://USER:PASSWORD@localhost:PORT` for a
+    /// TLS server (its certificate names localhost).
     pub fn url(&self) -> String {
+        if let Some((user, pw)) = &self.user {
+            let scheme = if self.tls.is_some() {
+                "rediss"
+            } else {
+                "redis"
+            };
+            return format!("{scheme}://{user}:{pw}@localhost:{}", self.port);
+        }
         match &self.password {
             Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
             None => format!("redis://127.0.0.1:{}", self.port),
@@ -385,8 +507,24 @@ impl Redis {
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_connection_timeout(Some(Duration::from_secs(10)));
-        redis::Client::open(self.url())
-            .expect("redis url")
+        let client = match &self.tls {
+            Some((ca, client)) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(
+                    self.url(),
+                    redis::TlsCertificates {
+                        client_tls: Some(redis::ClientTlsConfig {
+                            client_cert: fs::read(&client.cert).expect("client cert"),
+                            client_key: fs::read(&client.key).expect("client key"),
+                        }),
+                        root_cert: Some(fs::read(ca).expect("ca")),
+                    },
+                )
+                .expect("redis TLS client")
+            }
+            None => redis::Client::open(self.url()).expect("redis url"),
+        };
+        client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
@@ -552,11 +690,16 @@ impl Env {
 
     /// Writes the configuration file: the test's servers, plus `extra` lines.
     pub fn write_config(&self, extra: &str) {
+        self.write_config_with(&format!("url = \"{}\"", self.pg.outboxd_url("app")), extra);
+    }
+
+    /// Writes the configuration file with these `[postgres]` lines (the URL, or a
+    /// `url_file`), the test's Redis, plus `extra` lines (which may add to `[sink.redis]`).
+    pub fn write_config_with(&self, postgres: &str, extra: &str) {
         let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[sink.redis]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n{extra}\n",
-            self.pg.outboxd_url("app"),
+            "[postgres]\n{postgres}\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[sink.redis]\nurl = \"{}\"\n{extra}\n",
+            self.http_port,
             self.redis.url(),
-            self.http_port
         );
         fs::write(&self.config, text).expect("write config");
     }

@@ -4,6 +4,84 @@
 use outboxd_core::Lsn;
 use tokio_postgres::Client;
 
+/// A managed Postgres service, recognised by the settings and roles it adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Amazon RDS for PostgreSQL or Aurora PostgreSQL (`rds.*` settings, `rds_superuser`).
+    Rds,
+    /// Google Cloud SQL (`cloudsql.*` settings, `cloudsqlsuperuser`).
+    CloudSql,
+    /// Azure Database for PostgreSQL flexible server (`azure.*` settings, `azure_pg_admin`).
+    Azure,
+    /// Supabase (`supabase_admin`).
+    Supabase,
+    /// Neon (`neon.*` settings, `neon_superuser`).
+    Neon,
+}
+
+impl Provider {
+    /// The service's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Rds => "Amazon RDS / Aurora",
+            Provider::CloudSql => "Google Cloud SQL",
+            Provider::Azure => "Azure Database for PostgreSQL",
+            Provider::Supabase => "Supabase",
+            Provider::Neon => "Neon",
+        }
+    }
+
+    /// How to turn logical decoding on there.
+    pub fn enable_logical_decoding(self) -> &'static str {
+        match self {
+            Provider::Rds => {
+                "set rds.logical_replication = 1 in the instance's DB parameter group (Aurora: \
+                 the DB cluster parameter group) and reboot the instance (Aurora: the writer)"
+            }
+            Provider::CloudSql => {
+                "set the database flag cloudsql.logical_decoding = on (gcloud sql instances patch \
+                 INSTANCE --database-flags=cloudsql.logical_decoding=on, keeping the other \
+                 flags); the instance restarts"
+            }
+            Provider::Azure => {
+                "set the server parameter wal_level = logical (az postgres flexible-server \
+                 parameter set --name wal_level --value logical) and restart the server"
+            }
+            Provider::Supabase => {
+                "wal_level is logical on Supabase projects: connect to the database's direct \
+                 host (port 5432), not to the pooler"
+            }
+            Provider::Neon => {
+                "turn on logical replication in the project's settings (Settings → Logical \
+                 Replication; it cannot be turned off) and use the direct, non-pooled endpoint"
+            }
+        }
+    }
+
+    /// How to give `role` the right to stream replication there.
+    pub fn grant_replication(self, role: &str) -> String {
+        match self {
+            Provider::Rds => format!("GRANT rds_replication TO {role}"),
+            Provider::Neon => format!(
+                "create the role {role} in the Neon Console, CLI or API (roles created there may \
+                 replicate; SQL cannot give REPLICATION on Neon)"
+            ),
+            Provider::Supabase => format!(
+                "ALTER ROLE {role} WITH REPLICATION as postgres (before PostgreSQL 17 Supabase \
+                 allows this only to postgres itself: connect outboxd as postgres then)"
+            ),
+            Provider::CloudSql | Provider::Azure => format!(
+                "ALTER ROLE {role} WITH REPLICATION, as the admin user ({})",
+                if self == Provider::CloudSql {
+                    "a cloudsqlsuperuser member"
+                } else {
+                    "an azure_pg_admin member"
+                }
+            ),
+        }
+    }
+}
+
 /// Facts about the server and the connected role.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -17,8 +95,11 @@ pub struct Server {
     pub database: String,
     /// The connected role.
     pub user: String,
-    /// Whether the role may stream replication (REPLICATION attribute or superuser).
+    /// Whether the role may stream replication (REPLICATION attribute, superuser, or RDS'
+    /// `rds_replication` role).
     pub can_replicate: bool,
+    /// The managed service the server runs on, when recognised.
+    pub provider: Option<Provider>,
 }
 
 /// Reads the server's settings and the role's rights.
@@ -27,11 +108,32 @@ pub async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('wal_level'), \
                     pg_is_in_recovery(), current_database()::text, current_user::text, \
-                    r.rolreplication OR r.rolsuper \
+                    r.rolreplication OR r.rolsuper OR EXISTS (SELECT 1 FROM pg_roles g \
+                        WHERE g.rolname = 'rds_replication' AND pg_has_role(r.oid, g.oid, 'MEMBER')), \
+                    current_setting('rds.logical_replication', true) IS NOT NULL \
+                        OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_superuser'), \
+                    current_setting('cloudsql.logical_decoding', true) IS NOT NULL \
+                        OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'cloudsqlsuperuser'), \
+                    current_setting('azure.extensions', true) IS NOT NULL \
+                        OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'azure_pg_admin'), \
+                    EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'supabase_admin'), \
+                    current_setting('neon.timeline_id', true) IS NOT NULL \
+                        OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'neon_superuser') \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
         .await?;
+    let providers = [
+        Provider::Rds,
+        Provider::CloudSql,
+        Provider::Azure,
+        Provider::Supabase,
+        Provider::Neon,
+    ];
+    let provider = providers
+        .into_iter()
+        .enumerate()
+        .find_map(|(i, p)| row.get::<_, bool>(6 + i).then_some(p));
     Ok(Server {
         version_num: row.get(0),
         wal_level: row.get(1),
@@ -39,6 +141,7 @@ pub async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
         database: row.get(3),
         user: row.get(4),
         can_replicate: row.get(5),
+        provider,
     })
 }
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use pgwire_replication::ReplicationConfig;
+use pgwire_replication::{PgWireError, ReplicationConfig};
 use tokio_postgres::Client;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -118,10 +118,26 @@ impl ConnInfo {
         Ok(client)
     }
 
-    /// The settings for a replication connection streaming `slot` through `publication`.
-    pub fn replication_config(&self, slot: &str, publication: &str) -> ReplicationConfig {
-        ReplicationConfig::new(
-            self.host.clone(),
+    /// The settings for a replication connection streaming `slot` through `publication`,
+    /// without TLS: when TLS is off, to the server itself; otherwise the server is reached
+    /// here, TLS negotiated, and the settings name the relay to that connection (see
+    /// [`crate::tls`]).
+    pub async fn replication_config(
+        &self,
+        slot: &str,
+        publication: &str,
+    ) -> Result<ReplicationConfig, PgWireError> {
+        let host = if self.tls.mode == SslMode::Disable {
+            self.host.clone()
+        } else {
+            let stream = self.tls.connect(&self.host, self.port).await?;
+            let dir = crate::tls::relay(stream, self.port)
+                .await
+                .map_err(|e| PgWireError::Io(std::sync::Arc::new(e)))?;
+            dir.to_string_lossy().into_owned()
+        };
+        Ok(ReplicationConfig::new(
+            host,
             self.user.clone(),
             self.password.clone(),
             self.dbname.clone(),
@@ -129,8 +145,7 @@ impl ConnInfo {
             publication,
         )
         .with_port(self.port)
-        .with_tls(self.tls.replication(&self.host))
-        .with_application_name(format!("outboxd:{slot}"))
+        .with_application_name(format!("outboxd:{slot}")))
     }
 
     /// The TLS settings both connections use.
@@ -336,8 +351,6 @@ mod tests {
         }
         assert_eq!(info.to_string(), "postgres://outboxd@db.internal:6543/app");
         assert_eq!(info.password(), "s3cr3t-pw");
-        let repl = info.replication_config("s", "p");
-        assert_eq!((repl.host.as_str(), repl.port), ("db.internal", 6543));
     }
 
     #[test]
@@ -376,16 +389,11 @@ mod tests {
     }
 
     #[test]
-    fn tls_modes_reach_both_connections() {
+    fn tls_modes_follow_the_connection_string() {
         let info = ConnInfo::parse("postgres://u@db.internal/app?sslmode=require").expect("parses");
         assert_eq!(info.tls().mode, SslMode::Require);
-        let repl = info.replication_config("s", "p");
-        assert_eq!(repl.tls.mode, pgwire_replication::SslMode::Require);
         let info = ConnInfo::parse("host=h user=u sslmode=disable").expect("parses");
-        assert_eq!(
-            info.replication_config("s", "p").tls.mode,
-            pgwire_replication::SslMode::Disable
-        );
+        assert_eq!(info.tls().mode, SslMode::Disable);
         // A Unix-domain socket never uses TLS.
         let info = ConnInfo::parse("host=/run/postgresql user=u sslmode=require").expect("parses");
         assert_eq!(info.tls().mode, SslMode::Disable);

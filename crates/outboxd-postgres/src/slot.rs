@@ -8,7 +8,7 @@ use outboxd_core::Lsn;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use crate::catalog::{self, Server, Slot, Table, quote_ident};
+use crate::catalog::{self, Provider, Server, Slot, Table, quote_ident};
 
 /// What to set up or check.
 #[derive(Debug, Clone, Copy)]
@@ -36,13 +36,16 @@ pub enum Mode {
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// Logical decoding is off.
-    #[error(
-        "wal_level is {actual:?}, logical decoding needs \"logical\": set wal_level = logical in \
-         postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart Postgres"
-    )]
+    #[error("wal_level is {actual:?}, logical decoding needs \"logical\": {}", match .provider {
+        Some(p) => format!("on {}, {}", p.name(), p.enable_logical_decoding()),
+        None => "set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = \
+                 logical) and restart Postgres".to_owned(),
+    })]
     WalLevel {
         /// The server's `wal_level`.
         actual: String,
+        /// The managed service, whose own setting turns it on.
+        provider: Option<Provider>,
     },
     /// The outbox table does not exist.
     #[error(
@@ -64,13 +67,15 @@ pub enum SlotError {
         table: String,
     },
     /// The role may not stream replication.
-    #[error(
-        "role {role:?} lacks the REPLICATION attribute: ALTER ROLE {role} WITH REPLICATION \
-         (see sql/role.sql)"
-    )]
+    #[error("role {role:?} may not stream replication: {}", match .provider {
+        Some(p) => format!("on {}, {}", p.name(), p.grant_replication(role)),
+        None => format!("ALTER ROLE {role} WITH REPLICATION (see sql/role.sql)"),
+    })]
     NoReplication {
         /// The connected role.
         role: String,
+        /// The managed service, whose own grant gives the right.
+        provider: Option<Provider>,
     },
     /// The publication is missing (check mode).
     #[error(
@@ -270,6 +275,7 @@ impl Inspection {
         if server.wal_level != "logical" {
             problems.push(SlotError::WalLevel {
                 actual: server.wal_level.clone(),
+                provider: server.provider,
             });
         }
         match &self.table {
@@ -286,6 +292,7 @@ impl Inspection {
         if !server.can_replicate {
             problems.push(SlotError::NoReplication {
                 role: server.user.clone(),
+                provider: server.provider,
             });
         }
         problems
@@ -468,6 +475,7 @@ async fn create_slot(
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             Err(SlotError::NoReplication {
                 role: server.user.clone(),
+                provider: server.provider,
             })
         }
         Err(e) => Err(SlotError::pg("creating the replication slot")(e)),

@@ -212,7 +212,10 @@ pub async fn probe_replication(
     slot: &str,
     publication: &str,
 ) -> Result<TlsState, StreamError> {
-    let config = conn.replication_config(slot, publication);
+    let config = conn
+        .replication_config(slot, publication)
+        .await
+        .map_err(|e| StreamError::classify_start(slot, conn, e))?;
     let mut client = ReplicationClient::connect_gated(config)
         .await
         .map_err(|e| StreamError::classify_start(slot, conn, e))?;
@@ -273,12 +276,14 @@ impl WalStream {
         options: StreamOptions,
         start: Lsn,
     ) -> Result<Self, StreamError> {
+        let slot = options.slot.clone();
         let config = conn
             .replication_config(&options.slot, &options.publication)
+            .await
+            .map_err(|e| StreamError::classify_start(&slot, conn, e))?
             .with_status_interval(options.status_interval)
             .with_wakeup_interval(Duration::from_secs(10))
             .with_buffer_size(options.buffer_messages);
-        let slot = options.slot.clone();
         let mut client = ReplicationClient::connect(config)
             .await
             .map_err(|e| StreamError::classify_start(&slot, conn, e))?;

@@ -15,12 +15,29 @@
 //! certificate. Unix-domain sockets never use TLS.
 //!
 //! The SQL connection (tokio-postgres) and the replication connection (pgwire-replication)
-//! are built from one [`PgTls`], so they agree; both run on rustls with the `ring` provider.
+//! use one rustls configuration ([`PgTls`]), with the `ring` provider, so they verify alike.
+//! pgwire-replication opens its own socket and its own TLS, whose `verify-ca` refuses a host
+//! name mismatch with current rustls; so outboxd negotiates TLS for the replication connection
+//! itself ([`PgTls::connect`]) and hands the replication client the decrypted end through a
+//! Unix socket in a private directory ([`relay`]), which the client connects to without TLS:
+//!
+//! ```text
+//! pgwire-replication ──plain──▶ /tmp/outboxd-…/.s.PGSQL.5432 ──relay──▶ TLS ──▶ Postgres
+//! ```
+//!
 //! A handshake that fails is explained by [`advice`], which names the setting to change.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use pgwire_replication::PgWireError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -298,27 +315,46 @@ impl PgTls {
         }
     }
 
-    /// The settings for pgwire-replication, which opens the replication connection itself.
-    /// `host` is the server's name or address.
-    pub fn replication(&self, host: &str) -> pgwire_replication::TlsConfig {
-        use pgwire_replication::TlsConfig;
-        let root = self.roots.as_ref().map(|r| r.path().to_owned());
-        let config = match self.mode {
-            SslMode::Disable => return TlsConfig::disabled(),
-            SslMode::Prefer => TlsConfig {
-                mode: pgwire_replication::SslMode::Prefer,
-                ..TlsConfig::default()
-            },
-            SslMode::Require => TlsConfig::require(),
-            SslMode::VerifyCa => TlsConfig::verify_ca(root),
-            // pgwire-replication refuses verify-full for an address unless the name to check
-            // is given: the address itself is that name (checked against the IP SANs).
-            SslMode::VerifyFull => TlsConfig::verify_full(root).with_sni_hostname(host),
+    /// Connects to `host:port` and negotiates TLS as `sslmode` says, as libpq does: an
+    /// SSLRequest, then the handshake; under `prefer`, a server that declines leaves a plain
+    /// connection, ready for the startup message.
+    pub async fn connect(&self, host: &str, port: u16) -> Result<PgStream, PgWireError> {
+        let io = |e: std::io::Error| PgWireError::Io(Arc::new(e));
+        let mut tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| {
+                io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {host}:{port} timed out"),
+                ))
+            })?
+            .map_err(io)?;
+        tcp.set_nodelay(true).map_err(io)?;
+        let Some(config) = self.rustls() else {
+            return Ok(PgStream::Plain(tcp));
         };
-        match &self.client_cert {
-            Some((cert, key)) => config.with_client_cert(cert, key),
-            None => config,
+        // SSLRequest: length 8, code 80877103.
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .map_err(io)?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await.map_err(io)?;
+        if answer[0] != b'S' {
+            return if self.mode == SslMode::Prefer {
+                Ok(PgStream::Plain(tcp))
+            } else {
+                Err(PgWireError::Tls(
+                    "server does not support TLS (SSLRequest rejected)".into(),
+                ))
+            };
         }
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|_| PgWireError::Tls(format!("{host:?} is not a valid TLS server name")))?;
+        let tls = TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| PgWireError::Tls(format!("TLS handshake failed: {e}")))?;
+        Ok(PgStream::Tls(Box::new(tls)))
     }
 
     /// What the server's certificate is checked against, for `check` and logs.
@@ -333,6 +369,76 @@ impl PgTls {
             (m, _) => format!("certificate not verified (sslmode={m})"),
         }
     }
+}
+
+/// How long the TCP connection of the replication session may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the relay waits for the replication client to connect.
+const RELAY_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to Postgres after the TLS negotiation.
+#[derive(Debug)]
+pub enum PgStream {
+    /// Not encrypted (`prefer`, and the server offered no TLS).
+    Plain(TcpStream),
+    /// Encrypted.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Serves `stream` to one client of a Unix socket in a new private directory (mode 0700):
+/// returns the directory, which holds `.s.PGSQL.<port>` as libpq and pgwire-replication name
+/// sockets. The socket and its directory are removed once the client is connected (or after
+/// a timeout); the relay ends when either side closes.
+pub async fn relay(stream: PgStream, port: u16) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    static RELAYS: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "outboxd-{}-{}-{:08x}",
+        std::process::id(),
+        RELAYS.fetch_add(1, Ordering::Relaxed),
+        rand_u32()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+    };
+    let cleanup = dir.clone();
+    tokio::spawn(async move {
+        let accepted = tokio::time::timeout(RELAY_ACCEPT_TIMEOUT, listener.accept()).await;
+        drop(listener);
+        let _ = std::fs::remove_file(cleanup.join(format!(".s.PGSQL.{port}")));
+        let _ = std::fs::remove_dir(&cleanup);
+        let Ok(Ok((mut client, _))) = accepted else {
+            return;
+        };
+        let result = match stream {
+            PgStream::Plain(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
+            PgStream::Tls(mut s) => tokio::io::copy_bidirectional(&mut client, &mut *s).await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "replication relay ended");
+        }
+    });
+    Ok(dir)
+}
+
+/// A little randomness for the relay directory's name (its mode, not its name, keeps others
+/// out).
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() as u32
 }
 
 fn system_bundle() -> Result<PathBuf, TlsConfigError> {
@@ -510,37 +616,45 @@ pub fn advice(error: &str, tls: &PgTls, host: &str) -> Option<String> {
         .map_or_else(|| "sslrootcert".to_owned(), ToString::to_string);
     if error.contains("UnknownIssuer") || error.contains("unknown issuer") {
         return Some(format!(
-            "the server's certificate is not signed by a CA in {roots}: set sslrootcert to the \
+            "The server's certificate is not signed by a CA in {roots}: set sslrootcert to the \
              CA that signed it (managed services publish theirs), or check that outboxd \
              reaches the server you mean"
         ));
     }
     if error.contains("not valid for name") || error.contains("NotValidForName") {
+        // rustls: `… is only valid for DnsName("a") or IpAddress(…)`: the quoted names.
         let presented = error
             .split_once("is only valid for ")
-            .map(|(_, names)| format!(" (it names {})", names.trim_end_matches(')')))
+            .map(|(_, names)| {
+                let quoted: Vec<&str> = names.split('"').skip(1).step_by(2).collect();
+                if quoted.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it names {})", quoted.join(", "))
+                }
+            })
             .unwrap_or_default();
         return Some(format!(
-            "the server's certificate does not cover the host {host:?}{presented}: connect by a \
+            "The server's certificate does not cover the host {host:?}{presented}: connect by a \
              name the certificate lists, or use sslmode=verify-ca to check the chain only"
         ));
     }
     if error.contains("certificate expired") || error.contains("Expired") {
         return Some(format!(
-            "the server's certificate has expired (checked against {roots}): renew the server's \
+            "The server's certificate has expired (checked against {roots}): renew the server's \
              certificate; outboxd does not connect to a server whose certificate it cannot trust"
         ));
     }
     if error.contains("not valid yet") || error.contains("NotValidYet") {
         return Some(
-            "the server's certificate is not valid yet: check the clocks of this host and of \
+            "The server's certificate is not valid yet: check the clocks of this host and of \
              the server"
                 .to_owned(),
         );
     }
     if error.contains("no encryption") {
         return Some(format!(
-            "the server accepts only TLS connections from here (pg_hba.conf hostssl), and \
+            "The server accepts only TLS connections from here (pg_hba.conf hostssl), and \
              sslmode={} sent none: set sslmode=verify-full with sslrootcert (or require)",
             tls.requested
         ));
@@ -550,21 +664,21 @@ pub fn advice(error: &str, tls: &PgTls, host: &str) -> Option<String> {
         || error.contains("SSLRequest rejected")
     {
         return Some(format!(
-            "sslmode={} needs TLS, and the server does not offer it: turn on ssl in \
+            "The server does not offer TLS, and sslmode={} needs it: turn on ssl in \
              postgresql.conf, or connect with sslmode=prefer",
             tls.requested
         ));
     }
     if error.contains("certificate") && (error.contains("client") || error.contains("sslcert")) {
         return Some(
-            "the server wants a client certificate it trusts: set sslcert and sslkey to a \
+            "The server wants a client certificate it trusts: set sslcert and sslkey to a \
              certificate signed by the server's ssl_ca_file whose CN is the role name"
                 .to_owned(),
         );
     }
     if error.contains("invalid peer certificate") || error.contains("TLS handshake failed") {
         return Some(format!(
-            "the TLS handshake failed with sslmode={}: check sslrootcert, sslcert and sslkey",
+            "The TLS handshake failed with sslmode={}: check sslrootcert, sslcert and sslkey",
             tls.mode
         ));
     }
@@ -664,7 +778,7 @@ mod tests {
             ),
             (
                 "invalid peer certificate: certificate not valid for name \"db\"; certificate is only valid for DnsName(\"localhost\")",
-                "does not cover the host \"db\" (it names DnsName(\"localhost\"",
+                "does not cover the host \"db\" (it names localhost)",
             ),
             (
                 "invalid peer certificate: certificate expired: verification time 1 (UNIX), but certificate is not valid after 0 (1 seconds ago)",
@@ -676,7 +790,7 @@ mod tests {
             ),
             (
                 "TLS error: server does not support TLS (SSLRequest rejected)",
-                "does not offer it",
+                "does not offer TLS",
             ),
         ];
         for (error, expected) in cases {

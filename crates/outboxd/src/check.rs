@@ -132,8 +132,12 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         Status::Ok,
         "postgres",
         format!(
-            "{conn}: server {}, role {:?}",
-            server.version_num, server.user
+            "{conn}: server {}, role {:?}{}",
+            server.version_num,
+            server.user,
+            server
+                .provider
+                .map_or_else(String::new, |p| format!(", on {}", p.name()))
         ),
     );
     match catalog::tls_state(&client).await {
