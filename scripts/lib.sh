@@ -14,7 +14,7 @@ apt_updated=""
 # ensure_apt PACKAGE COMMAND: installs PACKAGE when COMMAND is missing.
 ensure_apt() {
     local pkg="$1" cmd="$2"
-    if command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ]; then return; fi
+    if command -v "$cmd" >/dev/null 2>&1 || [ -e "$cmd" ]; then return; fi
     say "installing $pkg"
     if [ -z "$apt_updated" ]; then
         as_root apt-get update -qq
@@ -84,7 +84,15 @@ ensure_tansu() {
     echo "$bin"
 }
 
+# ensure_build_deps: what building outboxd needs beyond Rust: librdkafka is built with
+# OpenSSL (TLS and SASL to Kafka), found through pkg-config.
+ensure_build_deps() {
+    ensure_apt pkg-config pkg-config
+    ensure_apt libssl-dev /usr/include/openssl/ssl.h
+}
+
 ensure_test_tools() {
+    ensure_build_deps
     ensure_apt redis-server redis-server
     ensure_postgres_user
     if ! command -v cargo-nextest >/dev/null 2>&1; then

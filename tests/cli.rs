@@ -304,3 +304,138 @@ fn every_command_has_help_with_an_example() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_from_files_are_used_and_never_shown() {
+    const REDIS_PASSWORD: &str = "redis-Secr3t-from-file";
+    const KAFKA_PASSWORD: &str = "kafka-Secr3t-from-file";
+    let env = Env::with_redis(
+        Postgres::start(),
+        Redis::start_with_password(Some(REDIS_PASSWORD)),
+        "",
+    )
+    .await;
+    let pg_file = env.dir.join("pg_url");
+    let redis_file = env.dir.join("redis_url");
+    // Secret files usually end with a line break: it is not part of the secret.
+    std::fs::write(&pg_file, format!("{}\n", env.pg.outboxd_url("app"))).unwrap();
+    std::fs::write(&redis_file, format!("{}\n", env.redis.url())).unwrap();
+    let postgres = format!("url_file = {:?}", pg_file.to_string_lossy());
+    let text = format!(
+        "[postgres]\n{postgres}\n\n[http]\nlisten = \"127.0.0.1:{}\"\n\n[sink.redis]\nurl_file = {:?}\n",
+        env.http_port,
+        redis_file.to_string_lossy()
+    );
+    std::fs::write(&env.config, &text).unwrap();
+    let secret_free = |what: &str, out: &str| {
+        for secret in [OUTBOXD_PASSWORD, REDIS_PASSWORD, KAFKA_PASSWORD] {
+            assert!(!out.contains(secret), "{what} shows a secret:\n{out}");
+        }
+    };
+
+    env.setup();
+    let out = env.command(&["check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    secret_free("check", &format!("{}{}", stdout(&out), stderr(&out)));
+    let mut run = env.run();
+    let db = env.db().await;
+    emit_txn(&db, 0, 25, 5).await;
+    let mut redis = env.redis.connect().await;
+    wait_until("25 events", Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        async move { stream_len(&mut redis, "outbox.order").await >= 25 }
+    })
+    .await;
+    assert_eq!(
+        check_complete_and_ordered(&read_stream(&mut redis, "outbox.order").await, 0..25),
+        0
+    );
+    run.sigterm();
+    assert!(run.wait(Duration::from_secs(30)).success());
+    secret_free("run's log", &run.log_text());
+
+    // From the environment, and --help with it set.
+    let out = Command::new(outboxd_bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .env("OUTBOXD_POSTGRES__URL_FILE", &pg_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = Command::new(outboxd_bin())
+        .args(["run", "--help"])
+        .env("OUTBOXD_POSTGRES__URL_FILE", &pg_file)
+        .env("OUTBOXD_POSTGRES__URL", env.pg.outboxd_url("app"))
+        .output()
+        .unwrap();
+    secret_free("--help", &stdout(&out));
+
+    // A key and its _file twin, an unreadable file, an empty file: one line, exit 2, no
+    // content shown.
+    let both = outboxd(
+        &["check"],
+        &format!(
+            "[postgres]\nurl = \"postgres://u:{OUTBOXD_PASSWORD}@127.0.0.1/app\"\n{postgres}\n"
+        ),
+    );
+    assert_eq!(both.status.code(), Some(2));
+    assert_one_clear_line(&both, &["postgres.url and postgres.url_file are both set"]);
+    let missing = outboxd(&["run"], "[postgres]\nurl_file = \"/nonexistent/pg_url\"\n");
+    assert_eq!(missing.status.code(), Some(2));
+    assert_one_clear_line(
+        &missing,
+        &[
+            "cannot read postgres.url_file \"/nonexistent/pg_url\"",
+            "No such file",
+        ],
+    );
+    let empty = env.dir.join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = outboxd(
+        &["run"],
+        &format!("[postgres]\nurl_file = {:?}\n", empty.to_string_lossy()),
+    );
+    assert_one_clear_line(&out, &["postgres.url_file", "the file is empty"]);
+
+    // The Kafka SASL password from a file: librdkafka's debug log on, a broker that is not
+    // there; the password is in no line.
+    let kafka_file = env.dir.join("kafka_password");
+    std::fs::write(&kafka_file, format!("{KAFKA_PASSWORD}\n")).unwrap();
+    let out = Command::new(outboxd_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .env("OUTBOXD_SINK__KIND", "kafka")
+        .env(
+            "OUTBOXD_SINK__KAFKA__BROKERS",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("OUTBOXD_SINK__KAFKA__SASL_PASSWORD_FILE", &kafka_file)
+        .env(
+            "OUTBOXD_SINK__KAFKA__OPTIONS__SECURITY.PROTOCOL",
+            "sasl_plaintext",
+        )
+        .env(
+            "OUTBOXD_SINK__KAFKA__OPTIONS__SASL.MECHANISMS",
+            "SCRAM-SHA-512",
+        )
+        .env("OUTBOXD_SINK__KAFKA__OPTIONS__SASL.USERNAME", "outboxd")
+        .env("OUTBOXD_SINK__KAFKA__OPTIONS__DEBUG", "all")
+        .env("OUTBOXD_SINK__KAFKA__OPTIONS__LOG_LEVEL", "7")
+        .env("OUTBOXD_SINK__KAFKA__TIMEOUT_MS", "2000")
+        .env("OUTBOXD_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let log = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(log.contains("sasl"), "librdkafka's debug log is on:\n{log}");
+    secret_free("the Kafka debug log", &log);
+    let both = Command::new(outboxd_bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .env("OUTBOXD_SINK__KAFKA__SASL_PASSWORD_FILE", &kafka_file)
+        .env("OUTBOXD_SINK__KAFKA__OPTIONS__SASL.PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2));
+    assert_one_clear_line(&both, &["sink.kafka.sasl_password_file"]);
+}

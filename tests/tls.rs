@@ -174,6 +174,24 @@ async fn events_flow_with_verify_full_verify_ca_and_require_in_both_forms() {
     );
     stream_events(&env, 80, 40).await;
 
+    // sslrootcert=system: the operating system's bundle, here the test CA through
+    // SSL_CERT_FILE (as with OpenSSL); verify-full is its default mode.
+    use_url(&env, &url(&env, "localhost", "sslrootcert=system"));
+    let out = std::process::Command::new(outboxd_bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .env("SSL_CERT_FILE", &pki.ca)
+        .output()
+        .unwrap();
+    let report = output_text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "certificate verified against the system's roots ({ca}), host name checked"
+        )),
+        "{report}"
+    );
+
     // key=value form, verify-full.
     use_url(
         &env,

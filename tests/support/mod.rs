@@ -133,7 +133,12 @@ fn template(bin: &Path) -> PathBuf {
         return template;
     }
     fs::create_dir_all(&root).expect("template root");
-    let tmp = root.join(format!("{key}.tmp-{}", std::process::id()));
+    // Unique per process and per thread: tests of one binary may race to make it.
+    let tmp = root.join(format!(
+        "{key}.tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).expect("template tmp");
     chown_postgres(&tmp);
@@ -321,6 +326,27 @@ impl Postgres {
             let _ = conn.await;
         });
         client
+    }
+
+    /// A connection to `db` as `user` with `password` (over TCP).
+    pub async fn connect_as(&self, user: &str, password: &str, db: &str) -> Client {
+        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port);
+        let (client, conn) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// `server_version_num`.
+    pub async fn version_num(&self) -> i32 {
+        let db = self.connect("postgres").await;
+        db.query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .expect("server version")
+            .get(0)
     }
 
     /// The server's log so far.
@@ -674,6 +700,11 @@ impl Env {
     /// Like [`new`](Self::new), with a given Redis server.
     pub async fn with_redis(pg: Postgres, redis: Redis, extra_config: &str) -> Env {
         create_outbox_db(&pg).await;
+        Self::without_schema(pg, redis, extra_config)
+    }
+
+    /// Servers and configuration, no database or schema: the test creates them its own way.
+    pub fn without_schema(pg: Postgres, redis: Redis, extra_config: &str) -> Env {
         let dir = scratch_dir("env");
         let config = dir.join("outboxd.toml");
         let env = Env {
@@ -783,6 +814,14 @@ pub async fn wait_slot_active(db: &Client) {
     .await;
 }
 
+/// The text of a file of the repository's sql/ directory.
+pub fn sql_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../sql")
+        .join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
 /// Creates database `app` with the outbox schema (sql/) and the `outboxd` role's password.
 pub async fn create_outbox_db(pg: &Postgres) {
     let admin = pg.connect("postgres").await;
@@ -791,9 +830,8 @@ pub async fn create_outbox_db(pg: &Postgres) {
         .await
         .expect("create database");
     let db = pg.connect("app").await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for file in ["sql/outbox.sql", "sql/role.sql"] {
-        let sql = fs::read_to_string(root.join(file)).expect("read sql");
+    for file in ["outbox.sql", "role.sql"] {
+        let sql = sql_file(file);
         db.batch_execute(&sql)
             .await
             .unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -132,7 +132,6 @@ impl ConnInfo {
         } else {
             let stream = self.tls.connect(&self.host, self.port).await?;
             let dir = crate::tls::relay(stream, self.port)
-                .await
                 .map_err(|e| PgWireError::Io(std::sync::Arc::new(e)))?;
             dir.to_string_lossy().into_owned()
         };

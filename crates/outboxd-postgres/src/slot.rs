@@ -67,9 +67,16 @@ pub enum SlotError {
         table: String,
     },
     /// The role may not stream replication.
-    #[error("role {role:?} may not stream replication: {}", match .provider {
-        Some(p) => format!("on {}, {}", p.name(), p.grant_replication(role)),
-        None => format!("ALTER ROLE {role} WITH REPLICATION (see sql/role.sql)"),
+    #[error("{}", match .provider {
+        Some(p) => format!(
+            "role {role:?} may not stream replication: on {}, {}",
+            p.name(),
+            p.grant_replication(role)
+        ),
+        None => format!(
+            "role {role:?} lacks the REPLICATION attribute: ALTER ROLE {role} WITH REPLICATION \
+             (see sql/role.sql)"
+        ),
     })]
     NoReplication {
         /// The connected role.

@@ -390,7 +390,7 @@ pub enum PgStream {
 /// returns the directory, which holds `.s.PGSQL.<port>` as libpq and pgwire-replication name
 /// sockets. The socket and its directory are removed once the client is connected (or after
 /// a timeout); the relay ends when either side closes.
-pub async fn relay(stream: PgStream, port: u16) -> std::io::Result<PathBuf> {
+pub fn relay(stream: PgStream, port: u16) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static RELAYS: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
