@@ -409,3 +409,56 @@ async fn events_flow_to_a_tls_only_redis_with_an_acl_user() {
     );
     check_fails(&env, "not signed by sink.redis.ca_file");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walsender_kill_and_a_postgres_restart_over_tls_lose_nothing() {
+    let dir = scratch_dir("tls-faults");
+    let pki = TestPki::create(&dir.join("pki"));
+    let env = tls_env(&pki, "", &pki.server).await;
+    use_url(
+        &env,
+        &url(
+            &env,
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={}", path(&pki.ca)),
+        ),
+    );
+    env.setup();
+    let mut outboxd = env.run();
+    let db = env.db().await;
+    wait_slot_active(&db).await;
+    for t in 0..10 {
+        emit_txn(&db, t * 50, 50, 7).await;
+    }
+    // The walsender of outboxd's TLS session dies: outboxd reconnects through a new one.
+    db.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE slot_name = 'outboxd'",
+        &[],
+    )
+    .await
+    .unwrap();
+    for t in 10..20 {
+        emit_txn(&db, t * 50, 50, 7).await;
+    }
+    wait_slot_active(&db).await;
+    drop(db);
+    env.pg.stop();
+    env.pg.start_again();
+    let db = env.db().await;
+    for t in 20..30 {
+        emit_txn(&db, t * 50, 50, 7).await;
+    }
+    let mut redis = env.redis.connect().await;
+    wait_until("1,500 events", Duration::from_secs(90), || {
+        let mut redis = redis.clone();
+        async move { stream_len(&mut redis, STREAM).await >= 1500 }
+    })
+    .await;
+    let entries = read_stream(&mut redis, STREAM).await;
+    let duplicates = check_complete_and_ordered(&entries, 0..1500);
+    println!("TLS: walsender kill and Postgres restart, 1,500 events, {duplicates} duplicates");
+    assert!(outboxd.is_running(), "{}", outboxd.log_text());
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+}

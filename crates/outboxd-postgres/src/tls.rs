@@ -417,9 +417,15 @@ pub fn relay(stream: PgStream, port: u16) -> std::io::Result<PathBuf> {
         let Ok(Ok((mut client, _))) = accepted else {
             return;
         };
+        // The WAL flows from the server: a larger buffer that way, fewer wakeups per byte.
+        let (up, down) = (8 * 1024, 128 * 1024);
         let result = match stream {
-            PgStream::Plain(mut s) => tokio::io::copy_bidirectional(&mut client, &mut s).await,
-            PgStream::Tls(mut s) => tokio::io::copy_bidirectional(&mut client, &mut *s).await,
+            PgStream::Plain(mut s) => {
+                tokio::io::copy_bidirectional_with_sizes(&mut client, &mut s, up, down).await
+            }
+            PgStream::Tls(mut s) => {
+                tokio::io::copy_bidirectional_with_sizes(&mut client, &mut *s, up, down).await
+            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "replication relay ended");
