@@ -395,6 +395,14 @@ async fn events_flow_to_a_tls_only_redis_with_an_acl_user() {
     env.setup();
     let report = check_passes(&env);
     assert!(!report.contains("redis-Secr3t-pw"), "{report}");
+    assert!(
+        report.contains(&format!(
+            "TLS, certificate verified against {}, host name checked, client certificate {}",
+            path(&pki.ca),
+            path(&pki.client.cert)
+        )),
+        "{report}"
+    );
     stream_events(&env, 0, 100).await;
     let mut conn = env.redis.connect().await;
     let entries = read_stream(&mut conn, STREAM).await;

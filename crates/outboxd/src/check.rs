@@ -12,7 +12,7 @@ use outboxd_postgres::slot::{self, SlotSpec};
 use outboxd_postgres::{ConnInfo, catalog, probe_replication};
 
 use crate::broker::Broker;
-use crate::config::{Config, DeliveryMode};
+use crate::config::{Config, DeliveryMode, SinkKind};
 use crate::report::one_line;
 
 /// How a check came out.
@@ -318,10 +318,11 @@ async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
     };
     match tokio::time::timeout(Duration::from_secs(15), broker.ping()).await {
         Ok(Ok(())) => {
+            let (status, tls) = broker_tls(config);
             report.add(
-                Status::Ok,
+                status,
                 "broker",
-                format!("{name} at {} answers", Broker::target(config)),
+                format!("{name} at {} answers; {tls}", Broker::target(config)),
             );
             if config.sink.delivery == DeliveryMode::EffectivelyOnce
                 && let (Broker::Redis(redis), Some(wal)) = (&mut broker, wal)
@@ -343,6 +344,77 @@ async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
             "broker",
             format!("{name} at {} did not answer within 15 s", Broker::target(config)),
         ),
+    }
+}
+
+/// How the broker connection is secured, from the configuration (the clients do not report
+/// the negotiated TLS): unverified TLS is worth a warning.
+fn broker_tls(config: &Config) -> (Status, String) {
+    match config.sink.kind {
+        SinkKind::Redis => {
+            let r = &config.sink.redis;
+            if !r.url.expose().starts_with("rediss://") {
+                return (Status::Ok, "not encrypted (redis://)".into());
+            }
+            let roots = if r.ca_file.is_empty() {
+                "the system's roots".to_owned()
+            } else {
+                r.ca_file.clone()
+            };
+            let client = if r.cert_file.is_empty() {
+                String::new()
+            } else {
+                format!(", client certificate {}", r.cert_file)
+            };
+            (
+                Status::Ok,
+                format!("TLS, certificate verified against {roots}, host name checked{client}"),
+            )
+        }
+        SinkKind::Kafka => {
+            let option = |name: &str| {
+                config
+                    .sink
+                    .kafka
+                    .options
+                    .get(name)
+                    .map(|v| v.trim().to_ascii_lowercase())
+            };
+            let protocol = option("security.protocol").unwrap_or_else(|| "plaintext".into());
+            if !protocol.ends_with("ssl") {
+                return (
+                    Status::Ok,
+                    format!("not encrypted (security.protocol={protocol})"),
+                );
+            }
+            if option("enable.ssl.certificate.verification").as_deref() == Some("false") {
+                return (
+                    Status::Warn,
+                    format!(
+                        "TLS (security.protocol={protocol}) with enable.ssl.certificate.verification = false: the brokers' certificates are not verified"
+                    ),
+                );
+            }
+            let roots = config
+                .sink
+                .kafka
+                .options
+                .get("ssl.ca.location")
+                .cloned()
+                .unwrap_or_else(|| "the system's roots".into());
+            let host = if option("ssl.endpoint.identification.algorithm").as_deref() == Some("none")
+            {
+                "host name not checked"
+            } else {
+                "host name checked"
+            };
+            (
+                Status::Ok,
+                format!(
+                    "TLS (security.protocol={protocol}), certificate verified against {roots}, {host}"
+                ),
+            )
+        }
     }
 }
 
