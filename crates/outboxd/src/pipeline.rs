@@ -127,6 +127,20 @@ pub enum RunError {
         #[source]
         source: SinkError,
     },
+    /// The broker answered at startup and refused outboxd (credentials, permissions).
+    #[error(
+        "{broker} at {target} refused outboxd: {}",
+        crate::report::one_line(.source)
+    )]
+    BrokerRefused {
+        /// The broker.
+        broker: &'static str,
+        /// Its address, without secrets.
+        target: String,
+        /// Why.
+        #[source]
+        source: SinkError,
+    },
     /// The broker failed in a way retrying cannot fix.
     #[error("{broker} failed permanently: {source}")]
     Sink {
@@ -191,13 +205,22 @@ where
         source,
     };
     let mut sink = make_sink().map_err(sink_error)?;
-    sink.ping()
-        .await
-        .map_err(|source| RunError::BrokerUnreachable {
-            broker: settings.broker,
-            target: settings.broker_target.clone(),
-            source,
-        })?;
+    sink.ping().await.map_err(|source| {
+        let (broker, target) = (settings.broker, settings.broker_target.clone());
+        if source.is_transient() {
+            RunError::BrokerUnreachable {
+                broker,
+                target,
+                source,
+            }
+        } else {
+            RunError::BrokerRefused {
+                broker,
+                target,
+                source,
+            }
+        }
+    })?;
     tracing::info!(
         postgres = %settings.conn,
         slot = %settings.slot,
