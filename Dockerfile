@@ -3,8 +3,8 @@
 #   docker build -t outboxd .
 #
 # The build stage is the official Rust image (Debian bookworm, with gcc and make) plus the
-# OpenSSL and zlib headers librdkafka builds against. The binary is built with `kafka-ssl`,
-# so TLS and SASL/SCRAM to Kafka work through [sink.kafka.options] alone.
+# OpenSSL and zlib headers librdkafka builds against. Every build has librdkafka with OpenSSL,
+# so TLS and SASL (PLAIN, SCRAM-SHA-256/512) to Kafka work through [sink.kafka.options] alone.
 FROM rust:1-bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends pkg-config libssl-dev zlib1g-dev \

@@ -1,5 +1,5 @@
 //! The outboxd benchmark: outboxd against references measured in the same run, on throwaway
-//! servers this program starts (Postgres, Redis, a tansu Kafka broker).
+//! servers this program starts (Postgres, Redis, a one-node Apache Kafka broker).
 //!
 //! ```text
 //! scripts/bench.sh                      everything, results into docs/benchmarks.md + .png
@@ -11,7 +11,7 @@
 //! 1. Backlog drain: N events in 1,000-row transactions are written with outboxd stopped; then
 //!    `pg_recvlogical` (pgoutput, same publication) reads the same WAL to /dev/null, outboxd
 //!    drains it to the broker, and `pg_recvlogical` reads it once more; the reference is the
-//!    mean of its two runs. Once for Redis, once for Kafka (tansu).
+//!    mean of its two runs. For Redis and for Kafka, in both delivery modes.
 //! 2. The same with one-row transactions.
 //! 3. Live: events committed at fixed rates while outboxd runs; the latency from each
 //!    transaction's commit (its `COMMIT` returned) to the event being readable in Redis.
@@ -32,11 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
-use support::kafka::Tansu;
+use support::apache_kafka::Kafka;
 use support::*;
 use tokio_postgres::Client;
 
@@ -118,19 +116,15 @@ fn parse_args() -> anyhow::Result<Args> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Broker {
     Redis,
-    /// A tansu broker process.
+    /// A one-node Apache Kafka broker (KRaft), from the jars the tests run.
     Kafka,
-    /// librdkafka's mock cluster in this process: the one Kafka-protocol broker here with
-    /// transactions, for the cost of effectively-once delivery.
-    KafkaMock,
 }
 
 impl Broker {
     fn name(self) -> &'static str {
         match self {
             Broker::Redis => "redis",
-            Broker::Kafka => "kafka (tansu)",
-            Broker::KafkaMock => "kafka (librdkafka mock cluster)",
+            Broker::Kafka => "kafka (Apache Kafka, one node)",
         }
     }
 }
@@ -171,6 +165,11 @@ fn broker_env_mode(
             (
                 "OUTBOXD_SINK__KAFKA__CREATE_TOPICS".to_owned(),
                 kafka.create_topics.to_string(),
+            ),
+            // The outbox topic in 3 partitions (100 keys).
+            (
+                "OUTBOXD_SINK__KAFKA__TOPIC_PARTITIONS".to_owned(),
+                "3".to_owned(),
             ),
         ]);
     }
@@ -247,7 +246,7 @@ fn pg_recvlogical(pg: &Postgres, slot: &str, end: &str) -> f64 {
 async fn delivered(broker: Broker, redis: &mut MultiplexedConnection, http_port: u16) -> u64 {
     match broker {
         Broker::Redis => stream_len(redis, "outbox.order").await,
-        Broker::Kafka | Broker::KafkaMock => http_get(http_port, "/metrics")
+        Broker::Kafka => http_get(http_port, "/metrics")
             .await
             .and_then(|(_, text)| {
                 metric(
@@ -1087,7 +1086,13 @@ fn versions() -> String {
         })
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{pg}; Redis {redis}; tansu 0.6; {cpus} CPUs; outboxd release build")
+    let kafka = support::apache_kafka::jars_dir()
+        .parent()
+        .and_then(|v| v.file_name())
+        .map_or_else(String::new, |v| v.to_string_lossy().into_owned());
+    format!(
+        "{pg}; Redis {redis}; Apache Kafka {kafka} (one KRaft node); {cpus} CPUs; outboxd release build"
+    )
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -1166,8 +1171,8 @@ fn per_round(ratios: &[f64]) -> String {
     format!(" (rounds: {})", each.join(", "))
 }
 
-/// Scenarios 1 and 2, once: Redis (both delivery modes), one-row transactions, Kafka on tansu
-/// and on the mock cluster (both delivery modes).
+/// Scenarios 1 and 2, once: Redis (both delivery modes), one-row transactions, Kafka on a
+/// one-node Apache Kafka broker (both delivery modes).
 async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
     let mut drains = vec![
         drain(Broker::Redis, 1000, args.events, None, false).await,
@@ -1175,26 +1180,16 @@ async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
         drain(Broker::Redis, 1, args.one_row, None, false).await,
     ];
     if args.kafka {
-        let tansu = Tansu::start();
-        let target = KafkaTarget {
-            brokers: tansu.brokers(),
-            create_topics: true,
-        };
-        drains.push(drain(Broker::Kafka, 1000, args.events, Some(&target), false).await);
-        drop(tansu);
         for effectively_once in [false, true] {
-            // A fresh mock cluster per run (it has no CreateTopics: the topics are made here).
-            let mock: MockCluster<'static, DefaultProducerContext> =
-                MockCluster::new(1).context("librdkafka's mock cluster")?;
-            mock.create_topic("outbox.order", 3, 1)?;
-            mock.create_topic("outboxd.offsets", 1, 1)?;
+            // A fresh broker per run: no topic, log or transaction state of the previous one.
+            let kafka = Kafka::single();
             let target = KafkaTarget {
-                brokers: mock.bootstrap_servers(),
-                create_topics: false,
+                brokers: kafka.brokers(),
+                create_topics: true,
             };
             drains.push(
                 drain(
-                    Broker::KafkaMock,
+                    Broker::Kafka,
                     1000,
                     args.events,
                     Some(&target),
@@ -1202,6 +1197,7 @@ async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
                 )
                 .await,
             );
+            drop(kafka);
         }
     }
     Ok(drains)
@@ -1232,7 +1228,7 @@ fn render_drains(drains: &[Drain]) -> String {
             if ratio >= target { "yes" } else { "no" }
         ));
     }
-    for broker in [Broker::Redis, Broker::KafkaMock] {
+    for broker in [Broker::Redis, Broker::Kafka] {
         let find = |eo: bool| {
             drains
                 .iter()

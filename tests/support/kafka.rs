@@ -1,19 +1,19 @@
-//! Kafka for the tests: Postgres + outboxd configured for Kafka, a `tansu` broker process, and
-//! a plain consumer that reads a topic back.
+//! Kafka for the tests: Postgres + outboxd configured for Kafka, and a plain consumer that
+//! reads a topic back.
 //!
 //! Two kinds of broker:
 //!
+//! - real Apache Kafka brokers, one node or a three-node cluster ([`super::apache_kafka`]):
+//!   the end-to-end, effectively-once, cluster and security suites;
 //! - librdkafka's mock cluster (`rdkafka::mocking::MockCluster`), created by the test itself:
 //!   it runs in the test process and speaks Kafka over TCP on 127.0.0.1, so the spawned
-//!   `outboxd` connects to it like to any broker, and the test can inject errors and outages.
-//! - `tansu`, a separate Kafka-compatible broker process ([`Tansu`]): binary from
-//!   `OUTBOXD_TEST_TANSU`, else `tansu` on the PATH, else `~/.cargo/bin/tansu`.
-//!   `scripts/test.sh` installs it when missing.
+//!   `outboxd` connects to it like to any broker, and the test can inject errors (kept for
+//!   those: `tests/kafka_mock.rs`).
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use rdkafka::message::Headers;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
 
-use super::{Outboxd, Postgres, create_outbox_db, free_port, outboxd_bin, scratch_dir};
+use super::{Outboxd, Postgres, create_outbox_db, outboxd_bin, scratch_dir};
 
 static GROUPS: AtomicU32 = AtomicU32::new(0);
 
@@ -118,96 +118,6 @@ impl KafkaEnv {
     /// A superuser connection to the outbox database.
     pub async fn db(&self) -> Client {
         self.pg.connect("app").await
-    }
-}
-
-/// The `tansu` binary, or a panic that says how to install it.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("OUTBOXD_TEST_TANSU") {
-        return PathBuf::from(path);
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file());
-    let in_cargo_home = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cargo/bin/tansu"))
-        .filter(|p| p.is_file());
-    on_path.or(in_cargo_home).unwrap_or_else(|| {
-        panic!(
-            "the tansu Kafka broker is not installed: run scripts/test.sh (it installs it), or \
-             `cargo install tansu --locked --features dynostore`, or set OUTBOXD_TEST_TANSU to \
-             its path"
-        )
-    })
-}
-
-/// A `tansu` broker process with in-memory storage, on a free port; killed (by PID) on drop.
-pub struct Tansu {
-    /// Its TCP port on 127.0.0.1.
-    pub port: u16,
-    child: Child,
-    /// Its output.
-    pub log: PathBuf,
-}
-
-impl Tansu {
-    /// Starts a broker and waits until it answers metadata requests.
-    pub fn start() -> Tansu {
-        let bin = tansu_bin();
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = scratch_dir("tansu").join("tansu.log");
-        let out = fs::File::create(&log).expect("create tansu log");
-        let err = out.try_clone().expect("clone log handle");
-        let child = Command::new(&bin)
-            .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            // tansu also reads these from the environment: the command line decides.
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .env_remove("CLUSTER_ID")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let mut tansu = Tansu { port, child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = tansu.child.try_wait() {
-                panic!(
-                    "tansu exited with {status}:\n{}",
-                    fs::read_to_string(&tansu.log).unwrap_or_default()
-                );
-            }
-            let client: Result<BaseConsumer, _> = ClientConfig::new()
-                .set("bootstrap.servers", tansu.brokers())
-                .create();
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && client.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok())
-            {
-                return tansu;
-            }
-            assert!(Instant::now() < deadline, "tansu did not start listening");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -324,6 +234,7 @@ fn read_topic_blocking(
     }
     consumer.assign(&assignment).expect("assign partitions");
     let mut read: Vec<KafkaMessage> = Vec::new();
+    let mut since_check = 0usize;
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
@@ -348,9 +259,14 @@ fn read_topic_blocking(
                         })
                         .unwrap_or_default(),
                 });
-                // While messages keep coming, check every 50 of them.
-                if read.len().is_multiple_of(50) && done(&read) {
-                    break;
+                // While messages keep coming, check every 50 of them, fewer as they add up (a
+                // check may look at every message read so far).
+                since_check += 1;
+                if since_check >= (read.len() / 20).clamp(50, 2000) {
+                    since_check = 0;
+                    if done(&read) {
+                        break;
+                    }
                 }
             }
             Some(Err(e)) => eprintln!("consumer: {e}"),

@@ -9,6 +9,7 @@
 //! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH. Kafka: see [`kafka`].
 #![allow(dead_code)]
 
+pub mod apache_kafka;
 pub mod kafka;
 pub mod proxy;
 pub mod tls;

@@ -128,6 +128,20 @@ pub enum RunError {
         #[source]
         source: SinkError,
     },
+    /// The broker answered at startup and refused outboxd (credentials, permissions).
+    #[error(
+        "{broker} at {target} refused outboxd: {}",
+        crate::report::one_line(.source)
+    )]
+    BrokerRefused {
+        /// The broker.
+        broker: &'static str,
+        /// Its address, without secrets.
+        target: String,
+        /// Why.
+        #[source]
+        source: SinkError,
+    },
     /// The broker failed in a way retrying cannot fix.
     #[error("{broker} failed permanently: {source}")]
     Sink {
@@ -199,13 +213,22 @@ where
         source,
     };
     let mut sink = make_sink().map_err(sink_error)?;
-    sink.ping()
-        .await
-        .map_err(|source| RunError::BrokerUnreachable {
-            broker: settings.broker,
-            target: settings.broker_target.clone(),
-            source,
-        })?;
+    sink.ping().await.map_err(|source| {
+        let (broker, target) = (settings.broker, settings.broker_target.clone());
+        if source.is_transient() {
+            RunError::BrokerUnreachable {
+                broker,
+                target,
+                source,
+            }
+        } else {
+            RunError::BrokerRefused {
+                broker,
+                target,
+                source,
+            }
+        }
+    })?;
     tracing::info!(
         postgres = %settings.conn,
         slot = %settings.slot,
@@ -360,11 +383,15 @@ impl Session<'_> {
         summary.tick().await;
         let mut last_forwarded = self.metrics.forwarded_total();
 
+        let mut dispatcher_ended = false;
         let result: Result<(), RunError> = loop {
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break Ok(()),
-                res = &mut dispatcher => break Err(self.dispatcher_ended(res)),
+                res = &mut dispatcher => {
+                    dispatcher_ended = true;
+                    break Err(self.dispatcher_ended(res));
+                }
                 Some(acked) = acks.recv() => self.acknowledged(&mut flow.checkpoint, &stream, acked),
                 event = stream.next() => {
                     let event = match event {
@@ -403,13 +430,20 @@ impl Session<'_> {
             // new sink: a Kafka transaction still committing in the background would
             // otherwise land after the new sink read the committed position, and be sent
             // again. Nothing is confirmed from here; the next session resumes from the slot.
-            if !dispatcher.is_finished() {
+            //
+            // That batch may also end in a permanent error (a Kafka producer fenced by another
+            // outboxd that took the slot over while this one was frozen): then that error is
+            // the reason to stop, not the lost session, which would only make this instance
+            // stand by for the slot.
+            if !dispatcher_ended {
                 drop(flow);
-                if tokio::time::timeout(SETTLE_TIMEOUT, &mut dispatcher)
-                    .await
-                    .is_err()
-                {
-                    dispatcher.abort();
+                match tokio::time::timeout(SETTLE_TIMEOUT, &mut dispatcher).await {
+                    Err(_) => dispatcher.abort(),
+                    Ok(Ok(Err(sink))) if !sink.is_transient() => {
+                        tracing::debug!(session = %e, "the session ended, and the batch being sent failed permanently");
+                        return Err(self.dispatcher_ended(Ok(Err(sink))));
+                    }
+                    Ok(_) => {}
                 }
             }
             return Err(e);

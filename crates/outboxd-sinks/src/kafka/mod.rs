@@ -253,13 +253,24 @@ pub fn classify(code: RDKafkaErrorCode) -> ErrorClass {
 
 /// The last error librdkafka reported outside delivery reports (connection failures,
 /// authentication), shown when a batch times out.
+///
+/// A refused authentication is kept until it is taken, over the errors that follow it: the
+/// broker closes the connection after a failed SASL handshake, and librdkafka then reports a
+/// transport failure on every reconnect, which would hide the reason (a wrong password would
+/// read as an unreachable broker).
 #[derive(Clone, Default)]
 struct LastError(Arc<Mutex<Option<(RDKafkaErrorCode, String)>>>);
 
 impl LastError {
     fn set(&self, code: RDKafkaErrorCode, text: String) {
         if let Ok(mut last) = self.0.lock() {
-            *last = Some((code, text));
+            let keep = last
+                .as_ref()
+                .is_some_and(|(kept, _)| classify(*kept) == ErrorClass::Credentials)
+                && classify(code) != ErrorClass::Credentials;
+            if !keep {
+                *last = Some((code, text));
+            }
         }
     }
 
@@ -1060,6 +1071,31 @@ mod tests {
         ] {
             assert_eq!(classify(code), ErrorClass::Transient, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_refused_authentication_is_not_hidden_by_the_transport_failures_after_it() {
+        let last = LastError::default();
+        last.set(RDKafkaErrorCode::BrokerTransportFailure, "refused".into());
+        last.set(
+            RDKafkaErrorCode::Authentication,
+            "SASL authentication error: invalid credentials".into(),
+        );
+        last.set(
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "disconnected".into(),
+        );
+        last.set(RDKafkaErrorCode::AllBrokersDown, "all down".into());
+        assert_eq!(
+            last.take().map(|(code, _)| code),
+            Some(RDKafkaErrorCode::Authentication)
+        );
+        // Taken: what comes next is reported as it is.
+        last.set(RDKafkaErrorCode::BrokerTransportFailure, "refused".into());
+        assert_eq!(
+            last.take().map(|(code, _)| code),
+            Some(RDKafkaErrorCode::BrokerTransportFailure)
+        );
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! outboxd against an Apache Kafka broker that takes clients only over SASL_SSL: SCRAM-SHA-512
+//! over TLS, the broker's certificate signed by a CA the test makes with `openssl`. TLS and
+//! SASL are in every build (librdkafka with OpenSSL), configured through
+//! `[sink.kafka.options]` alone. The test's own consumers read through a plaintext listener.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::apache_kafka::{Kafka, SCRAM_USER, Security};
+use support::kafka::*;
+use support::*;
+
+const PASSWORD: &str = "scram-Secr3t-9f1c";
+const TOPIC: &str = "outbox.order";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA (`ca.pem`) and the broker's key and certificate for localhost and 127.0.0.1, in
+/// one PEM file (`broker-keystore.pem`, the key in PKCS#8 as Kafka's PEM keystores want it).
+fn make_certificates(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=outboxd test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "broker.key",
+            "-out",
+            "broker.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "broker.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "broker.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            "broker.key",
+            "-out",
+            "broker.pk8",
+        ],
+    );
+    let keystore = dir.join("broker-keystore.pem");
+    let key = std::fs::read_to_string(dir.join("broker.pk8")).unwrap();
+    let cert = std::fs::read_to_string(dir.join("broker.pem")).unwrap();
+    std::fs::write(&keystore, format!("{key}{cert}")).unwrap();
+    (dir.join("ca.pem"), keystore)
+}
+
+fn secure_kafka() -> (Kafka, PathBuf) {
+    let dir = scratch_dir("kafka-tls");
+    let (ca, keystore) = make_certificates(&dir);
+    let kafka = Kafka::start(
+        1,
+        Security::SaslSsl {
+            keystore,
+            password: PASSWORD.into(),
+        },
+    );
+    (kafka, ca)
+}
+
+/// `[sink.kafka.options]` for SCRAM-SHA-512 over TLS with `password`, librdkafka's debug
+/// logs of its security, broker and protocol layers on.
+fn options(ca: &Path, password: &str) -> String {
+    format!(
+        "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+         \"sasl.username\" = \"{SCRAM_USER}\"\n\"sasl.password\" = \"{password}\"\n\
+         \"ssl.ca.location\" = \"{}\"\n\"debug\" = \"security,broker,protocol\"\n\
+         \"log_level\" = \"7\"",
+        ca.display()
+    )
+}
+
+fn settings(ca: &Path, password: &str, delivery: &str) -> KafkaSettings {
+    KafkaSettings {
+        sink: format!("delivery = \"{delivery}\""),
+        kafka: "create_topics = true\ntopic_partitions = 3\ndelivery_timeout_ms = 10000".into(),
+        options: options(ca, password),
+    }
+}
+
+const DEBUG_LOG: (&str, &str) = ("OUTBOXD_LOG", "debug");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password() {
+    let (kafka, ca) = secure_kafka();
+    // Effectively-once: the producer, the admin client and the offsets topic's consumer all
+    // go through SASL_SSL.
+    let env = KafkaEnv::start(
+        &kafka.secure_brokers(),
+        &settings(&ca, PASSWORD, "effectively-once"),
+    )
+    .await;
+    let mut outboxd = env.run_with(&[DEBUG_LOG]);
+    let db = env.db().await;
+    let started = Instant::now();
+    emit_many(&db, 0, 2000, 20).await;
+    let messages = read_topic_isolated(
+        &kafka.brokers(),
+        TOPIC,
+        "read_committed",
+        Duration::from_secs(90),
+        |m| has_all(m, 0..2000),
+    )
+    .await;
+    let duplicates = check_partitions_complete_and_ordered(&messages, 0..2000);
+    assert_eq!(duplicates, 0);
+    let elapsed = started.elapsed();
+
+    // `check` passes over SASL_SSL too.
+    let check = env.command_with(&["check"], &[DEBUG_LOG]);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{report}");
+
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(60)).success());
+    let log = outboxd.log_text();
+    assert!(
+        log.contains("SASL") && log.contains("SCRAM-SHA-512"),
+        "librdkafka's security debug logs are on, so the log shows the SASL handshake:\n{}",
+        &log[..log.len().min(4000)]
+    );
+    for (what, text) in [("outboxd run", &log), ("outboxd check", &report)] {
+        let leaks: Vec<&str> = text.lines().filter(|l| l.contains(PASSWORD)).collect();
+        assert!(leaks.is_empty(), "{what} logged the password: {leaks:?}");
+    }
+    println!(
+        "SASL_SSL (SCRAM-SHA-512 over TLS), effectively-once: 2,000 events in {:.1} s, each once; {} log lines with librdkafka debug on, none with the password",
+        elapsed.as_secs_f64(),
+        log.lines().count()
+    );
+    drop(kafka);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
+    let (kafka, ca) = secure_kafka();
+    let wrong = "not-the-Secr3t";
+    let env = KafkaEnv::start(
+        &kafka.secure_brokers(),
+        &settings(&ca, wrong, "at-least-once"),
+    )
+    .await;
+    let db = env.db().await;
+
+    // outboxd check: a non-zero exit and a line that names the credentials.
+    let check = env.command_with(&["check"], &[DEBUG_LOG]);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!check.status.success(), "{report}");
+    let failures: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("FAIL") && l.to_lowercase().contains("kafka"))
+        .collect();
+    assert_eq!(failures.len(), 1, "one failure line for Kafka:\n{report}");
+    assert!(
+        failures[0].contains("credentials") || failures[0].contains("authentication"),
+        "the line says what is wrong: {}",
+        failures[0]
+    );
+
+    // outboxd run: stops with one line that says so.
+    let started = Instant::now();
+    let mut outboxd = env.run_with(&[DEBUG_LOG]);
+    emit_txn(&db, 0, 10, 2).await;
+    let status = outboxd.wait(Duration::from_secs(120));
+    let log = outboxd.log_text();
+    assert!(!status.success(), "{log}");
+    // librdkafka's debug lines go on while the client shuts down: the stop is the one ERROR.
+    let stops: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && !l.contains("librdkafka"))
+        .collect();
+    assert_eq!(stops.len(), 1, "one error line: {stops:?}");
+    let last = stops[0];
+    assert!(
+        last.contains("outboxd stopped")
+            && last.contains("refused outboxd")
+            && last.contains("credentials"),
+        "the line says the credentials were refused: {last}"
+    );
+    for (what, text) in [("outboxd run", &log), ("outboxd check", &report)] {
+        let leaks: Vec<&str> = text.lines().filter(|l| l.contains(wrong)).collect();
+        assert!(leaks.is_empty(), "{what} logged the password: {leaks:?}");
+    }
+    // Nothing was confirmed: the events are still to be delivered.
+    let messages = read_topic(&kafka.brokers(), TOPIC, Duration::from_secs(3), |_| false).await;
+    assert!(messages.is_empty(), "{messages:?}");
+    println!(
+        "wrong SCRAM password: check failed with {:?}; run stopped after {:.1} s with: {last}",
+        failures[0],
+        started.elapsed().as_secs_f64()
+    );
+}
