@@ -33,6 +33,9 @@ BEGIN
 END
 $$;
 
+-- Pruning (`[postgres] prune_after`, `outboxd prune`) and backfills read by creation time.
+CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON public.outbox (created_at);
+
 -- Emit an event inside the caller's transaction; returns its id.
 --
 --   BEGIN;
@@ -40,17 +43,62 @@ $$;
 --   SELECT outbox_emit('order', '123', 'order.paid', '{"amount": 42}',
 --                      '{"traceparent": "00-..."}');
 --   COMMIT;
+--
+-- keep => false deletes the row again in the same transaction: the table stays empty, the
+-- WAL still carries the insert, and outboxd forwards it (the publication publishes inserts
+-- only). The event cannot be replayed from the table then.
+DROP FUNCTION IF EXISTS public.outbox_emit(text, text, text, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION public.outbox_emit(
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
+    payload        jsonb,
+    headers        jsonb   DEFAULT '{}',
+    keep           boolean DEFAULT true
+) RETURNS uuid
+LANGUAGE plpgsql
+VOLATILE
+AS $$
+#variable_conflict use_variable
+DECLARE
+    event_id uuid;
+BEGIN
+    INSERT INTO public.outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+    VALUES (aggregate_type, aggregate_id, event_type, payload, COALESCE(headers, '{}'))
+    RETURNING id INTO event_id;
+    IF NOT keep THEN
+        DELETE FROM public.outbox WHERE id = event_id;
+    END IF;
+    RETURN event_id;
+END
+$$;
+
+-- Table-less: emit an event as a transactional logical decoding message (prefix 'outboxd')
+-- instead of a row; returns its id. Nothing is written to a table: the event lives only in
+-- the WAL, and outboxd forwards it when `[postgres] source = "messages"` (PostgreSQL 14+).
+-- Same guarantees as a row: only committed events, in commit order.
+CREATE OR REPLACE FUNCTION public.outbox_emit_message(
     aggregate_type text,
     aggregate_id   text,
     event_type     text,
     payload        jsonb,
     headers        jsonb DEFAULT '{}'
 ) RETURNS uuid
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 AS $$
-    INSERT INTO public.outbox (aggregate_type, aggregate_id, event_type, payload, headers)
-    VALUES (aggregate_type, aggregate_id, event_type, payload, COALESCE(headers, '{}'))
-    RETURNING id
+DECLARE
+    event_id uuid := gen_random_uuid();
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'outboxd', json_build_object(
+        'id', event_id::text,
+        'aggregate_type', aggregate_type,
+        'aggregate_id', aggregate_id,
+        'event_type', event_type,
+        'payload', payload::text,
+        'headers', COALESCE(headers, '{}')::text,
+        'created_at', now()::text
+    )::text);
+    RETURN event_id;
+END
 $$;

@@ -45,6 +45,19 @@ impl Headers {
             pairs: Vec::new(),
         }
     }
+
+    /// Adds a header in front of the others (in the JSON object too). `name` and `value`
+    /// must need no JSON escaping.
+    pub fn push_front(&mut self, name: &'static str, value: &'static str) {
+        let entry = format!("\"{name}\":\"{value}\"");
+        let json = match self.json.as_ref() {
+            b"{}" | b"" => format!("{{{entry}}}"),
+            other => format!("{{{entry},{}", String::from_utf8_lossy(&other[1..])),
+        };
+        self.json = Bytes::from(json);
+        self.pairs
+            .insert(0, (name.to_owned(), Bytes::from_static(value.as_bytes())));
+    }
 }
 
 /// One outbox row, routed: everything a sink needs to publish it.
@@ -85,6 +98,9 @@ pub enum PoisonKind {
     TooLarge,
     /// The broker refused this event (for example a wrong-typed key or a forbidden topic).
     Rejected,
+    /// A logical decoding message with one of outboxd's prefixes whose content is not what
+    /// the prefix promises.
+    InvalidMessage,
 }
 
 impl PoisonKind {
@@ -96,6 +112,7 @@ impl PoisonKind {
             PoisonKind::InvalidHeaders => "invalid_headers",
             PoisonKind::TooLarge => "too_large",
             PoisonKind::Rejected => "rejected",
+            PoisonKind::InvalidMessage => "invalid_message",
         }
     }
 }
@@ -164,5 +181,23 @@ impl Record {
             + headers
             + self.poison.as_ref().map_or(0, |p| p.detail.len())
             + 128
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_header_in_front_keeps_the_object_valid() {
+        let mut h = super::Headers::empty();
+        h.push_front("outboxd-replay", "true");
+        assert_eq!(h.json.as_ref(), br#"{"outboxd-replay":"true"}"#);
+        let mut h = super::Headers {
+            json: bytes::Bytes::from_static(br#"{"a": "1"}"#),
+            pairs: vec![("a".into(), bytes::Bytes::from_static(b"1"))],
+        };
+        h.push_front("outboxd-replay", "true");
+        assert_eq!(h.json.as_ref(), br#"{"outboxd-replay":"true","a": "1"}"#);
+        assert_eq!(h.pairs[0].0, "outboxd-replay");
+        assert_eq!(h.pairs.len(), 2);
     }
 }

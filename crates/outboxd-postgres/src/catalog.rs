@@ -185,6 +185,8 @@ pub struct Table {
     pub columns: Vec<String>,
     /// Whether the connected role may SELECT from it (logical replication requires it).
     pub can_select: bool,
+    /// Whether it is a partitioned table (its rows live in partitions).
+    pub partitioned: bool,
 }
 
 impl Table {
@@ -198,7 +200,8 @@ impl Table {
 pub async fn table(client: &Client, name: &str) -> Result<Option<Table>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
-            "SELECT c.oid, n.nspname::text, c.relname::text, has_table_privilege(c.oid, 'SELECT') \
+            "SELECT c.oid, n.nspname::text, c.relname::text, has_table_privilege(c.oid, 'SELECT'), \
+                    c.relkind = 'p' \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.oid = to_regclass($1::text)",
             &[&name],
@@ -224,6 +227,7 @@ pub async fn table(client: &Client, name: &str) -> Result<Option<Table>, tokio_p
         name: row.get(2),
         columns,
         can_select: row.get(3),
+        partitioned: row.get(4),
     }))
 }
 
@@ -234,25 +238,33 @@ pub struct Publication {
     pub inserts: bool,
     /// Whether it includes the outbox table.
     pub includes_table: bool,
+    /// Whether changes of partitions are published as the partitioned table's
+    /// (`publish_via_partition_root`).
+    pub via_root: bool,
 }
 
-/// Looks up a publication and whether it covers `table`.
+/// Looks up a publication and whether it covers `table` (with no table: whether it exists).
 pub async fn publication(
     client: &Client,
     name: &str,
-    table: &Table,
+    table: Option<&Table>,
 ) -> Result<Option<Publication>, tokio_postgres::Error> {
+    let (schema, relname, oid) = table.map_or(("", "", 0), |t| (&t.schema[..], &t.name[..], t.oid));
     let row = client
         .query_opt(
             "SELECT p.pubinsert, EXISTS (SELECT 1 FROM pg_publication_tables t \
                  WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+                 OR EXISTS (SELECT 1 FROM pg_publication_rel r \
+                     WHERE r.prpubid = p.oid AND r.prrelid = $4), \
+                 p.pubviaroot \
              FROM pg_publication p WHERE p.pubname = $1",
-            &[&name, &table.schema, &table.name],
+            &[&name, &schema, &relname, &oid],
         )
         .await?;
     Ok(row.map(|r| Publication {
         inserts: r.get(0),
         includes_table: r.get(1),
+        via_root: r.get(2),
     }))
 }
 

@@ -6,13 +6,15 @@
 //! - [`slot`]: setting up and checking the publication and the slot.
 //! - [`stream`]: one replication session, as events for the pipeline.
 //! - [`decode`]: pgoutput messages.
+//! - [`message`]: outboxd's own logical decoding messages (table-less events, backfill, replay).
 
 pub mod catalog;
 pub mod conninfo;
 pub mod decode;
+pub mod message;
 pub mod slot;
 pub mod stream;
 pub mod tls;
 
 pub use conninfo::ConnInfo;
-pub use stream::{StreamError, StreamOptions, WalEvent, WalStream, probe_replication};
+pub use stream::{Source, StreamError, StreamOptions, WalEvent, WalStream, probe_replication};

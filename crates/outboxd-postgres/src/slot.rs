@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::{self, Provider, Server, Slot, Table, quote_ident};
+use crate::stream::Source;
 
 /// What to set up or check.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +22,9 @@ pub struct SlotSpec<'a> {
     pub table: &'a str,
     /// Create the slot with `failover = true` (PostgreSQL 17+), so it survives a promotion.
     pub failover: bool,
+    /// Where events come from: with [`Source::Messages`] no table is needed, and the
+    /// publication need not include one.
+    pub source: Source,
 }
 
 /// Whether [`prepare`] may create what is missing.
@@ -96,8 +100,9 @@ pub enum SlotError {
     },
     /// The role may not create the publication.
     #[error(
-        "role {role:?} may not create publication {publication:?} (it must own the table): \
-         ask the table owner to run: {create}"
+        "role {role:?} may not create publication {publication:?} (creating one needs the \
+         CREATE privilege on the database, and ownership of the table it publishes): ask the \
+         table owner to run: {create}"
     )]
     PublicationDenied {
         /// The connected role.
@@ -113,6 +118,19 @@ pub enum SlotError {
          ADD TABLE {table}"
     )]
     PublicationLacksTable {
+        /// The publication name.
+        publication: String,
+        /// Its name, quoted.
+        quoted_pub: String,
+        /// The table, quoted.
+        table: String,
+    },
+    /// The table is partitioned and the publication sends changes as the partitions'.
+    #[error(
+        "publication {publication:?} publishes the partitions of {table} under their own names: \
+         ALTER PUBLICATION {quoted_pub} SET (publish = 'insert', publish_via_partition_root = true)"
+    )]
+    PublicationNotViaRoot {
         /// The publication name.
         publication: String,
         /// Its name, quoted.
@@ -195,6 +213,7 @@ impl SlotError {
             SlotError::PublicationMissing { .. }
             | SlotError::PublicationDenied { .. }
             | SlotError::PublicationLacksTable { .. }
+            | SlotError::PublicationNotViaRoot { .. }
             | SlotError::PublicationNoInserts { .. } => "publication",
             SlotError::SlotMissing { .. }
             | SlotError::SlotForeign { .. }
@@ -240,12 +259,9 @@ pub async fn inspect(client: &Client, spec: SlotSpec<'_>) -> Result<Inspection, 
     let table = catalog::table(client, spec.table)
         .await
         .map_err(SlotError::pg("looking up the outbox table"))?;
-    let publication = match &table {
-        Some(t) => catalog::publication(client, spec.publication, t)
-            .await
-            .map_err(SlotError::pg("reading pg_publication"))?,
-        None => None,
-    };
+    let publication = catalog::publication(client, spec.publication, table.as_ref())
+        .await
+        .map_err(SlotError::pg("reading pg_publication"))?;
     let slot = catalog::slot(client, spec.slot)
         .await
         .map_err(SlotError::pg("reading pg_replication_slots"))?;
@@ -262,11 +278,20 @@ impl Inspection {
     /// can stream.
     pub fn problems(&self, spec: SlotSpec<'_>) -> Vec<SlotError> {
         let mut problems = self.prerequisites(spec);
-        if let Some(Err(e)) = self
-            .table
-            .as_ref()
-            .map(|table| publication_problem(spec, table, self.publication.as_ref()))
-        {
+        let publication = match (spec.source, &self.table) {
+            (Source::Table, Some(table)) => {
+                publication_problem(spec, table, self.publication.as_ref())
+            }
+            (Source::Table, None) => Ok(()),
+            (Source::Messages, _) if self.publication.is_none() => {
+                Err(SlotError::PublicationMissing {
+                    publication: spec.publication.to_owned(),
+                    create: create_publication_sql(spec, None),
+                })
+            }
+            (Source::Messages, _) => Ok(()),
+        };
+        if let Err(e) = publication {
             problems.push(e);
         }
         if let Err(e) = self.slot_problem(spec) {
@@ -286,6 +311,7 @@ impl Inspection {
             });
         }
         match &self.table {
+            _ if spec.source == Source::Messages => {}
             None => problems.push(SlotError::TableMissing {
                 table: spec.table.to_owned(),
                 database: server.database.clone(),
@@ -343,7 +369,7 @@ fn publication_problem(
     match publication {
         None => Err(SlotError::PublicationMissing {
             publication: spec.publication.to_owned(),
-            create: create_publication_sql(spec, table),
+            create: create_publication_sql(spec, Some(table)),
         }),
         Some(p) if !p.includes_table => Err(SlotError::PublicationLacksTable {
             publication: spec.publication.to_owned(),
@@ -354,16 +380,31 @@ fn publication_problem(
             publication: spec.publication.to_owned(),
             quoted_pub,
         }),
+        Some(p) if table.partitioned && !p.via_root => Err(SlotError::PublicationNotViaRoot {
+            publication: spec.publication.to_owned(),
+            quoted_pub,
+            table: table.quoted(),
+        }),
         Some(_) => Ok(()),
     }
 }
 
-fn create_publication_sql(spec: SlotSpec<'_>, table: &Table) -> String {
-    format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
-        quote_ident(spec.publication),
-        table.quoted()
-    )
+/// The statement that creates the publication: of the table (through its root when it is
+/// partitioned), or, for table-less messages, of no table (messages are not filtered by
+/// publications, but pgoutput needs one to stream).
+fn create_publication_sql(spec: SlotSpec<'_>, table: Option<&Table>) -> String {
+    let name = quote_ident(spec.publication);
+    match table {
+        Some(t) if t.partitioned => format!(
+            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = 'insert', publish_via_partition_root = true)",
+            t.quoted()
+        ),
+        Some(t) => format!(
+            "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = 'insert')",
+            t.quoted()
+        ),
+        None => format!("CREATE PUBLICATION {name} WITH (publish = 'insert')"),
+    }
 }
 
 /// Everything [`prepare`] found, ready for streaming.
@@ -371,8 +412,8 @@ fn create_publication_sql(spec: SlotSpec<'_>, table: &Table) -> String {
 pub struct Prepared {
     /// The server and role.
     pub server: Server,
-    /// The outbox table.
-    pub table: Table,
+    /// The outbox table (`None` for table-less messages).
+    pub table: Option<Table>,
     /// The slot.
     pub slot: Slot,
     /// Whether this call created the publication.
@@ -394,7 +435,11 @@ pub async fn prepare(
         if let Some(first) = found.prerequisites(spec).into_iter().next() {
             return Err(first);
         }
-        if let (Some(table), None) = (&found.table, &found.publication) {
+        let table = match spec.source {
+            Source::Table => found.table.as_ref(),
+            Source::Messages => None,
+        };
+        if found.publication.is_none() && (table.is_some() || spec.source == Source::Messages) {
             create_publication(client, spec, &found.server, table).await?;
             created_publication = true;
         }
@@ -412,10 +457,10 @@ pub async fn prepare(
     match found {
         Inspection {
             server,
-            table: Some(table),
+            table,
             slot: Some(slot),
             ..
-        } => Ok(Prepared {
+        } if table.is_some() || spec.source == Source::Messages => Ok(Prepared {
             server,
             table,
             slot,
@@ -433,7 +478,7 @@ async fn create_publication(
     client: &Client,
     spec: SlotSpec<'_>,
     server: &Server,
-    table: &Table,
+    table: Option<&Table>,
 ) -> Result<(), SlotError> {
     let create = create_publication_sql(spec, table);
     match client.batch_execute(&create).await {

@@ -28,6 +28,14 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use crate::catalog::TlsState;
 use crate::conninfo::ConnInfo;
 use crate::decode::{self, DecodeError, Message, Relation};
+use crate::message::MessageKind;
+
+/// Now, in microseconds since the Unix epoch.
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
 
 /// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -47,6 +55,18 @@ pub struct StreamOptions {
     pub status_interval: Duration,
     /// How many undecoded messages may wait between the socket and the pipeline.
     pub buffer_messages: usize,
+    /// Where events come from: the table's rows, or table-less messages.
+    pub source: Source,
+}
+
+/// Where outbox events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Inserts into the outbox table, plus backfilled and replayed rows (messages
+    /// `outboxd.backfill` and `outboxd.replay`).
+    Table,
+    /// Logical decoding messages with prefix `outboxd` (`outbox_emit_message`); no table.
+    Messages,
 }
 
 /// What the pipeline acts on.
@@ -59,6 +79,18 @@ pub enum WalEvent {
         /// The values in table column order, `None` for NULL.
         values: Vec<Option<Bytes>>,
         /// The row's position in the WAL.
+        position: Position,
+        /// The transaction's commit time, microseconds since the Unix epoch.
+        commit_time_micros: i64,
+    },
+    /// One of outboxd's logical decoding messages (see [`crate::message`]), in a committed
+    /// transaction; numbered among the transaction's rows.
+    Message {
+        /// Which kind.
+        kind: MessageKind,
+        /// Its content, to decode against the route's columns.
+        content: Bytes,
+        /// Its position in the WAL.
         position: Position,
         /// The transaction's commit time, microseconds since the Unix epoch.
         commit_time_micros: i64,
@@ -257,6 +289,8 @@ pub struct WalStream {
     txn: Option<Txn>,
     /// The position the session started from; confirming it again needs no wait.
     start: Lsn,
+    /// Whether messages of the other source were reported in this session.
+    warned_source: bool,
 }
 
 impl std::fmt::Debug for WalStream {
@@ -298,6 +332,7 @@ impl WalStream {
             outbox_known: false,
             txn: None,
             start,
+            warned_source: false,
         })
     }
 
@@ -363,16 +398,76 @@ impl WalStream {
                     decode::decode(&data).map_err(|source| StreamError::Decode { lsn, source })?;
                 self.handle_message(message)
             }
-            // Logical decoding messages (pg_logical_emit_message) are not outbox events.
-            ReplicationEvent::Message { .. } => Ok(None),
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => Ok(self.message(transactional, Lsn::new(lsn.as_u64()), &prefix, content)),
             ReplicationEvent::StoppedAt { .. } => Err(StreamError::Ended),
         }
+    }
+
+    /// A logical decoding message: forwarded when it is one of outboxd's for this source.
+    fn message(
+        &mut self,
+        transactional: bool,
+        lsn: Lsn,
+        prefix: &str,
+        content: Bytes,
+    ) -> Option<WalEvent> {
+        let kind = MessageKind::of_prefix(prefix)?;
+        let wanted = match self.options.source {
+            Source::Table => kind != MessageKind::Event,
+            Source::Messages => kind == MessageKind::Event,
+        };
+        if !wanted {
+            if !self.warned_source {
+                self.warned_source = true;
+                tracing::warn!(
+                    prefix,
+                    source = ?self.options.source,
+                    "skipping outboxd messages this source does not take: table-less events \
+                     (outbox_emit_message) need postgres.source = \"messages\"; backfill and \
+                     replay need the table source"
+                );
+            }
+            return None;
+        }
+        // A message outside a transaction (pg_logical_emit_message(false, ...)) is decoded at
+        // once, between transactions: its own LSN orders it.
+        let (position, commit_time_micros) = match (transactional, self.txn.as_mut()) {
+            (true, Some(txn)) => {
+                let position = Position {
+                    commit_lsn: txn.commit_lsn,
+                    index: txn.rows,
+                };
+                txn.rows += 1;
+                (position, txn.commit_time_micros)
+            }
+            _ => (
+                Position {
+                    commit_lsn: lsn,
+                    index: 0,
+                },
+                unix_micros(),
+            ),
+        };
+        Some(WalEvent::Message {
+            kind,
+            content,
+            position,
+            commit_time_micros,
+        })
     }
 
     fn handle_message(&mut self, message: Message) -> Result<Option<WalEvent>, StreamError> {
         match message {
             Message::Relation(rel) => {
                 let (schema, name) = &self.options.table_name;
+                if self.options.source == Source::Messages {
+                    return Ok(None);
+                }
                 if rel.id == self.outbox_oid || (&rel.namespace == schema && &rel.name == name) {
                     self.outbox_oid = rel.id;
                     self.outbox_known = true;

@@ -8,11 +8,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon, glob_escape};
-use outboxd_postgres::slot::{self, SlotSpec};
+use outboxd_postgres::slot;
 use outboxd_postgres::{ConnInfo, catalog, probe_replication};
 
 use crate::broker::Broker;
-use crate::config::{Config, DeliveryMode, SinkKind};
+use crate::config::{Config, DeliveryMode, SinkKind, SourceKind};
 use crate::report::one_line;
 
 /// How a check came out.
@@ -114,12 +114,7 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             return None;
         }
     };
-    let spec = SlotSpec {
-        slot: &config.postgres.slot,
-        publication: &config.postgres.publication,
-        table: &config.postgres.table,
-        failover: config.postgres.failover_slot,
-    };
+    let spec = config.slot_spec();
     let found = match slot::inspect(&client, spec).await {
         Ok(f) => f,
         Err(e) => {
@@ -177,7 +172,26 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
     if !failed("wal_level") {
         report.add(Status::Ok, "wal_level", "logical");
     }
-    if let Some(table) = &found.table {
+    if config.postgres.source == SourceKind::Messages {
+        match Router::bind(&config.route.spec(), &Config::message_columns()) {
+            Ok(_) => report.add(
+                Status::Ok,
+                "route",
+                "every routed field is one outbox_emit_message writes",
+            ),
+            Err(e) => report.add(Status::Fail, "route", one_line(&e)),
+        }
+        if !failed("publication") {
+            report.add(
+                Status::Ok,
+                "publication",
+                format!(
+                    "{:?} exists (table-less: messages with prefix \"outboxd\" are streamed)",
+                    config.postgres.publication
+                ),
+            );
+        }
+    } else if let Some(table) = &found.table {
         if !failed("table") && !failed("rights") {
             report.add(
                 Status::Ok,

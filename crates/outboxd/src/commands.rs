@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use outboxd_postgres::catalog;
-use outboxd_postgres::slot::{self, Mode, SlotSpec};
+use outboxd_postgres::slot::{self, Mode};
 use outboxd_postgres::{ConnInfo, conninfo::ConnInfoError};
 use tokio_util::sync::CancellationToken;
 
@@ -41,14 +41,12 @@ async fn connect(conn: &ConnInfo) -> Result<tokio_postgres::Client, RunError> {
 pub async fn setup(config: &Config) -> anyhow::Result<()> {
     let conn = conn_info(config)?;
     let client = connect(&conn).await?;
-    let spec = SlotSpec {
-        slot: &config.postgres.slot,
-        publication: &config.postgres.publication,
-        table: &config.postgres.table,
-        failover: config.postgres.failover_slot,
-    };
+    let spec = config.slot_spec();
     let prepared = slot::prepare(&client, spec, Mode::Create).await?;
-    let table = format!("{}.{}", prepared.table.schema, prepared.table.name);
+    let table = prepared.table.as_ref().map_or_else(
+        || "no table (table-less messages)".to_owned(),
+        |t| format!("{}.{}", t.schema, t.name),
+    );
     println!(
         "publication {:?} on {table}: {}",
         config.postgres.publication,
@@ -82,6 +80,7 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
         slot: config.postgres.slot.clone(),
         publication: config.postgres.publication.clone(),
         table: config.postgres.table.clone(),
+        source: config.postgres.source.stream_source(),
         route: config.route.spec(),
         status_interval: Duration::from_millis(config.postgres.status_interval_ms),
         max_batch_events: config.sink.max_batch_events,

@@ -132,6 +132,29 @@ pub struct PostgresConfig {
     pub failover_slot: bool,
     /// How often confirmed positions are reported to Postgres, in milliseconds.
     pub status_interval_ms: u64,
+    /// Where events come from: `table` (inserts into `table`) or `messages` (table-less:
+    /// `outbox_emit_message`, PostgreSQL 14+).
+    pub source: SourceKind,
+}
+
+/// `postgres.source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Inserts into the outbox table.
+    Table,
+    /// Transactional logical decoding messages with prefix `outboxd`.
+    Messages,
+}
+
+impl SourceKind {
+    /// The stream's source.
+    pub fn stream_source(self) -> outboxd_postgres::Source {
+        match self {
+            SourceKind::Table => outboxd_postgres::Source::Table,
+            SourceKind::Messages => outboxd_postgres::Source::Messages,
+        }
+    }
 }
 
 impl Default for PostgresConfig {
@@ -144,6 +167,7 @@ impl Default for PostgresConfig {
             table: "public.outbox".into(),
             failover_slot: false,
             status_interval_ms: 1000,
+            source: SourceKind::Table,
         }
     }
 }
@@ -573,6 +597,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// What `setup`, `check` and `run` set up or check in Postgres.
+    pub fn slot_spec(&self) -> outboxd_postgres::slot::SlotSpec<'_> {
+        outboxd_postgres::slot::SlotSpec {
+            slot: &self.postgres.slot,
+            publication: &self.postgres.publication,
+            table: &self.postgres.table,
+            failover: self.postgres.failover_slot,
+            source: self.postgres.source.stream_source(),
+        }
+    }
+
+    /// The columns routes are bound to with table-less messages.
+    pub fn message_columns() -> Vec<String> {
+        outboxd_postgres::message::EVENT_FIELDS
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect()
     }
 
     /// The configuration as TOML, with secrets masked (for `outboxd check` and logs).

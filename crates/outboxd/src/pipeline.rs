@@ -33,10 +33,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outboxd_core::{Checkpoint, Lsn, RouteError, RouteSpec, Router, Sink, SinkError};
+use outboxd_core::{
+    Checkpoint, Event, Headers, Lsn, Poison, PoisonKind, Position, Record, RouteError, RouteSpec,
+    Router, Sink, SinkError,
+};
 use outboxd_postgres::catalog;
+use outboxd_postgres::message::{self, MessageKind};
 use outboxd_postgres::slot::{self, Mode, SlotError, SlotSpec};
-use outboxd_postgres::{ConnInfo, StreamError, StreamOptions, WalEvent, WalStream};
+use outboxd_postgres::{ConnInfo, Source, StreamError, StreamOptions, WalEvent, WalStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +51,32 @@ use crate::failpoint;
 use crate::metrics::{Metrics, seconds_between, unix_micros_now};
 use crate::retention;
 use crate::status::{Status, StreamingGuard};
+
+/// The header that marks a replayed event (`outboxd replay`).
+pub const REPLAY_HEADER: &str = "outboxd-replay";
+
+/// The dead-letter record of a message whose content cannot be decoded: its content as the
+/// payload, its WAL position as the id.
+fn invalid_message(
+    content: bytes::Bytes,
+    position: Position,
+    commit_time_micros: i64,
+    error: &message::MessageError,
+) -> Record {
+    Record::dead_letter(
+        Event {
+            id: bytes::Bytes::from(position.to_string()),
+            topic: String::new(),
+            key: bytes::Bytes::new(),
+            event_type: bytes::Bytes::new(),
+            payload: content,
+            headers: Headers::empty(),
+            position,
+            commit_time_micros,
+        },
+        Poison::new(PoisonKind::InvalidMessage, error.to_string()),
+    )
+}
 
 /// How often the summary line is logged.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(30);
@@ -65,6 +95,8 @@ pub struct RunSettings {
     pub publication: String,
     /// The outbox table.
     pub table: String,
+    /// Where events come from: the table's rows, or table-less messages.
+    pub source: Source,
     /// How rows become events.
     pub route: RouteSpec,
     /// How often confirmed positions are reported.
@@ -198,6 +230,7 @@ where
         publication: &settings.publication,
         table: &settings.table,
         failover: false,
+        source: settings.source,
     };
     // Startup: everything must be in place, or one clear message.
     let client = settings
@@ -207,7 +240,15 @@ where
         .map_err(RunError::connect(&settings.conn))?;
     let prepared = slot::prepare(&client, spec, Mode::Check).await?;
     drop(client);
-    Router::bind(&settings.route, &prepared.table.columns)?;
+    // The columns routes read: the table's, or the fields of table-less messages.
+    let columns = match (&prepared.table, settings.source) {
+        (Some(table), Source::Table) => table.columns.clone(),
+        _ => message::EVENT_FIELDS
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
+    };
+    Router::bind(&settings.route, &columns)?;
     let sink_error = |source| RunError::Sink {
         broker: settings.broker,
         source,
@@ -232,7 +273,10 @@ where
     tracing::info!(
         postgres = %settings.conn,
         slot = %settings.slot,
-        table = %format!("{}.{}", prepared.table.schema, prepared.table.name),
+        table = %prepared.table.as_ref().map_or_else(
+            || "none (table-less messages)".to_owned(),
+            |t| format!("{}.{}", t.schema, t.name)
+        ),
         broker = settings.broker,
         target = %settings.broker_target,
         confirmed_flush_lsn = %prepared.slot.confirmed_flush_lsn.unwrap_or_default(),
@@ -243,10 +287,15 @@ where
     let options = StreamOptions {
         slot: settings.slot.clone(),
         publication: settings.publication.clone(),
-        table_oid: prepared.table.oid,
-        table_name: (prepared.table.schema.clone(), prepared.table.name.clone()),
+        table_oid: prepared.table.as_ref().map_or(0, |t| t.oid),
+        table_name: prepared
+            .table
+            .as_ref()
+            .map(|t| (t.schema.clone(), t.name.clone()))
+            .unwrap_or_default(),
         status_interval: settings.status_interval,
         buffer_messages: 4096,
+        source: settings.source,
     };
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let mut sink = Some(sink);
@@ -259,6 +308,7 @@ where
         let mut session = Session {
             settings: &settings,
             options: &options,
+            columns: &columns,
             metrics: &metrics,
             status: &status,
             shutdown: &shutdown,
@@ -297,6 +347,9 @@ where
 struct Session<'a> {
     settings: &'a RunSettings,
     options: &'a StreamOptions,
+    /// The columns known at startup: messages read before the session's first Relation are
+    /// routed with them.
+    columns: &'a [String],
     metrics: &'a Arc<Metrics>,
     status: &'a Arc<Status>,
     shutdown: &'a CancellationToken,
@@ -306,6 +359,8 @@ struct Session<'a> {
 struct Flow {
     checkpoint: Checkpoint,
     router: Option<Router>,
+    /// The columns `router` is bound to: messages are decoded into them.
+    columns: Vec<String>,
     records: mpsc::Sender<Queued>,
     budget: Arc<Semaphore>,
     max_permits: u32,
@@ -373,7 +428,8 @@ impl Session<'_> {
         ));
         let mut flow = Flow {
             checkpoint: Checkpoint::new(start),
-            router: None,
+            router: Some(Router::bind(&settings.route, self.columns)?),
+            columns: self.columns.to_vec(),
             records: records_tx,
             budget,
             max_permits: max_bytes,
@@ -462,6 +518,7 @@ impl Session<'_> {
             WalEvent::Relation(rel) => {
                 let columns: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
                 flow.router = Some(Router::bind(&self.settings.route, &columns)?);
+                flow.columns = columns;
             }
             WalEvent::Row {
                 values,
@@ -471,27 +528,32 @@ impl Session<'_> {
                 let router = flow.router.as_ref().ok_or_else(|| {
                     StreamError::Sequence("outbox row before the table's shape".into())
                 })?;
-                self.metrics
-                    .commit_to_read_seconds
-                    .observe(seconds_between(commit_time_micros, unix_micros_now()));
                 let record = router.route(&values, position, commit_time_micros);
-                let permits = u32::try_from(record.size())
-                    .unwrap_or(u32::MAX)
-                    .min(flow.max_permits);
-                // Waiting here is the backpressure: the WAL is not read while the budget is
-                // spent.
-                match flow.budget.acquire_many(permits).await {
-                    Ok(p) => p.forget(),
-                    Err(_) => return Err(StreamError::Ended.into()),
-                }
-                flow.checkpoint.issue();
-                if flow.records.send(Queued { record, permits }).await.is_err() {
-                    // The dispatcher ended; the select loop reports why.
-                    return Ok(());
-                }
-                self.metrics
-                    .inflight_events
-                    .set(flow.checkpoint.in_flight() as i64);
+                self.forward(flow, record).await?;
+            }
+            WalEvent::Message {
+                kind,
+                content,
+                position,
+                commit_time_micros,
+            } => {
+                let router = flow.router.as_ref().ok_or_else(|| {
+                    StreamError::Sequence("outbox message before the table's shape".into())
+                })?;
+                let record = match message::decode(kind, &content, &flow.columns) {
+                    Ok(row) => {
+                        let mut record = router.route(&row.values, position, commit_time_micros);
+                        if let Some(topic) = row.topic {
+                            record.event.topic = topic;
+                        }
+                        if kind == MessageKind::Replay {
+                            record.event.headers.push_front(REPLAY_HEADER, "true");
+                        }
+                        record
+                    }
+                    Err(e) => invalid_message(content, position, commit_time_micros, &e),
+                };
+                self.forward(flow, record).await?;
             }
             WalEvent::Commit { end_lsn, .. } => self.confirm(flow, stream, end_lsn),
             WalEvent::Idle { wal_end } => {
@@ -499,6 +561,31 @@ impl Session<'_> {
                 self.confirm(flow, stream, wal_end);
             }
         }
+        Ok(())
+    }
+
+    /// Hands `record` to the dispatcher, within the in-flight budget.
+    async fn forward(&self, flow: &mut Flow, record: Record) -> Result<(), RunError> {
+        self.metrics.commit_to_read_seconds.observe(seconds_between(
+            record.event.commit_time_micros,
+            unix_micros_now(),
+        ));
+        let permits = u32::try_from(record.size())
+            .unwrap_or(u32::MAX)
+            .min(flow.max_permits);
+        // Waiting here is the backpressure: the WAL is not read while the budget is spent.
+        match flow.budget.acquire_many(permits).await {
+            Ok(p) => p.forget(),
+            Err(_) => return Err(StreamError::Ended.into()),
+        }
+        flow.checkpoint.issue();
+        if flow.records.send(Queued { record, permits }).await.is_err() {
+            // The dispatcher ended; the select loop reports why.
+            return Ok(());
+        }
+        self.metrics
+            .inflight_events
+            .set(flow.checkpoint.in_flight() as i64);
         Ok(())
     }
 
