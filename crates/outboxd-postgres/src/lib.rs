@@ -4,10 +4,12 @@
 //! - [`tls`]: TLS with libpq's `sslmode` meanings, for both connections.
 //! - [`catalog`]: what outboxd reads from the catalogs (server, table, publication, slot).
 //! - [`slot`]: setting up and checking the publication and the slot.
+//! - [`backfill`]: publishing rows already in the table (backfill at setup, replay).
 //! - [`stream`]: one replication session, as events for the pipeline.
 //! - [`decode`]: pgoutput messages.
 //! - [`message`]: outboxd's own logical decoding messages (table-less events, backfill, replay).
 
+pub mod backfill;
 pub mod catalog;
 pub mod conninfo;
 pub mod decode;

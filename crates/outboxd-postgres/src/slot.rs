@@ -432,17 +432,7 @@ pub async fn prepare(
     let mut found = inspect(client, spec).await?;
     let (mut created_publication, mut created_slot) = (false, false);
     if mode == Mode::Create {
-        if let Some(first) = found.prerequisites(spec).into_iter().next() {
-            return Err(first);
-        }
-        let table = match spec.source {
-            Source::Table => found.table.as_ref(),
-            Source::Messages => None,
-        };
-        if found.publication.is_none() && (table.is_some() || spec.source == Source::Messages) {
-            create_publication(client, spec, &found.server, table).await?;
-            created_publication = true;
-        }
+        created_publication = ensure_publication(client, spec, &found).await?;
         if found.slot.is_none() {
             create_slot(client, spec, &found.server).await?;
             created_slot = true;
@@ -472,6 +462,27 @@ pub async fn prepare(
             slot: spec.slot.to_owned(),
         }),
     }
+}
+
+/// Checks the prerequisites (wal_level, table, rights) and creates the publication when it
+/// is missing; returns whether it did. The slot is not looked at.
+pub async fn ensure_publication(
+    client: &Client,
+    spec: SlotSpec<'_>,
+    found: &Inspection,
+) -> Result<bool, SlotError> {
+    if let Some(first) = found.prerequisites(spec).into_iter().next() {
+        return Err(first);
+    }
+    let table = match spec.source {
+        Source::Table => found.table.as_ref(),
+        Source::Messages => None,
+    };
+    if found.publication.is_none() && (table.is_some() || spec.source == Source::Messages) {
+        create_publication(client, spec, &found.server, table).await?;
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 async fn create_publication(

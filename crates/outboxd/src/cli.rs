@@ -14,11 +14,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(after_help = "Examples:
   outboxd setup --config outboxd.toml     create the publication and the slot
   outboxd check --config outboxd.toml     preflight: list every problem
+  outboxd replay --where \"id = '...'\"    publish a kept row again
   outboxd run --config outboxd.toml       stream until stopped (SIGTERM drains and exits 0)
   outboxd slot status --json              confirmed position, retained WAL, lag
 
 Every configuration key can be overridden by an environment variable
-OUTBOXD_<SECTION>__<KEY>, e.g. OUTBOXD_POSTGRES__URL or OUTBOXD_SINK__REDIS__URL.")]
+OUTBOXD_<SECTION>__<KEY>, e.g. OUTBOXD_POSTGRES__URL or OUTBOXD_SINK__REDIS__URL.
+Secrets can be read from files: OUTBOXD_POSTGRES__URL_FILE=/run/secrets/pg_url.")]
 pub struct Cli {
     /// Configuration file (TOML). Without --config, ./outboxd.toml is read if present.
     #[arg(
@@ -61,8 +63,21 @@ pub enum Command {
     /// read it and stream replication; creates the publication (publish = 'insert') and the
     /// pgoutput slot when they are missing. Events committed before the slot exists are not
     /// forwarded.
-    #[command(after_help = "Example:\n  outboxd setup --config outboxd.toml")]
-    Setup,
+    #[command(
+        after_help = "Examples:\n  outboxd setup --config outboxd.toml\n  outboxd setup --backfill-where \"published_at IS NULL\" --dry-run\n  outboxd setup --backfill-where \"published_at IS NULL\""
+    )]
+    Setup(SetupArgs),
+
+    /// Re-publish rows kept in the outbox table, marked with the header outboxd-replay: true.
+    ///
+    /// Writes the matching rows into the WAL (one transaction, in [backfill] order_by order);
+    /// the running `outboxd run` forwards them through the same routing, dead letters and
+    /// delivery mode as any event. Use it to recover events after a lost or invalidated slot,
+    /// or to feed a new consumer (--topic).
+    #[command(
+        after_help = "Examples:\n  outboxd replay --where \"created_at >= now() - interval '1 hour'\" --dry-run\n  outboxd replay --where \"aggregate_type = 'order'\" --topic orders.replayed --wait"
+    )]
+    Replay(ReplayArgs),
 
     /// Stream outbox events to the broker until stopped.
     ///
@@ -83,6 +98,41 @@ pub enum Command {
     /// Inspect or drop the replication slot.
     #[command(after_help = "Examples:\n  outboxd slot status --json\n  outboxd slot drop --yes")]
     Slot(SlotArgs),
+}
+
+/// `outboxd setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Cutover from a polling relay: create the slot with a snapshot and publish the rows
+    /// matching this SQL predicate that are visible in it (in [backfill] order_by order);
+    /// `run` then streams from the snapshot's point on: no gap, no overlap, while writers go
+    /// on. Refused when the slot exists.
+    #[arg(long, value_name = "SQL_PREDICATE")]
+    pub backfill_where: Option<String>,
+
+    /// With --backfill-where: count the matching rows; create and publish nothing.
+    #[arg(long, requires = "backfill_where")]
+    pub dry_run: bool,
+}
+
+/// `outboxd replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Which rows: a SQL predicate over the outbox table's columns.
+    #[arg(long = "where", value_name = "SQL_PREDICATE")]
+    pub predicate: String,
+
+    /// Publish to this topic (Kafka) or stream (Redis) instead of the routed one.
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+
+    /// Count the matching rows; publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Wait until `outboxd run` has had every replayed row acknowledged by the broker.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// `outboxd slot`.

@@ -5,14 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use std::io::IsTerminal;
+
+use outboxd_postgres::backfill::{self, RowSelection, Step};
 use outboxd_postgres::catalog;
 use outboxd_postgres::slot::{self, Mode};
 use outboxd_postgres::{ConnInfo, conninfo::ConnInfoError};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::cli::SlotCommand;
-use crate::config::Config;
+use crate::cli::{ReplayArgs, SetupArgs, SlotCommand};
+use crate::config::{Config, SourceKind};
+use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
@@ -38,9 +42,12 @@ async fn connect(conn: &ConnInfo) -> Result<tokio_postgres::Client, RunError> {
 }
 
 /// `outboxd setup`.
-pub async fn setup(config: &Config) -> anyhow::Result<()> {
+pub async fn setup(config: &Config, args: &SetupArgs) -> anyhow::Result<()> {
     let conn = conn_info(config)?;
     let client = connect(&conn).await?;
+    if let Some(predicate) = &args.backfill_where {
+        return setup_with_backfill(config, &conn, &client, predicate, args.dry_run).await;
+    }
     let spec = config.slot_spec();
     let prepared = slot::prepare(&client, spec, Mode::Create).await?;
     let table = prepared.table.as_ref().map_or_else(
@@ -70,6 +77,210 @@ pub async fn setup(config: &Config) -> anyhow::Result<()> {
             .map_or_else(|| "-".into(), |l| l.to_string())
     );
     Ok(())
+}
+
+/// The outbox table, for commands that read its rows.
+async fn outbox_table(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    what: &str,
+) -> anyhow::Result<(slot::Inspection, catalog::Table)> {
+    if config.postgres.source == SourceKind::Messages {
+        bail!(
+            "{what} reads the rows of the outbox table, and postgres.source = \"messages\" keeps \
+             none: table-less events live only in the WAL"
+        );
+    }
+    let found = slot::inspect(client, config.slot_spec()).await?;
+    let Some(table) = found.table.clone() else {
+        bail!(
+            "table {:?} does not exist: apply sql/outbox.sql, or set postgres.table",
+            config.postgres.table
+        );
+    };
+    Ok((found, table))
+}
+
+/// Shows a backfill's or replay's progress on stderr: a line that redraws on a terminal, a
+/// line per tenth of the rows otherwise.
+fn show_step(what: &'static str) -> impl FnMut(Step) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown_tenth = 0;
+    move |step| match step {
+        Step::Batch { done, total } => {
+            failpoint::hit(if what == "backfill" {
+                "backfill-batch"
+            } else {
+                "replay-batch"
+            });
+            let tenth = (done * 10).checked_div(total).unwrap_or(10);
+            if terminal {
+                eprint!("\r{what}: {done} of {total} rows");
+                if done >= total {
+                    eprintln!();
+                }
+            } else if tenth > shown_tenth || done >= total {
+                shown_tenth = tenth;
+                eprintln!("{what}: {done} of {total} rows");
+            }
+        }
+        Step::Committed => {
+            failpoint::hit(if what == "backfill" {
+                "backfill-committed"
+            } else {
+                "replay-committed"
+            });
+        }
+    }
+}
+
+/// `outboxd setup --backfill-where`.
+async fn setup_with_backfill(
+    config: &Config,
+    conn: &ConnInfo,
+    client: &tokio_postgres::Client,
+    predicate: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let (found, table) = outbox_table(config, client, "setup --backfill-where").await?;
+    let name = &config.postgres.slot;
+    if found.slot.is_some() {
+        bail!(
+            "replication slot {name:?} already exists, and a backfill must create it (its \
+             snapshot decides which rows are backfilled and which the slot streams). The slot \
+             streams every row committed since it was made; to publish older rows through it, \
+             use `outboxd replay --where ...`. To start the cutover over, drop it first \
+             (`outboxd slot drop --yes`, once nothing it holds is still to be forwarded)"
+        );
+    }
+    let order = RowSelection::order_columns(&table, &config.backfill.order_by)?;
+    let rows = RowSelection {
+        table: &table,
+        predicate,
+        order_by: &order,
+        batch_rows: config.backfill.batch_rows,
+    };
+    let matching = backfill::count(client, &rows).await?;
+    let order_text = if order.is_empty() {
+        "the table's natural order".to_owned()
+    } else {
+        order.join(", ")
+    };
+    if dry_run {
+        println!(
+            "backfill (dry run): {matching} rows of {} match {predicate:?} now; they would be \
+             published in order of {order_text}, and slot {name:?} created. Nothing was changed.",
+            table.quoted()
+        );
+        return Ok(());
+    }
+    let created_publication = slot::ensure_publication(client, config.slot_spec(), &found).await?;
+    if created_publication {
+        println!(
+            "publication {:?} on {}: created",
+            config.postgres.publication,
+            table.quoted()
+        );
+    }
+    let done = backfill::backfill(
+        conn,
+        client,
+        name,
+        &config.postgres.publication,
+        config.postgres.failover_slot,
+        &rows,
+        show_step("backfill"),
+    )
+    .await?;
+    println!(
+        "backfill: {} rows matching {predicate:?} published (in order of {order_text}) as of \
+         consistent point {}; slot {name:?} created there. `outboxd run` forwards them first, \
+         then every row committed after that point.",
+        done.rows, done.consistent_point
+    );
+    Ok(())
+}
+
+/// `outboxd replay`.
+pub async fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
+    let conn = conn_info(config)?;
+    let client = connect(&conn).await?;
+    let (found, table) = outbox_table(config, &client, "replay").await?;
+    let name = &config.postgres.slot;
+    if found.slot.is_none() {
+        bail!(
+            "replication slot {name:?} does not exist, and replayed rows reach the broker \
+             through it: run `outboxd setup` first (or `outboxd setup --backfill-where ...` to \
+             publish kept rows while creating it)"
+        );
+    }
+    let order = RowSelection::order_columns(&table, &config.backfill.order_by)?;
+    let rows = RowSelection {
+        table: &table,
+        predicate: &args.predicate,
+        order_by: &order,
+        batch_rows: config.backfill.batch_rows,
+    };
+    let destination = args
+        .topic
+        .as_ref()
+        .map_or_else(|| "their routed topics".to_owned(), |t| format!("{t:?}"));
+    if args.dry_run {
+        let matching = backfill::count(&client, &rows).await?;
+        println!(
+            "replay (dry run): {matching} rows of {} match {:?}; they would be published to \
+             {destination}, marked outboxd-replay: true. Nothing was changed.",
+            table.quoted(),
+            args.predicate
+        );
+        return Ok(());
+    }
+    let done = backfill::replay(&client, &rows, args.topic.as_deref(), show_step("replay")).await?;
+    println!(
+        "replay: {} rows written to the WAL for {destination}, marked outboxd-replay: true; \
+         `outboxd run` forwards them, and slot {name:?} passes {} once every one is \
+         acknowledged.",
+        done.rows, done.after
+    );
+    if args.wait {
+        wait_confirmed(&client, name, done.after).await?;
+    }
+    Ok(())
+}
+
+/// Waits until `slot` has confirmed `lsn`, saying every 10 s where it stands.
+async fn wait_confirmed(
+    client: &tokio_postgres::Client,
+    name: &str,
+    lsn: outboxd_core::Lsn,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut said = started;
+    loop {
+        let Some(s) = catalog::slot(client, name).await? else {
+            bail!("replication slot {name:?} disappeared while waiting");
+        };
+        let confirmed = s.confirmed_flush_lsn.unwrap_or_default();
+        if confirmed >= lsn {
+            println!(
+                "replay: acknowledged (confirmed_flush_lsn {confirmed}) after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if said.elapsed() >= Duration::from_secs(10) {
+            said = std::time::Instant::now();
+            eprintln!(
+                "replay: waiting, confirmed_flush_lsn {confirmed} of {lsn}{}",
+                if s.active {
+                    ""
+                } else {
+                    " (no outboxd streams the slot now)"
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `outboxd run`. `show_progress`: draw a progress line for long catch-ups (terminal only).

@@ -112,6 +112,28 @@ pub struct Config {
     pub sink: SinkConfig,
     /// `[http]`: metrics and health.
     pub http: HttpConfig,
+    /// `[backfill]`: how `setup --backfill-where` and `replay` read the table.
+    pub backfill: BackfillConfig,
+}
+
+/// `[backfill]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillConfig {
+    /// Columns the rows are published in order of, comma-separated; empty for
+    /// `created_at, id` as far as the table has them.
+    pub order_by: String,
+    /// Rows emitted per round trip (the progress step).
+    pub batch_rows: u32,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            order_by: String::new(),
+            batch_rows: 1000,
+        }
+    }
 }
 
 /// `[postgres]`.

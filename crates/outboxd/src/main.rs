@@ -36,7 +36,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
-            Command::Setup => commands::setup(&config).await,
+            Command::Setup(args) => commands::setup(&config, args).await,
+            Command::Replay(args) => commands::replay(&config, args).await,
             Command::Run => {
                 let show_progress = cli.log_format == LogFormat::Text && progress::enabled();
                 commands::run(&config, show_progress).await
