@@ -124,7 +124,7 @@ impl RowSelection<'_> {
         Ok(wanted)
     }
 
-    fn from_where(&self) -> String {
+    fn source_sql(&self) -> String {
         format!("FROM {} WHERE ({})", self.table.quoted(), self.predicate)
     }
 
@@ -158,7 +158,7 @@ impl RowSelection<'_> {
 /// How many rows match, now (or in the current transaction's snapshot). Also checks the
 /// predicate.
 pub async fn count(client: &Client, rows: &RowSelection<'_>) -> Result<u64, BackfillError> {
-    let sql = format!("SELECT count(*) {}", rows.from_where());
+    let sql = format!("SELECT count(*) {}", rows.source_sql());
     let row = client
         .query_one(&sql, &[])
         .await
@@ -199,7 +199,7 @@ async fn emit_rows(
         "DECLARE outboxd_rows NO SCROLL CURSOR FOR SELECT pg_logical_emit_message(true, {}, {}) {}{}",
         quote_literal(prefix),
         rows.content_sql(topic),
-        rows.from_where(),
+        rows.source_sql(),
         rows.order()
     );
     // One statement, extended protocol: the predicate cannot smuggle in another statement.
@@ -428,6 +428,6 @@ mod tests {
             "json_build_object('row', json_object(ARRAY['id', \"id\"::text, 'it''s', \"it's\"::text]::text[]), 'topic', 're''plays')::text"
         );
         assert_eq!(rows.order(), " ORDER BY \"id\"");
-        assert_eq!(rows.from_where(), "FROM \"public\".\"outbox\" WHERE (true)");
+        assert_eq!(rows.source_sql(), "FROM \"public\".\"outbox\" WHERE (true)");
     }
 }
