@@ -5,6 +5,7 @@
 //! - [`catalog`]: what outboxd reads from the catalogs (server, table, publication, slot).
 //! - [`slot`]: setting up and checking the publication and the slot.
 //! - [`backfill`]: publishing rows already in the table (backfill at setup, replay).
+//! - [`prune`]: deleting old rows once the slot has confirmed them.
 //! - [`stream`]: one replication session, as events for the pipeline.
 //! - [`decode`]: pgoutput messages.
 //! - [`message`]: outboxd's own logical decoding messages (table-less events, backfill, replay).
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod conninfo;
 pub mod decode;
 pub mod message;
+pub mod prune;
 pub mod slot;
 pub mod stream;
 pub mod tls;

@@ -223,6 +223,20 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             );
         }
     }
+    if !config.postgres.prune_after.trim().is_empty() {
+        match crate::prune::prepare(&client, config, &config.postgres.prune_after).await {
+            Ok(p) => report.add(
+                Status::Ok,
+                "prune",
+                format!(
+                    "rows of {} older than {} are deleted once the slot has confirmed them",
+                    p.table.quoted(),
+                    config.postgres.prune_after
+                ),
+            ),
+            Err(e) => report.add(Status::Fail, "prune", one_line(e.as_ref())),
+        }
+    }
     if let (Some(s), false) = (&found.slot, failed("slot")) {
         let lsn = |l: Option<outboxd_core::Lsn>| l.map_or_else(|| "-".into(), |l| l.to_string());
         report.add(

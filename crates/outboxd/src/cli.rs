@@ -79,6 +79,17 @@ pub enum Command {
     )]
     Replay(ReplayArgs),
 
+    /// Delete outbox rows older than a retention, once the slot has confirmed them.
+    ///
+    /// Takes the server's current WAL position, waits until the slot has confirmed it (that
+    /// is, until `outboxd run` has had everything before it acknowledged), then deletes the
+    /// rows older than --older-than in batches of postgres.prune_batch_rows. A row the slot
+    /// has not confirmed is never deleted. The role needs DELETE on the table.
+    #[command(
+        after_help = "Examples:\n  outboxd prune --older-than 7d --dry-run\n  outboxd prune --older-than 12h"
+    )]
+    Prune(PruneArgs),
+
     /// Stream outbox events to the broker until stopped.
     ///
     /// SIGTERM or SIGINT: stop reading, wait for in-flight events to be acknowledged (up to
@@ -133,6 +144,22 @@ pub struct ReplayArgs {
     /// Wait until `outboxd run` has had every replayed row acknowledged by the broker.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// `outboxd prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The retention: rows created longer ago than this (7d, 12h, 30m, 90s) may go.
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+
+    /// Count the rows that would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// How long to wait for the slot to confirm the current WAL position, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub wait: u64,
 }
 
 /// `outboxd slot`.

@@ -14,13 +14,13 @@ use outboxd_postgres::{ConnInfo, conninfo::ConnInfoError};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::cli::{ReplayArgs, SetupArgs, SlotCommand};
+use crate::cli::{PruneArgs, ReplayArgs, SetupArgs, SlotCommand};
 use crate::config::{Config, SourceKind};
 use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
-use crate::{http, progress};
+use crate::{http, progress, prune};
 use outboxd_core::{Sink, WalHorizon};
 
 /// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
@@ -248,6 +248,37 @@ pub async fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `outboxd prune`.
+pub async fn prune(config: &Config, args: &PruneArgs) -> anyhow::Result<()> {
+    let conn = conn_info(config)?;
+    let client = connect(&conn).await?;
+    outbox_table(config, &client, "prune").await?;
+    let pruning = prune::prepare(&client, config, &args.older_than).await?;
+    let n = prune::once(
+        &client,
+        &config.postgres.slot,
+        &pruning,
+        args.dry_run,
+        Duration::from_secs(args.wait),
+    )
+    .await?;
+    if args.dry_run {
+        println!(
+            "prune (dry run): {n} rows of {} are older than {} and confirmed by the slot; \
+             nothing was deleted",
+            pruning.table.quoted(),
+            args.older_than
+        );
+    } else {
+        println!(
+            "prune: deleted {n} rows of {} older than {} (each confirmed by the slot)",
+            pruning.table.quoted(),
+            args.older_than
+        );
+    }
+    Ok(())
+}
+
 /// Waits until `slot` has confirmed `lsn`, saying every 10 s where it stands.
 async fn wait_confirmed(
     client: &tokio_postgres::Client,
@@ -318,6 +349,27 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
             listener,
             metrics.clone(),
             status.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if !config.postgres.prune_after.trim().is_empty() {
+        let client = settings
+            .conn
+            .connect()
+            .await
+            .map_err(RunError::connect(&settings.conn))?;
+        let pruning = prune::prepare(&client, config, &config.postgres.prune_after).await?;
+        tracing::info!(
+            table = %pruning.table.quoted(),
+            older_than = %config.postgres.prune_after,
+            "pruning rows the slot has confirmed"
+        );
+        tokio::spawn(prune::run_periodically(
+            settings.conn.clone(),
+            settings.slot.clone(),
+            pruning,
+            Duration::from_millis(config.postgres.prune_interval_ms),
+            metrics.clone(),
             shutdown.clone(),
         ));
     }

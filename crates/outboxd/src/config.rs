@@ -157,6 +157,13 @@ pub struct PostgresConfig {
     /// Where events come from: `table` (inserts into `table`) or `messages` (table-less:
     /// `outbox_emit_message`, PostgreSQL 14+).
     pub source: SourceKind,
+    /// While `run` streams, delete rows older than this (`7d`, `12h`, `30m`, `90s`) once the
+    /// slot has confirmed them; empty: never.
+    pub prune_after: String,
+    /// How often pruning looks for rows to delete, in milliseconds.
+    pub prune_interval_ms: u64,
+    /// Rows per delete statement.
+    pub prune_batch_rows: u32,
 }
 
 /// `postgres.source`.
@@ -190,6 +197,9 @@ impl Default for PostgresConfig {
             failover_slot: false,
             status_interval_ms: 1000,
             source: SourceKind::Table,
+            prune_after: String::new(),
+            prune_interval_ms: 60_000,
+            prune_batch_rows: 1000,
         }
     }
 }
@@ -591,6 +601,26 @@ impl Config {
                 message: "sink.redis.ca_file, cert_file and key_file are for TLS: sink.redis.url must start with rediss://".into(),
             });
         }
+        if !self.postgres.prune_after.trim().is_empty() {
+            if let Err(message) = parse_duration(&self.postgres.prune_after) {
+                return Err(ConfigError::Invalid {
+                    origin: "configuration".into(),
+                    message: format!("postgres.prune_after: {message}"),
+                });
+            }
+            if self.postgres.source == SourceKind::Messages {
+                return Err(ConfigError::Invalid {
+                    origin: "configuration".into(),
+                    message: "postgres.prune_after prunes the outbox table, and postgres.source = \"messages\" writes no rows: leave it empty".into(),
+                });
+            }
+        }
+        if self.postgres.prune_interval_ms == 0 || self.postgres.prune_batch_rows == 0 {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: "postgres.prune_interval_ms and postgres.prune_batch_rows must be greater than 0".into(),
+            });
+        }
         if self.sink.linger_ms > MAX_LINGER_MS {
             return Err(ConfigError::Invalid {
                 origin: "configuration".into(),
@@ -648,6 +678,34 @@ impl Config {
         c.sink.kafka.options = c.sink.kafka.redacted_options();
         toml::to_string(&c).unwrap_or_default()
     }
+}
+
+/// Parses a duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`), or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 7d, 12h, 30m, 90s or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use ms, s, m, h or d"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// Reads a secret from `path`: the file's text without its trailing line break (secret files
@@ -1045,6 +1103,24 @@ listen = "127.0.0.1:9187"
             "postgres://u@h/d".to_owned(),
         )];
         assert!(Config::load(missing, false, env).is_ok());
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration(" 30m "), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("7 weeks").is_err());
+        assert!(parse_duration("d").is_err());
+        let f = write("[postgres]\nurl = \"postgres://u@h/d\"\nprune_after = \"1y\"\n");
+        let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+        assert!(
+            text.contains("postgres.prune_after") && text.contains("\"y\""),
+            "{text}"
+        );
     }
 
     #[test]

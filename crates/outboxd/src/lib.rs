@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod prune;
 pub mod report;
 pub mod retention;
 pub mod status;

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Setup(args) => commands::setup(&config, args).await,
             Command::Replay(args) => commands::replay(&config, args).await,
+            Command::Prune(args) => commands::prune(&config, args).await,
             Command::Run => {
                 let show_progress = cli.log_format == LogFormat::Text && progress::enabled();
                 commands::run(&config, show_progress).await

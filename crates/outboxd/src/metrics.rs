@@ -63,6 +63,10 @@ pub struct Metrics {
     /// `commit_to_read_seconds`: from the transaction's commit to outboxd reading the event
     /// from the replication stream (the part of `commit_to_ack_seconds` before the broker).
     pub commit_to_read_seconds: Histogram,
+    /// `pruned_rows_total`: outbox rows deleted by pruning (`postgres.prune_after`).
+    pub pruned_rows: Counter,
+    /// `prune_errors_total`: pruning rounds that failed (each is retried).
+    pub prune_errors: Counter,
     /// Sum of `events_forwarded` over all topics, for the summary log.
     forwarded_all: AtomicU64,
     /// Sum of `events_dead_lettered` over all reasons, for the summary log.
@@ -137,8 +141,22 @@ impl Metrics {
             "Time from an event's commit in Postgres to outboxd reading it from the replication stream",
             commit_to_read_seconds.clone(),
         );
+        let pruned_rows = Counter::default();
+        registry.register(
+            "pruned_rows",
+            "Outbox rows deleted by pruning, once the slot had confirmed them",
+            pruned_rows.clone(),
+        );
+        let prune_errors = Counter::default();
+        registry.register(
+            "prune_errors",
+            "Pruning rounds that failed (each is retried)",
+            prune_errors.clone(),
+        );
         Metrics {
             registry,
+            pruned_rows,
+            prune_errors,
             events_forwarded,
             events_dead_lettered,
             events_already_delivered,
