@@ -8,6 +8,10 @@
 //! | `after-confirm` | a position was confirmed and reported to Postgres |
 //! | `mid-transaction` | events of a transaction were acknowledged; its Commit is not read yet |
 //! | `during-reconnect` | a replication session ended; the next one is not started |
+//! | `backfill-batch` | `setup --backfill-where` wrote a batch of rows; not committed yet |
+//! | `backfill-committed` | the backfill is committed; its slot is not made yet |
+//! | `replay-batch` | `replay` wrote a batch of rows; not committed yet |
+//! | `replay-committed` | the replay is committed |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
