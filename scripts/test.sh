@@ -12,8 +12,8 @@
 # from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central) and skips what is
 # there. Every test runs on the system Postgres (15 on Debian 12), the Kafka suites included;
 # the core end-to-end suite (tests/redis_e2e.rs), the effectively-once suite
-# (tests/effectively_once.rs), TLS (tests/tls.rs) and the managed-Postgres roles
-# (tests/managed.rs) run again on 14, 16, 17 and 18.
+# (tests/effectively_once.rs), TLS (tests/tls.rs), the managed-Postgres roles
+# (tests/managed.rs) and table-less events (tests/table_less.rs) run again on 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -44,12 +44,12 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed --test table_less)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
     fi
