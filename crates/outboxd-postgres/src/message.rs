@@ -44,6 +44,11 @@ pub const EVENT_FIELDS: &[&str] = &[
     "created_at",
 ];
 
+/// [`EVENT_FIELDS`] as the column list routes are bound to.
+pub fn event_columns() -> Vec<String> {
+    EVENT_FIELDS.iter().map(|f| (*f).to_owned()).collect()
+}
+
 /// Which of outboxd's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageKind {

@@ -173,7 +173,10 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         report.add(Status::Ok, "wal_level", "logical");
     }
     if config.postgres.source == SourceKind::Messages {
-        match Router::bind(&config.route.spec(), &Config::message_columns()) {
+        match Router::bind(
+            &config.route.spec(),
+            &outboxd_postgres::message::event_columns(),
+        ) {
             Ok(_) => report.add(
                 Status::Ok,
                 "route",

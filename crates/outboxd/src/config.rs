@@ -662,14 +662,6 @@ impl Config {
         }
     }
 
-    /// The columns routes are bound to with table-less messages.
-    pub fn message_columns() -> Vec<String> {
-        outboxd_postgres::message::EVENT_FIELDS
-            .iter()
-            .map(|f| (*f).to_owned())
-            .collect()
-    }
-
     /// The configuration as TOML, with secrets masked (for `outboxd check` and logs).
     pub fn redacted_toml(&self) -> String {
         let mut c = self.clone();

@@ -243,10 +243,7 @@ where
     // The columns routes read: the table's, or the fields of table-less messages.
     let columns = match (&prepared.table, settings.source) {
         (Some(table), Source::Table) => table.columns.clone(),
-        _ => message::EVENT_FIELDS
-            .iter()
-            .map(|f| (*f).to_owned())
-            .collect(),
+        _ => message::event_columns(),
     };
     Router::bind(&settings.route, &columns)?;
     let sink_error = |source| RunError::Sink {
