@@ -50,6 +50,8 @@ struct Args {
     rounds: u64,
     big_txn: u64,
     kafka: bool,
+    /// `sink.max_batch_events` of the Kafka drains (both modes); outboxd's default otherwise.
+    kafka_batch: Option<u64>,
     /// Live: measure outboxd only, without the pg_recvlogical reference (for profiling).
     no_reference: bool,
     only: Option<String>,
@@ -65,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
         rounds: 3,
         big_txn: 1_000_000,
         kafka: true,
+        kafka_batch: None,
         no_reference: false,
         only: None,
         out: None,
@@ -86,6 +89,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => a.rounds = value()?.parse::<u64>()?.max(1),
             "--big-txn" => a.big_txn = value()?.parse()?,
             "--no-kafka" => a.kafka = false,
+            "--kafka-batch" => a.kafka_batch = Some(value()?.parse()?),
             "--no-reference" => a.no_reference = true,
             "--only" => a.only = Some(value()?),
             "--out" => a.out = Some(PathBuf::from(value()?)),
@@ -99,7 +103,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "outboxd-bench [--events N] [--one-row N] [--rates R1,R2,..] [--live-secs S] \
-                     [--rounds R] [--big-txn N] [--no-kafka] [--no-reference] [--quick] [--only live|drain] [--out DIR]\n\
+                     [--rounds R] [--big-txn N] [--no-kafka] [--kafka-batch N] [--no-reference] [--quick] [--only live|drain] [--out DIR]\n\
                      Writes the results table and chart into DIR (e.g. docs) when --out is given.\n\
                      --no-reference: the live scenario without pg_recvlogical (for profiling).\n\
                      Each scenario runs R times (default 3; 1 with --quick): drains and the relay\n\
@@ -133,6 +137,10 @@ impl Broker {
 #[derive(Debug, Clone)]
 struct KafkaTarget {
     brokers: String,
+    /// `sink.max_batch_events`, when not outboxd's default.
+    max_batch: Option<u64>,
+    /// The broker's JVM, whose CPU time the drain reports.
+    pid: Option<u32>,
     create_topics: bool,
 }
 
@@ -172,6 +180,9 @@ fn broker_env_mode(
                 "3".to_owned(),
             ),
         ]);
+        if let Some(n) = kafka.max_batch {
+            env.push(("OUTBOXD_SINK__MAX_BATCH_EVENTS".to_owned(), n.to_string()));
+        }
     }
     env
 }
@@ -291,6 +302,8 @@ struct Drain {
     ratio: f64,
     /// The ratio of each round (one for a single run).
     round_ratios: Vec<f64>,
+    /// `sink.max_batch_events`, when not outboxd's default.
+    max_batch: Option<u64>,
 }
 
 impl Drain {
@@ -360,6 +373,8 @@ async fn drain(
     let mut redis = env.redis.connect().await;
     let mut outboxd = run_outboxd(&env, &broker_env_mode(broker, kafka, effectively_once));
     let started = wait_active(&db, "outboxd").await;
+    let broker_pid = kafka.and_then(|k| k.pid);
+    let cpu_before = (cpu_seconds(outboxd.pid()), broker_pid.and_then(cpu_seconds));
     let deadline = started + Duration::from_secs(600);
     while delivered(broker, &mut redis, env.http_port).await < events {
         assert!(
@@ -370,6 +385,15 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let outboxd_secs = started.elapsed().as_secs_f64();
+    let per_event = |before: Option<f64>, after: Option<f64>| match (before, after) {
+        (Some(b), Some(a)) => format!("{:.1} µs", (a - b) * 1e6 / events as f64),
+        _ => "-".to_owned(),
+    };
+    let cpu = format!(
+        "CPU per event: outboxd {}, broker {}",
+        per_event(cpu_before.0, cpu_seconds(outboxd.pid())),
+        per_event(cpu_before.1, broker_pid.and_then(cpu_seconds))
+    );
     outboxd.sigterm();
     outboxd.wait(Duration::from_secs(60));
 
@@ -387,9 +411,10 @@ async fn drain(
         reference_overhead_secs: overhead,
         ratio: reference_secs / outboxd_secs,
         round_ratios: vec![reference_secs / outboxd_secs],
+        max_batch: kafka.and_then(|k| k.max_batch),
     };
     println!(
-        "drain {}{} ({} events, {}-row transactions): outboxd {:.0} events/s, pg_recvlogical {:.0} events/s ({reference_a:.2} s and {reference_b:.2} s, less {overhead:.2} s of fixed cost), ratio {:.1} %",
+        "drain {}{} ({} events, {}-row transactions): outboxd {:.0} events/s, pg_recvlogical {:.0} events/s ({reference_a:.2} s and {reference_b:.2} s, less {overhead:.2} s of fixed cost), ratio {:.1} %; {cpu}",
         broker.name(),
         if effectively_once {
             " effectively-once"
@@ -1183,8 +1208,11 @@ async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
         for effectively_once in [false, true] {
             // A fresh broker per run: no topic, log or transaction state of the previous one.
             let kafka = Kafka::single();
+            warm_up(&kafka.brokers(), effectively_once).await;
             let target = KafkaTarget {
                 brokers: kafka.brokers(),
+                pid: kafka.pids().first().copied(),
+                max_batch: args.kafka_batch,
                 create_topics: true,
             };
             drains.push(
@@ -1203,6 +1231,80 @@ async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
     Ok(drains)
 }
 
+/// Events a fresh broker is sent before it is measured, with the producer settings of the
+/// mode measured.
+const WARM_UP_EVENTS: u64 = 300_000;
+
+/// Brings a fresh Kafka broker to speed before it is measured: a JVM started seconds ago runs
+/// its code interpreted until the JIT compiles it, and spends several times the CPU per
+/// record of a broker that has been running (measured here: about one core for 50,000
+/// records/s just after start). The broker takes `WARM_UP_EVENTS` records of the drain's size
+/// into a topic of its own, in 5,000-record transactions when `transactional`, so that the
+/// code paths of the measured mode are compiled.
+async fn warm_up(brokers: &str, transactional: bool) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    support::apache_kafka::create_topic(brokers, "bench.warmup", 3, &[]).await;
+    let brokers = brokers.to_owned();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0");
+        if transactional {
+            // As outboxd's transactional producer (see the Kafka sink).
+            config
+                .set("transactional.id", "outboxd-bench-warm-up")
+                .set("retry.backoff.ms", "5");
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            config.create().expect("warm-up producer");
+        let timeout = Duration::from_secs(30);
+        if transactional {
+            producer
+                .init_transactions(timeout)
+                .expect("init_transactions");
+        }
+        let payload = format!("{{\"seq\":0,\"pad\":\"{}\"}}", "x".repeat(PAD));
+        // Transactions of 5,000: a ThreadedProducer's commit waits for its polling thread
+        // (100 ms), a cost outboxd's producer does not have.
+        for chunk in 0..WARM_UP_EVENTS / 5000 {
+            if transactional {
+                producer.begin_transaction().expect("begin_transaction");
+            }
+            for i in 0..5000u64 {
+                let key = format!("k{}", (chunk * 5000 + i) % 100);
+                let mut record = BaseRecord::to("bench.warmup").key(&key).payload(&payload);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, r)) => {
+                            record = r;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            }
+            if transactional {
+                producer
+                    .commit_transaction(timeout)
+                    .expect("commit_transaction");
+            }
+        }
+        producer.flush(timeout).expect("flush");
+    })
+    .await
+    .expect("warm-up thread");
+    println!(
+        "warm-up: {WARM_UP_EVENTS} records to a fresh broker{} in {:.1} s",
+        if transactional { ", transactional" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// The drain rows of the results table (with its header), and the cost of effectively-once.
 fn render_drains(drains: &[Drain]) -> String {
     let mut t = String::new();
@@ -1214,9 +1316,10 @@ fn render_drains(drains: &[Drain]) -> String {
         };
         let ratio = d.ratio;
         t.push_str(&format!(
-            "| drain to {}{}, {} events in {}-row transactions | {:.0} events/s | pg_recvlogical {:.0} events/s (less its {:.2} s fixed cost) | {:.0} %{} | ≥ {:.0} % | {} |\n",
+            "| drain to {}{}{}, {} events in {}-row transactions | {:.0} events/s | pg_recvlogical {:.0} events/s (less its {:.2} s fixed cost) | {:.0} %{} | ≥ {:.0} % | {} |\n",
             d.broker.name(),
             if d.effectively_once { " (effectively-once)" } else { "" },
+            d.max_batch.map_or_else(String::new, |n| format!(", batches of {n}")),
             d.events,
             d.per_txn,
             d.outboxd_eps,

@@ -131,3 +131,51 @@ async fn kill_9_while_streaming_loses_nothing() {
         messages.len()
     );
 }
+
+/// A record the broker refuses (over the topic's `max.message.bytes`, which outboxd cannot
+/// know in advance) is dead-lettered with the broker's reason; the events around it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_and_the_stream_goes_on() {
+    let kafka = Kafka::single();
+    let brokers = kafka.brokers();
+    support::apache_kafka::create_topic(
+        &brokers,
+        "outbox.small",
+        1,
+        &[("max.message.bytes", "2000")],
+    )
+    .await;
+    let env = KafkaEnv::start(&brokers, &settings()).await;
+    let db = env.db().await;
+    let outboxd = env.run();
+    db.batch_execute(
+        "BEGIN; \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 0}'); \
+         SELECT outbox_emit('small', 'k1', 'small.created', \
+                jsonb_build_object('seq', 1, 'pad', repeat('x', 5000))); \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 2}'); \
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    emit_txn(&db, 3, 100, 5).await;
+    let dead = read_topic(&brokers, "outboxd.dlq", Duration::from_secs(60), |m| {
+        !m.is_empty()
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].header("reason"), Some("too_large"));
+    assert_eq!(dead[0].header("topic"), Some("outbox.small"));
+    assert_eq!(dead[0].seq(), 1);
+    let detail = dead[0].header("detail").unwrap();
+    assert!(detail.contains("MessageSizeTooLarge"), "{detail}");
+    let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
+        has_all(m, 2..103)
+    })
+    .await;
+    let duplicates =
+        check_partitions_complete_and_ordered(&messages, std::iter::once(0).chain(2..103));
+    assert_eq!(duplicates, 0);
+    let log = outboxd.log_text();
+    assert!(log.contains("event dead-lettered"), "{log}");
+}

@@ -494,3 +494,59 @@ async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothi
         next + 100
     );
 }
+
+/// A record the broker itself refuses (over the topic's `max.message.bytes`, which outboxd
+/// cannot know in advance) inside a transaction: the transaction is aborted and redone with
+/// that record in the dead-letter topic. read_committed consumers see every other event once,
+/// in order, and the dead letter once; the aborted first attempt stays invisible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_after_an_abort_and_the_rest_arrives_once() {
+    let kafka = Kafka::single();
+    let brokers = kafka.brokers();
+    support::apache_kafka::create_topic(
+        &brokers,
+        "outbox.small",
+        1,
+        &[("max.message.bytes", "2000")],
+    )
+    .await;
+    let env = KafkaEnv::start(&brokers, &settings("", "")).await;
+    let db = env.db().await;
+    let _outboxd = env.run();
+    db.batch_execute(
+        "BEGIN; \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 0}'); \
+         SELECT outbox_emit('small', 'k1', 'small.created', \
+                jsonb_build_object('seq', 1, 'pad', repeat('x', 5000))); \
+         SELECT outbox_emit('order', 'k1', 'order.created', '{\"seq\": 2}'); \
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    emit_txn(&db, 3, 100, 5).await;
+    let dead = read_topic_isolated(
+        &brokers,
+        "outboxd.dlq",
+        "read_committed",
+        Duration::from_secs(60),
+        |m| !m.is_empty(),
+    )
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].header("reason"), Some("too_large"));
+    assert_eq!(dead[0].header("topic"), Some("outbox.small"));
+    let detail = dead[0].header("detail").unwrap();
+    assert!(detail.contains("MessageSizeTooLarge"), "{detail}");
+    let want = std::iter::once(0).chain(2..103);
+    let messages = read_committed_settled(&brokers, TOPIC, 2..103, Duration::from_secs(60)).await;
+    let seqs: std::collections::HashSet<u64> = messages.iter().map(KafkaMessage::seq).collect();
+    assert!(seqs.contains(&0), "seq 0 arrived");
+    let duplicates = check_partitions_complete_and_ordered(&messages, want);
+    assert_eq!(duplicates, 0, "the aborted attempt is not visible");
+    assert_eq!(messages.len(), 102);
+    let small = count_to_end(&brokers, "outbox.small", "read_uncommitted");
+    assert_eq!(small, 0, "the broker wrote nothing of the refused record");
+    println!(
+        "refused by the broker inside a transaction: aborted, redone with the record in the dead-letter topic ({detail}); 102 events once"
+    );
+}

@@ -97,6 +97,11 @@ impl Kafka {
     /// `count` nodes (1 or 3), formatted and started; returns once every broker is in the
     /// cluster's metadata.
     pub fn start(count: u32, security: Security) -> Kafka {
+        Self::start_with(count, security, "")
+    }
+
+    /// Like [`start`](Self::start), with more `server.properties` lines.
+    pub fn start_with(count: u32, security: Security, extra_properties: &str) -> Kafka {
         assert!(count == 1 || count == 3, "1 or 3 nodes");
         let jars = jars_dir();
         assert!(
@@ -127,8 +132,11 @@ impl Kafka {
             let node = &cluster.nodes[i];
             fs::create_dir_all(&node.dir).expect("node dir");
             let props = node.dir.join("server.properties");
-            fs::write(&props, properties(node, count, &voters, &security))
-                .expect("write server.properties");
+            fs::write(
+                &props,
+                properties(node, count, &voters, &security) + extra_properties,
+            )
+            .expect("write server.properties");
             fs::write(node.dir.join("log4j2.properties"), log4j(&node.dir))
                 .expect("write log4j2.properties");
             let mut format = cluster.java(&node.dir);
@@ -252,6 +260,14 @@ impl Kafka {
             .map(|n| format!("127.0.0.1:{}", n.secure_port.expect("a SASL_SSL cluster")))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The process ids of the running nodes' JVMs.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
     }
 
     /// How many nodes the cluster has.
@@ -637,4 +653,25 @@ pub fn count_to_end(brokers: &str, topic: &str, isolation: &str) -> usize {
         }
     }
     count
+}
+
+/// Creates `topic` with `partitions` and topic-level `configs` through the Admin API.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    for (name, value) in configs {
+        new = new.set(name, value);
+    }
+    let results = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for r in results {
+        r.unwrap_or_else(|(name, code)| panic!("creating topic {name}: {code}"));
+    }
 }
