@@ -103,7 +103,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--help" | "-h" => {
                 println!(
                     "outboxd-bench [--events N] [--one-row N] [--rates R1,R2,..] [--live-secs S] \
-                     [--rounds R] [--big-txn N] [--no-kafka] [--kafka-batch N] [--no-reference] [--quick] [--only live|drain] [--out DIR]\n\
+                     [--rounds R] [--big-txn N] [--no-kafka] [--kafka-batch N] [--no-reference] [--quick] [--only live|drain|outbox-size] [--out DIR]\n\
                      Writes the results table and chart into DIR (e.g. docs) when --out is given.\n\
                      --no-reference: the live scenario without pg_recvlogical (for profiling).\n\
                      Each scenario runs R times (default 3; 1 with --quick): drains and the relay\n\
@@ -192,6 +192,31 @@ fn run_outboxd(env: &Env, vars: &[(String, String)]) -> Outboxd {
     env.run_with(&vars)
 }
 
+/// Writes `count` table-less events from `first` in transactions of `per_txn` events, with the
+/// content `outbox_emit_message` writes (the same fields and padding as `write_backlog`).
+async fn write_message_backlog(db: &Client, first: u64, count: u64, per_txn: u64) {
+    let emit = db
+        .prepare(
+            "SELECT count(pg_logical_emit_message(true, 'outboxd', json_build_object( \
+                 'id', gen_random_uuid()::text, 'aggregate_type', 'order', \
+                 'aggregate_id', 'k' || (g % 100), 'event_type', 'order.created', \
+                 'payload', jsonb_build_object('seq', g, 'pad', repeat('x', $3::int))::text, \
+                 'headers', '{}', 'created_at', now()::text)::text)) \
+             FROM generate_series($1::bigint, $2::bigint) AS g",
+        )
+        .await
+        .unwrap();
+    let pad = PAD as i32;
+    let mut seq = first;
+    while seq < first + count {
+        let m = per_txn.min(first + count - seq);
+        db.query_one(&emit, &[&(seq as i64), &((seq + m - 1) as i64), &pad])
+            .await
+            .unwrap();
+        seq += m;
+    }
+}
+
 /// Writes `count` events from `first` in transactions of `per_txn` rows (INSERT … SELECT).
 async fn write_backlog(db: &Client, first: u64, count: u64, per_txn: u64) {
     let insert = db
@@ -242,6 +267,8 @@ fn pg_recvlogical(pg: &Postgres, slot: &str, end: &str) -> f64 {
         .args(["-d", &pg.admin_url("app"), "--slot", slot, "--start"])
         .args(["--endpos", end, "--no-loop", "-f", "/dev/null"])
         .args(["-o", "proto_version=1", "-o", "publication_names=outboxd"])
+        // Table-less events are messages: the reference decodes them too.
+        .args(["-o", "messages=true"])
         .output()
         .unwrap();
     assert!(
@@ -304,6 +331,8 @@ struct Drain {
     round_ratios: Vec<f64>,
     /// `sink.max_batch_events`, when not outboxd's default.
     max_batch: Option<u64>,
+    /// Table-less events (`postgres.source = "messages"`) instead of table rows.
+    table_less: bool,
 }
 
 impl Drain {
@@ -322,8 +351,17 @@ impl Drain {
     }
 
     fn same_scenario(&self, other: &Drain) -> bool {
-        (self.broker, self.per_txn, self.effectively_once)
-            == (other.broker, other.per_txn, other.effectively_once)
+        (
+            self.broker,
+            self.per_txn,
+            self.effectively_once,
+            self.table_less,
+        ) == (
+            other.broker,
+            other.per_txn,
+            other.effectively_once,
+            other.table_less,
+        )
     }
 }
 
@@ -345,6 +383,7 @@ async fn drain(
     events: u64,
     kafka: Option<&KafkaTarget>,
     effectively_once: bool,
+    table_less: bool,
 ) -> Drain {
     let env = Env::start().await;
     let db = env.db().await;
@@ -356,7 +395,11 @@ async fn drain(
         .await
         .unwrap();
     }
-    write_backlog(&db, 0, events, per_txn).await;
+    if table_less {
+        write_message_backlog(&db, 0, events, per_txn).await;
+    } else {
+        write_backlog(&db, 0, events, per_txn).await;
+    }
     let end = current_lsn(&db).await;
     db.execute(
         "SELECT pg_create_logical_replication_slot('reference_empty', 'pgoutput')",
@@ -371,7 +414,11 @@ async fn drain(
     let reference_a = pg_recvlogical(&env.pg, "reference_a", &end);
 
     let mut redis = env.redis.connect().await;
-    let mut outboxd = run_outboxd(&env, &broker_env_mode(broker, kafka, effectively_once));
+    let mut vars = broker_env_mode(broker, kafka, effectively_once);
+    if table_less {
+        vars.push(("OUTBOXD_POSTGRES__SOURCE".to_owned(), "messages".to_owned()));
+    }
+    let mut outboxd = run_outboxd(&env, &vars);
     let started = wait_active(&db, "outboxd").await;
     let broker_pid = kafka.and_then(|k| k.pid);
     let cpu_before = (cpu_seconds(outboxd.pid()), broker_pid.and_then(cpu_seconds));
@@ -412,15 +459,17 @@ async fn drain(
         ratio: reference_secs / outboxd_secs,
         round_ratios: vec![reference_secs / outboxd_secs],
         max_batch: kafka.and_then(|k| k.max_batch),
+        table_less,
     };
     println!(
-        "drain {}{} ({} events, {}-row transactions): outboxd {:.0} events/s, pg_recvlogical {:.0} events/s ({reference_a:.2} s and {reference_b:.2} s, less {overhead:.2} s of fixed cost), ratio {:.1} %; {cpu}",
+        "drain {}{}{} ({} events, {}-row transactions): outboxd {:.0} events/s, pg_recvlogical {:.0} events/s ({reference_a:.2} s and {reference_b:.2} s, less {overhead:.2} s of fixed cost), ratio {:.1} %; {cpu}",
         broker.name(),
         if effectively_once {
             " effectively-once"
         } else {
             ""
         },
+        if table_less { " table-less" } else { "" },
         events,
         per_txn,
         result.outboxd_eps,
@@ -1030,6 +1079,194 @@ async fn big_transaction(rows: u64) -> (u64, f64) {
     (peak, secs)
 }
 
+/// What one way of writing events costs the writers (scenario 6).
+#[derive(Debug, Clone)]
+struct WriteCost {
+    style: &'static str,
+    commits_per_s: f64,
+    wal_bytes_per_event: f64,
+    table_bytes_per_event: f64,
+}
+
+/// The ways of writing an event that keep the outbox small, against a kept row, in the same
+/// run (one-row transactions, 16 in flight on one connection; ~300-byte payloads).
+const WRITE_STYLES: &[(&str, &str)] = &[
+    (
+        "INSERT (no function)",
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'order.created', $2::text::jsonb)",
+    ),
+    (
+        "outbox_emit (row kept)",
+        "SELECT outbox_emit('order', $1, 'order.created', $2::text::jsonb)",
+    ),
+    (
+        "outbox_emit(keep => false)",
+        "SELECT outbox_emit('order', $1, 'order.created', $2::text::jsonb, '{}', false)",
+    ),
+    (
+        "outbox_emit_message (table-less)",
+        "SELECT outbox_emit_message('order', $1, 'order.created', $2::text::jsonb)",
+    ),
+];
+
+async fn wal_and_table_bytes(db: &Client) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - '0/0')::bigint, pg_total_relation_size('outbox')",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Scenario 6a: each write style for `events` one-row transactions, in alternating rounds.
+async fn write_costs(events: u64, rounds: u64) -> Vec<WriteCost> {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let pad = "x".repeat(PAD);
+    let mut per_style: Vec<Vec<WriteCost>> = vec![Vec::new(); WRITE_STYLES.len()];
+    for round in 0..rounds {
+        for (i, (style, sql)) in WRITE_STYLES.iter().enumerate() {
+            let statement = db.prepare(sql).await.unwrap();
+            db.batch_execute("CHECKPOINT").await.unwrap();
+            let (wal_before, table_before) = wal_and_table_bytes(&db).await;
+            let started = Instant::now();
+            let mut seq = round * events;
+            let end = seq + events;
+            while seq < end {
+                let batch: Vec<(String, String)> = (seq..(seq + 16).min(end))
+                    .map(|n| {
+                        (
+                            format!("k{}", n % 100),
+                            format!(r#"{{"seq": {n}, "pad": "{pad}"}}"#),
+                        )
+                    })
+                    .collect();
+                let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 2]> = batch
+                    .iter()
+                    .map(|(key, payload)| [key as _, payload as _])
+                    .collect();
+                let futures = params.iter().map(|p| db.execute(&statement, p));
+                for r in futures::future::join_all(futures).await {
+                    r.unwrap();
+                }
+                seq = end.min(seq + 16);
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let (wal_after, table_after) = wal_and_table_bytes(&db).await;
+            per_style[i].push(WriteCost {
+                style,
+                commits_per_s: events as f64 / secs,
+                wal_bytes_per_event: (wal_after - wal_before) as f64 / events as f64,
+                table_bytes_per_event: (table_after - table_before) as f64 / events as f64,
+            });
+        }
+    }
+    per_style
+        .into_iter()
+        .map(|costs| WriteCost {
+            commits_per_s: median(costs.iter().map(|c| c.commits_per_s).collect()),
+            wal_bytes_per_event: median(costs.iter().map(|c| c.wal_bytes_per_event).collect()),
+            table_bytes_per_event: median(costs.iter().map(|c| c.table_bytes_per_event).collect()),
+            ..costs[0].clone()
+        })
+        .collect()
+}
+
+/// What pruning `rows` rows cost (scenario 6b).
+#[derive(Debug, Clone)]
+struct PruneCost {
+    rows: u64,
+    prune_secs: f64,
+    wal_bytes_per_row: f64,
+    dead_tuples: i64,
+    vacuum_secs: f64,
+    table_bytes_before: i64,
+    table_bytes_after_vacuum: i64,
+}
+
+/// Scenario 6b: `rows` rows forwarded by outboxd, then deleted by `outboxd prune` (which
+/// waits for the slot's confirmation), then a VACUUM.
+async fn prune_cost(rows: u64) -> PruneCost {
+    let env = Env::start().await;
+    let db = env.db().await;
+    db.batch_execute("GRANT DELETE ON outbox TO outboxd")
+        .await
+        .unwrap();
+    write_backlog(&db, 0, rows, 1000).await;
+    let mut redis = env.redis.connect().await;
+    let mut outboxd = run_outboxd(&env, &broker_env(Broker::Redis, None));
+    while stream_len(&mut redis, "outbox.order").await < rows {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    db.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
+    let (wal_before, table_bytes_before) = wal_and_table_bytes(&db).await;
+    let started = Instant::now();
+    let out = env.command(&["prune", "--older-than", "0s"]);
+    let prune_secs = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "outboxd prune: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (wal_after, _) = wal_and_table_bytes(&db).await;
+    // The statistics collector reports dead tuples with a delay.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let dead_tuples: i64 = db
+        .query_one(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    db.batch_execute("VACUUM outbox").await.unwrap();
+    let vacuum_secs = started.elapsed().as_secs_f64();
+    let (_, table_bytes_after_vacuum) = wal_and_table_bytes(&db).await;
+    outboxd.sigterm();
+    outboxd.wait(Duration::from_secs(60));
+    PruneCost {
+        rows,
+        prune_secs,
+        wal_bytes_per_row: (wal_after - wal_before) as f64 / rows as f64,
+        dead_tuples,
+        vacuum_secs,
+        table_bytes_before,
+        table_bytes_after_vacuum,
+    }
+}
+
+/// The rows of the outbox-size scenarios.
+fn render_outbox_size(writes: &[WriteCost], prune: &PruneCost) -> String {
+    let mut t = String::from(
+        "| way of writing an event (one-row transactions) | commits/s | WAL per event | table growth per event |\n|---|---|---|---|\n",
+    );
+    for w in writes {
+        t.push_str(&format!(
+            "| {} | {:.0} | {:.0} B | {:.0} B |\n",
+            w.style, w.commits_per_s, w.wal_bytes_per_event, w.table_bytes_per_event
+        ));
+    }
+    t.push_str(&format!(
+        "\nPruning {} forwarded rows with `outboxd prune --older-than 0s`: {:.2} s ({:.0} rows/s, \
+         including the wait for the slot's confirmation), {:.0} B of WAL per row, {} dead tuples \
+         left; `VACUUM` {:.2} s; table and indexes {:.1} MiB before, {:.1} MiB after (VACUUM \
+         returns empty pages at the end of the file; space freed in between is reused by new \
+         rows, not returned).\n",
+        prune.rows,
+        prune.prune_secs,
+        prune.rows as f64 / prune.prune_secs,
+        prune.wal_bytes_per_row,
+        prune.dead_tuples,
+        prune.vacuum_secs,
+        prune.table_bytes_before as f64 / 1048576.0,
+        prune.table_bytes_after_vacuum as f64 / 1048576.0,
+    ));
+    t
+}
+
 /// Scenario 5: a polling relay on the same kind of backlog.
 async fn polling_relay(events: u64) -> f64 {
     let env = Env::start().await;
@@ -1130,6 +1367,12 @@ async fn main() -> anyhow::Result<()> {
         lives(&args).await;
         return Ok(());
     }
+    if args.only.as_deref() == Some("outbox-size") {
+        let writes = write_costs(args.one_row, args.rounds).await;
+        let prune = prune_cost(args.one_row * 5).await;
+        println!("\n{}", render_outbox_size(&writes, &prune));
+        return Ok(());
+    }
 
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
@@ -1154,6 +1397,10 @@ async fn main() -> anyhow::Result<()> {
 
     let lives = lives(&args).await;
 
+    let writes = write_costs(args.one_row, args.rounds).await;
+    let prune = prune_cost(args.one_row * 5).await;
+    println!("\n{}", render_outbox_size(&writes, &prune));
+
     let (peak_kib, big_secs) = big_transaction(args.big_txn).await;
     let mut relays = Vec::new();
     for _ in 0..args.rounds {
@@ -1164,7 +1411,7 @@ async fn main() -> anyhow::Result<()> {
     let results = json!({
         "environment": versions(),
         "drain": drains.iter().map(|d| json!({
-            "broker": d.broker.name(), "effectively_once": d.effectively_once,
+            "broker": d.broker.name(), "effectively_once": d.effectively_once, "table_less": d.table_less,
             "reference_overhead_s": d.reference_overhead_secs, "rows_per_transaction": d.per_txn, "events": d.events,
             "outboxd_events_per_s": d.outboxd_eps.round(), "reference_events_per_s": d.reference_eps.round(),
             "ratio": d.ratio, "round_ratios": d.round_ratios, "rounds": args.rounds,
@@ -1177,9 +1424,24 @@ async fn main() -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "big_transaction": { "rows": args.big_txn, "peak_rss_mib": peak_kib as f64 / 1024.0, "seconds": big_secs },
         "polling_relay_events_per_s": relay_eps.round(),
+        "write_costs": writes.iter().map(|w| json!({
+            "style": w.style, "commits_per_s": w.commits_per_s.round(),
+            "wal_bytes_per_event": w.wal_bytes_per_event.round(),
+            "table_bytes_per_event": w.table_bytes_per_event.round(),
+        })).collect::<Vec<_>>(),
+        "prune": {
+            "rows": prune.rows, "seconds": prune.prune_secs,
+            "wal_bytes_per_row": prune.wal_bytes_per_row.round(), "dead_tuples": prune.dead_tuples,
+            "vacuum_seconds": prune.vacuum_secs, "table_bytes_before": prune.table_bytes_before,
+            "table_bytes_after_vacuum": prune.table_bytes_after_vacuum,
+        },
         "seconds": started.elapsed().as_secs(),
     });
-    let table = render_table(&args, &drains, &lives, peak_kib, relay_eps);
+    let table = format!(
+        "{}\n{}",
+        render_table(&args, &drains, &lives, peak_kib, relay_eps),
+        render_outbox_size(&writes, &prune)
+    );
     println!("\n{table}");
     if let Some(dir) = &args.out {
         write_results(dir, &results, &table)?;
@@ -1200,9 +1462,10 @@ fn per_round(ratios: &[f64]) -> String {
 /// one-node Apache Kafka broker (both delivery modes).
 async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
     let mut drains = vec![
-        drain(Broker::Redis, 1000, args.events, None, false).await,
-        drain(Broker::Redis, 1000, args.events, None, true).await,
-        drain(Broker::Redis, 1, args.one_row, None, false).await,
+        drain(Broker::Redis, 1000, args.events, None, false, false).await,
+        drain(Broker::Redis, 1000, args.events, None, true, false).await,
+        drain(Broker::Redis, 1000, args.events, None, false, true).await,
+        drain(Broker::Redis, 1, args.one_row, None, false, false).await,
     ];
     if args.kafka {
         for effectively_once in [false, true] {
@@ -1222,6 +1485,7 @@ async fn drains(args: &Args) -> anyhow::Result<Vec<Drain>> {
                     args.events,
                     Some(&target),
                     effectively_once,
+                    false,
                 )
                 .await,
             );
@@ -1316,9 +1580,10 @@ fn render_drains(drains: &[Drain]) -> String {
         };
         let ratio = d.ratio;
         t.push_str(&format!(
-            "| drain to {}{}{}, {} events in {}-row transactions | {:.0} events/s | pg_recvlogical {:.0} events/s (less its {:.2} s fixed cost) | {:.0} %{} | ≥ {:.0} % | {} |\n",
+            "| drain to {}{}{}{}, {} events in {}-row transactions | {:.0} events/s | pg_recvlogical {:.0} events/s (less its {:.2} s fixed cost) | {:.0} %{} | ≥ {:.0} % | {} |\n",
             d.broker.name(),
             if d.effectively_once { " (effectively-once)" } else { "" },
+            if d.table_less { " (table-less messages)" } else { "" },
             d.max_batch.map_or_else(String::new, |n| format!(", batches of {n}")),
             d.events,
             d.per_txn,
@@ -1333,9 +1598,9 @@ fn render_drains(drains: &[Drain]) -> String {
     }
     for broker in [Broker::Redis, Broker::Kafka] {
         let find = |eo: bool| {
-            drains
-                .iter()
-                .find(|d| d.broker == broker && d.per_txn == 1000 && d.effectively_once == eo)
+            drains.iter().find(|d| {
+                d.broker == broker && d.per_txn == 1000 && d.effectively_once == eo && !d.table_less
+            })
         };
         if let (Some(alo), Some(eo)) = (find(false), find(true)) {
             let cost = 1.0 - eo.outboxd_eps / alo.outboxd_eps;
@@ -1362,10 +1627,9 @@ fn render_table(
     let mut t = String::new();
     t.push_str(&format!("Environment: {}.\n\n", versions()));
     t.push_str(&render_drains(drains));
-    if let Some(redis) = drains
-        .iter()
-        .find(|d| d.broker == Broker::Redis && d.per_txn == 1000 && !d.effectively_once)
-    {
+    if let Some(redis) = drains.iter().find(|d| {
+        d.broker == Broker::Redis && d.per_txn == 1000 && !d.effectively_once && !d.table_less
+    }) {
         let ratio = redis.outboxd_eps / relay_eps;
         t.push_str(&format!(
             "| drain to redis against a polling relay ({} events) | {:.0} events/s | polling relay {:.0} events/s | {:.1}× | ≥ 3× | {} |\n",
