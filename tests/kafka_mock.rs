@@ -1,12 +1,13 @@
-//! End to end: Postgres (wal_level = logical) → outboxd → Kafka, where Kafka is librdkafka's
-//! mock cluster running in the test process (a real Kafka protocol server on 127.0.0.1 that
-//! can inject errors and outages). outboxd is the real binary, configured with
-//! `sink.kind = "kafka"`.
+//! Injected errors: Postgres (wal_level = logical) → outboxd → Kafka, where Kafka is
+//! librdkafka's mock cluster running in the test process (a Kafka protocol server on 127.0.0.1
+//! that can inject produce errors, refused topics, outages and fencing answers). outboxd is the
+//! real binary, configured with `sink.kind = "kafka"`. Everything that needs no injected error
+//! runs against real Apache Kafka instead (`kafka_e2e`, `kafka_effectively_once`,
+//! `kafka_cluster`, `kafka_security`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
@@ -19,121 +20,6 @@ const SLOT: &str = "outboxd";
 
 fn mock(brokers: i32) -> MockCluster<'static, DefaultProducerContext> {
     MockCluster::new(brokers).expect("start librdkafka's mock cluster")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_arrive_with_key_value_and_headers() {
-    let mock = mock(1);
-    let brokers = mock.bootstrap_servers();
-    let env = KafkaEnv::start(&brokers, &KafkaSettings::default()).await;
-    let _outboxd = env.run();
-    let db = env.db().await;
-
-    let id: String = db
-        .query_one(
-            "SELECT outbox_emit('order', '123', 'order.paid', '{\"amount\": 42, \"currency\": \"EUR\"}', \
-                    '{\"traceparent\": \"00-abc-01\", \"correlation_id\": \"c-1\"}')::text",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    db.execute(
-        "SELECT outbox_emit('customer', 'c9', 'customer.created', '{\"name\": \"Ada\"}')",
-        &[],
-    )
-    .await
-    .unwrap();
-
-    let order = read_topic(&brokers, "outbox.order", Duration::from_secs(30), |m| {
-        !m.is_empty()
-    })
-    .await;
-    assert_eq!(order.len(), 1, "{order:?}");
-    let m = &order[0];
-    assert_eq!(m.key.as_deref(), Some("123"));
-    let payload: serde_json::Value = serde_json::from_str(&m.value).unwrap();
-    assert_eq!(
-        payload,
-        serde_json::json!({"amount": 42, "currency": "EUR"})
-    );
-    let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(&names[..2], ["id", "type"], "{names:?}");
-    let rest: HashSet<&str> = names[2..].iter().copied().collect();
-    assert_eq!(rest, HashSet::from(["traceparent", "correlation_id"]));
-    assert_eq!(m.header("id"), Some(id.as_str()));
-    assert_eq!(m.header("type"), Some("order.paid"));
-    assert_eq!(m.header("traceparent"), Some("00-abc-01"));
-    assert_eq!(m.header("correlation_id"), Some("c-1"));
-
-    let customer = read_topic(&brokers, "outbox.customer", Duration::from_secs(30), |m| {
-        !m.is_empty()
-    })
-    .await;
-    assert_eq!(customer.len(), 1);
-    assert_eq!(customer[0].key.as_deref(), Some("c9"));
-    let names: Vec<&str> = customer[0]
-        .headers
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
-    assert_eq!(names, ["id", "type"]);
-    assert_eq!(customer[0].header("type"), Some("customer.created"));
-    assert_eq!(customer[0].value, "{\"name\": \"Ada\"}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_key_stays_in_one_partition_in_commit_order() {
-    let mock = mock(3);
-    mock.create_topic("outbox.order", 6, 3).unwrap();
-    let brokers = mock.bootstrap_servers();
-    // A small librdkafka queue: batches of 500 fill it, so the sink waits for room (the
-    // backpressure path) while keeping the order.
-    let settings = KafkaSettings {
-        sink: "max_batch_events = 500".into(),
-        options: "\"queue.buffering.max.messages\" = \"50\"".into(),
-        ..KafkaSettings::default()
-    };
-    let env = KafkaEnv::start(&brokers, &settings).await;
-    let outboxd = env.run();
-    let db = env.db().await;
-
-    let started = Instant::now();
-    emit_many(&db, 0, 3000, 40).await;
-    let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(90), |m| {
-        has_all(m, 0..3000)
-    })
-    .await;
-    let elapsed = started.elapsed();
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..3000);
-    assert_eq!(duplicates, 0, "no failure, so no duplicates");
-    assert_eq!(messages.len(), 3000);
-    let partitions: HashSet<i32> = messages.iter().map(|m| m.partition).collect();
-    assert!(
-        partitions.len() >= 4,
-        "40 keys over 6 partitions used only {partitions:?}"
-    );
-    // Within a partition, offsets follow commit order (not only per key).
-    let mut last: HashMap<i32, u64> = HashMap::new();
-    for m in &messages {
-        if let Some(prev) = last.insert(m.partition, m.seq()) {
-            assert!(
-                prev < m.seq(),
-                "partition {}: {} after {prev}",
-                m.partition,
-                m.seq()
-            );
-        }
-    }
-    println!(
-        "3,000 events, 40 keys, 6 partitions, librdkafka queue of 50: all in order in {:.1} s",
-        elapsed.as_secs_f64()
-    );
-    let log = outboxd.log_text();
-    assert!(
-        log.contains("queue is full"),
-        "the small queue never filled, so backpressure was not exercised:\n{log}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,16 +388,6 @@ fn effectively_once_mock() -> MockCluster<'static, DefaultProducerContext> {
     mock
 }
 
-/// Each seq of `expected` exactly once (per key in one partition, in commit order).
-fn assert_each_once(messages: &[KafkaMessage], expected: std::ops::Range<u64>) {
-    let duplicates = check_partitions_complete_and_ordered(messages, expected.clone());
-    assert_eq!(
-        duplicates, 0,
-        "duplicates seen by a read_committed consumer"
-    );
-    assert_eq!(messages.len() as u64, expected.end - expected.start);
-}
-
 async fn read_committed(brokers: &str, count: usize) -> Vec<KafkaMessage> {
     read_topic_isolated(
         brokers,
@@ -521,140 +397,6 @@ async fn read_committed(brokers: &str, count: usize) -> Vec<KafkaMessage> {
         move |m| m.len() >= count,
     )
     .await
-}
-
-/// The crash windows that replay committed transactions: after Kafka committed a batch and
-/// before the slot was confirmed, a Postgres restart (the slot can forget confirmations on 16
-/// and older) and a walsender kill. The replayed events are at or below the position committed
-/// in the offsets topic, so outboxd skips them: a read_committed consumer sees each once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn effectively_once_skips_replays_of_committed_transactions() {
-    let mock = effectively_once_mock();
-    let brokers = mock.bootstrap_servers();
-    let env = KafkaEnv::start(&brokers, &effectively_once_settings()).await;
-    let db = env.db().await;
-
-    let mut crashing = env.run_with(&[("OUTBOXD_FAILPOINT", "after-ack-before-confirm@3")]);
-    for i in 0..10 {
-        emit_txn(&db, i * 100, 100, 20).await;
-    }
-    let status = crashing.wait(Duration::from_secs(60));
-    assert!(!status.success(), "{}", crashing.log_text());
-    let restarted = env.run();
-    let messages = read_committed(&brokers, 1000).await;
-    assert_each_once(&messages, 0..1000);
-    let log = std::fs::read_to_string(env.dir.join("outboxd-1.log")).unwrap();
-    assert!(
-        log.contains("Kafka transactions ready"),
-        "the restarted instance read the committed position:\n{log}"
-    );
-    drop(restarted);
-
-    // A Postgres restart, then a walsender kill, while more events are written.
-    let outboxd = env.run_with(&[("OUTBOXD_POSTGRES__STATUS_INTERVAL_MS", "100")]);
-    wait_slot_active(&db).await;
-    emit_many(&db, 1000, 1000, 20).await;
-    env.pg.stop();
-    env.pg.start_again();
-    let db = env.db().await;
-    emit_many(&db, 2000, 1000, 20).await;
-    wait_slot_active(&db).await;
-    db.batch_execute(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active",
-    )
-    .await
-    .unwrap();
-    emit_many(&db, 3000, 1000, 20).await;
-    let messages = read_committed(&brokers, 4000).await;
-    // Time for anything more to (wrongly) arrive.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let again = read_topic_isolated(
-        &brokers,
-        "outbox.order",
-        "read_committed",
-        Duration::from_secs(5),
-        |_| false,
-    )
-    .await;
-    assert_eq!(again.len(), messages.len(), "more messages arrived later");
-    assert_each_once(&messages, 0..4000);
-
-    // The offsets topic holds this slot's position.
-    let offsets = read_topic_isolated(
-        &brokers,
-        "outboxd.offsets",
-        "read_committed",
-        Duration::from_secs(30),
-        |m| !m.is_empty(),
-    )
-    .await;
-    assert!(offsets.iter().all(|m| m.key.as_deref() == Some(SLOT)));
-    let last = offsets.last().expect("a committed position");
-    assert!(last.value.contains("\"commit_lsn\""), "{}", last.value);
-    println!(
-        "effectively-once (Kafka, mock cluster): 4,000 events through a crash after the commit, a Postgres restart and a walsender kill: each exactly once; {} positions committed, the last {}",
-        offsets.len(),
-        last.value
-    );
-    drop(outboxd);
-}
-
-/// SIGKILL at random moments, 5 times, while 6,000 events are written: nothing lost, per-key
-/// order kept. librdkafka's mock cluster does not hide aborted transactions from
-/// read_committed consumers (it reports no aborted transactions and a last stable offset
-/// equal to the high watermark), so the part of a batch produced before a kill stays visible
-/// there; a real Kafka broker hides it. The duplicates are counted and bounded by one batch
-/// per kill.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn effectively_once_under_sigkill_loses_nothing() {
-    const TOTAL: u64 = 6000;
-    let mock = effectively_once_mock();
-    let brokers = mock.bootstrap_servers();
-    let env = KafkaEnv::start(&brokers, &effectively_once_settings()).await;
-    let db = env.db().await;
-    let writer = tokio::spawn(async move {
-        let started = Instant::now();
-        for chunk in 0..TOTAL / 200 {
-            emit_many(&db, chunk * 200, 200, 20).await;
-            let due = started + Duration::from_millis((chunk + 1) * 500);
-            tokio::time::sleep_until(due.into()).await;
-        }
-    });
-    let mut kills = 0u64;
-    let mut x: u64 = 0xfeed;
-    for _ in 0..5 {
-        let mut outboxd = env.run_with(&[("OUTBOXD_POSTGRES__STATUS_INTERVAL_MS", "100")]);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        tokio::time::sleep(Duration::from_millis(1200 + x % 1500)).await;
-        outboxd.kill9();
-        kills += 1;
-    }
-    let writer_done = writer.is_finished();
-    let _last = env.run();
-    writer.await.unwrap();
-    let messages = read_topic_isolated(
-        &brokers,
-        "outbox.order",
-        "read_committed",
-        Duration::from_secs(120),
-        |m| has_all(m, 0..TOTAL),
-    )
-    .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..TOTAL);
-    println!(
-        "effectively-once (Kafka, mock cluster): {TOTAL} events, {kills} SIGKILLs (writer still writing at the last: {}): none lost, {duplicates} duplicates visible on the mock (parts of aborted transactions; a real broker hides them from read_committed consumers)",
-        !writer_done
-    );
-    assert!(
-        !writer_done,
-        "the kills must happen while events are written"
-    );
-    assert!(
-        duplicates <= kills * 200,
-        "{duplicates} duplicates for {kills} kills: more than one batch per kill"
-    );
 }
 
 /// Fencing: the broker answers the transaction coordinator's calls with PRODUCER_FENCED, as it

@@ -737,6 +737,74 @@ async fn produce_all(
     producer: &FutureProducer<Context>,
     messages: &[Option<Outgoing>],
 ) -> Vec<Outcome> {
+    let mut outcomes = Vec::with_capacity(messages.len());
+    for p in enqueue_all(producer, messages).await {
+        outcomes.push(match p {
+            None => Ok(()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(delivery)) => delivered(delivery.await),
+        });
+    }
+    outcomes
+}
+
+/// Like [`produce_all`], for a transaction: takes the delivery reports as they come and stops
+/// at the first failure. Once one message of a transaction fails, librdkafka sends nothing
+/// more of it until it is aborted, so the reports of the others would only come when their
+/// timeout passes. The outcomes not known then are `None`.
+async fn produce_until_failure(
+    producer: &FutureProducer<Context>,
+    messages: &[Option<Outgoing>],
+) -> Vec<Option<Outcome>> {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(messages.len());
+    let mut waiting = FuturesUnordered::new();
+    for (i, p) in enqueue_all(producer, messages)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match p {
+            None => outcomes.push(Some(Ok(()))),
+            Some(Err(e)) => outcomes.push(Some(Err(e))),
+            Some(Ok(delivery)) => {
+                outcomes.push(None);
+                waiting.push(async move { (i, delivered(delivery.await)) });
+            }
+        }
+    }
+    if outcomes.iter().any(|o| matches!(o, Some(Err(_)))) {
+        return outcomes;
+    }
+    while let Some((i, outcome)) = waiting.next().await {
+        let failed = outcome.is_err();
+        outcomes[i] = Some(outcome);
+        if failed {
+            break;
+        }
+    }
+    outcomes
+}
+
+/// A delivery report as an outcome.
+fn delivered<Canceled>(
+    report: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, Canceled>,
+) -> Outcome {
+    match report {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _message))) => Err(e),
+        // The producer went away before reporting: treat it as not delivered.
+        Err(_canceled) => Err(KafkaError::Canceled),
+    }
+}
+
+/// Enqueues every message in order, waiting for room when librdkafka's queue is full; `None`
+/// entries stay `None`.
+async fn enqueue_all(
+    producer: &FutureProducer<Context>,
+    messages: &[Option<Outgoing>],
+) -> Vec<Option<Result<DeliveryFuture, KafkaError>>> {
     let mut pending: Vec<Option<Result<DeliveryFuture, KafkaError>>> =
         Vec::with_capacity(messages.len());
     let mut waited_for_room = false;
@@ -766,20 +834,7 @@ async fn produce_all(
         };
         pending.push(Some(enqueued));
     }
-    let mut outcomes = Vec::with_capacity(pending.len());
-    for p in pending {
-        outcomes.push(match p {
-            None => Ok(()),
-            Some(Err(e)) => Err(e),
-            Some(Ok(delivery)) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _message))) => Err(e),
-                // The producer went away before reporting: treat it as not delivered.
-                Err(_canceled) => Err(KafkaError::Canceled),
-            },
-        });
-    }
-    outcomes
+    pending
 }
 
 fn client_error(what: &'static str, e: KafkaError) -> SinkError {

@@ -43,7 +43,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::{
     Context, ErrorClass, KafkaSink, Outgoing, classify, client_error, dead_letter_refused,
-    produce_all, too_large,
+    produce_until_failure, too_large,
 };
 
 /// The transactional state of a [`KafkaSink`].
@@ -179,7 +179,7 @@ impl KafkaSink {
             }
             let outcomes = match tokio::time::timeout(
                 self.config.delivery_timeout,
-                produce_all(&producer, &messages),
+                produce_until_failure(&producer, &messages),
             )
             .await
             {
@@ -195,15 +195,23 @@ impl KafkaSink {
                     ));
                 }
             };
-            if outcomes.iter().any(Result::is_err)
+            if outcomes.iter().any(|o| !matches!(o, Some(Ok(()))))
                 && let Some(fenced) = self.fenced_now()
             {
                 return Err(fenced);
             }
             let mut newly: Vec<(usize, Poison)> = Vec::new();
             let mut failure: Option<SinkError> = None;
+            let mut unknown = 0usize;
             for (k, outcome) in outcomes.into_iter().enumerate() {
-                let Err(err) = outcome else { continue };
+                let err = match outcome {
+                    Some(Ok(())) => continue,
+                    Some(Err(err)) => err,
+                    None => {
+                        unknown += 1;
+                        continue;
+                    }
+                };
                 if is_fenced(&err) {
                     return Err(fenced_error(self.transactional_id(), &err));
                 }
@@ -250,13 +258,26 @@ impl KafkaSink {
                     }
                 }
             }
-            if failure.is_some() || !newly.is_empty() {
+            if failure.is_some() || !newly.is_empty() || unknown > 0 {
                 self.abort(&producer).await;
                 if let Some(fenced) = self.fenced_now() {
                     return Err(fenced);
                 }
-                if let Some(e) = failure {
-                    return Err(e);
+                // A record refused alone makes the other messages of the transaction fail
+                // (or never be reported): the redo sends them again with that record in the
+                // dead-letter topic. Only a permanent failure, or one with no refused record
+                // to redo without, fails the batch.
+                match failure {
+                    Some(e) if !e.is_transient() || newly.is_empty() => return Err(e),
+                    None if newly.is_empty() => {
+                        return Err(SinkError::transient(
+                            "delivering a batch in a Kafka transaction",
+                            format!(
+                                "{unknown} messages were not acknowledged before the transaction failed"
+                            ),
+                        ));
+                    }
+                    _ => {}
                 }
                 rejected.extend(newly);
                 continue;
