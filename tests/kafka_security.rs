@@ -124,23 +124,40 @@ fn secure_kafka() -> (Kafka, PathBuf) {
     (kafka, ca)
 }
 
-/// `[sink.kafka.options]` for SCRAM-SHA-512 over TLS with `password`, librdkafka's debug
-/// logs of its security, broker and protocol layers on.
-fn options(ca: &Path, password: &str) -> String {
+/// `[sink.kafka.options]` for SCRAM-SHA-512 over TLS (with `password`, unless it comes from
+/// a file), librdkafka's debug logs of its security, broker and protocol layers on.
+fn options(ca: &Path, password: Option<&str>) -> String {
+    let password = password.map_or_else(String::new, |p| format!("\"sasl.password\" = \"{p}\"\n"));
     format!(
         "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
-         \"sasl.username\" = \"{SCRAM_USER}\"\n\"sasl.password\" = \"{password}\"\n\
+         \"sasl.username\" = \"{SCRAM_USER}\"\n{password}\
          \"ssl.ca.location\" = \"{}\"\n\"debug\" = \"security,broker,protocol\"\n\
          \"log_level\" = \"7\"",
         ca.display()
     )
 }
 
-fn settings(ca: &Path, password: &str, delivery: &str) -> KafkaSettings {
+/// The password in the options, or (`password_file`) read from that file through
+/// `sink.kafka.sasl_password_file`.
+fn settings(
+    ca: &Path,
+    password: &str,
+    password_file: Option<&Path>,
+    delivery: &str,
+) -> KafkaSettings {
+    let mut kafka =
+        "create_topics = true\ntopic_partitions = 3\ndelivery_timeout_ms = 10000".to_owned();
+    if let Some(file) = password_file {
+        std::fs::write(file, format!("{password}\n")).unwrap();
+        kafka.push_str(&format!(
+            "\nsasl_password_file = {:?}",
+            file.display().to_string()
+        ));
+    }
     KafkaSettings {
         sink: format!("delivery = \"{delivery}\""),
-        kafka: "create_topics = true\ntopic_partitions = 3\ndelivery_timeout_ms = 10000".into(),
-        options: options(ca, password),
+        kafka,
+        options: options(ca, password_file.is_none().then_some(password)),
     }
 }
 
@@ -151,9 +168,11 @@ async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password
     let (kafka, ca) = secure_kafka();
     // Effectively-once: the producer, the admin client and the offsets topic's consumer all
     // go through SASL_SSL.
+    // The password from a secret file (sink.kafka.sasl_password_file).
+    let secret = scratch_dir("kafka-secret").join("sasl_password");
     let env = KafkaEnv::start(
         &kafka.secure_brokers(),
-        &settings(&ca, PASSWORD, "effectively-once"),
+        &settings(&ca, PASSWORD, Some(&secret), "effectively-once"),
     )
     .await;
     let mut outboxd = env.run_with(&[DEBUG_LOG]);
@@ -207,7 +226,7 @@ async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
     let wrong = "not-the-Secr3t";
     let env = KafkaEnv::start(
         &kafka.secure_brokers(),
-        &settings(&ca, wrong, "at-least-once"),
+        &settings(&ca, wrong, None, "at-least-once"),
     )
     .await;
     let db = env.db().await;
@@ -226,7 +245,8 @@ async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
         .collect();
     assert_eq!(failures.len(), 1, "one failure line for Kafka:\n{report}");
     assert!(
-        failures[0].contains("credentials") || failures[0].contains("authentication"),
+        failures[0].contains("refused outboxd")
+            && (failures[0].contains("credentials") || failures[0].contains("authentication")),
         "the line says what is wrong: {}",
         failures[0]
     );

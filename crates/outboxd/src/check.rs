@@ -361,6 +361,15 @@ async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
                 check_stream_ids(config, redis, wal, report).await;
             }
         }
+        Ok(Err(e)) if !e.is_transient() => report.add(
+            Status::Fail,
+            "broker",
+            format!(
+                "{name} at {} refused outboxd: {}",
+                Broker::target(config),
+                one_line(&e)
+            ),
+        ),
         Ok(Err(e)) => report.add(
             Status::Fail,
             "broker",
