@@ -224,6 +224,42 @@ async fn emit_rows(
     Ok(done)
 }
 
+/// One transaction, opened by `begin`: counts the rows, emits them, commits (or rolls back
+/// on a failure), then tells `observe`.
+async fn emit_in_transaction(
+    client: &Client,
+    begin: &str,
+    rows: &RowSelection<'_>,
+    prefix: &str,
+    topic: Option<&str>,
+    observe: &mut impl FnMut(Step),
+) -> Result<u64, BackfillError> {
+    client
+        .batch_execute(begin)
+        .await
+        .map_err(pg("starting the transaction"))?;
+    let result = async {
+        let total = count(client, rows).await?;
+        let emitted = emit_rows(client, rows, prefix, topic, total, observe).await?;
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(pg("committing the rows"))?;
+        Ok::<u64, BackfillError>(emitted)
+    }
+    .await;
+    match result {
+        Ok(n) => {
+            observe(Step::Committed);
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
 /// What a backfill did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backfilled {
@@ -276,31 +312,12 @@ pub async fn backfill(
     let consistent_point: Lsn = field(1).parse().unwrap_or_default();
     let snapshot = field(2);
 
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(&snapshot)
-        ))
-        .await
-        .map_err(pg("importing the slot's snapshot"))?;
-    let result = async {
-        let total = count(client, rows).await?;
-        let emitted = emit_rows(client, rows, BACKFILL_PREFIX, None, total, &mut observe).await?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(pg("committing the backfill"))?;
-        Ok::<u64, BackfillError>(emitted)
-    }
-    .await;
-    let emitted = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    };
-    observe(Step::Committed);
+    let begin = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
+        quote_literal(&snapshot)
+    );
+    let emitted =
+        emit_in_transaction(client, &begin, rows, BACKFILL_PREFIX, None, &mut observe).await?;
     client
         .execute(
             "SELECT pg_copy_logical_replication_slot($1, $2, false)",
@@ -343,28 +360,15 @@ pub async fn replay(
     topic: Option<&str>,
     mut observe: impl FnMut(Step),
 ) -> Result<Replayed, BackfillError> {
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        .await
-        .map_err(pg("starting the replay"))?;
-    let result = async {
-        let total = count(client, rows).await?;
-        let emitted = emit_rows(client, rows, REPLAY_PREFIX, topic, total, &mut observe).await?;
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(pg("committing the replay"))?;
-        Ok::<u64, BackfillError>(emitted)
-    }
-    .await;
-    let emitted = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    };
-    observe(Step::Committed);
+    let emitted = emit_in_transaction(
+        client,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        rows,
+        REPLAY_PREFIX,
+        topic,
+        &mut observe,
+    )
+    .await?;
     let after: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
