@@ -51,31 +51,10 @@ async fn table_less_env(pg: Postgres, extra: &str) -> Env {
     env
 }
 
-/// Waits until `stream` holds `n` distinct events (duplicates after a crash do not count);
-/// returns its entries.
+/// Waits until `stream` holds the events `0..n`; returns its entries.
 async fn wait_len(env: &Env, stream: &str, n: u64) -> Vec<Entry> {
     let redis = env.redis.connect().await;
-    wait_until(
-        &format!("{n} events in {stream}"),
-        Duration::from_secs(90),
-        || {
-            let mut redis = redis.clone();
-            async move {
-                if stream_len(&mut redis, stream).await < n {
-                    return false;
-                }
-                let ids: std::collections::HashSet<String> = read_stream(&mut redis, stream)
-                    .await
-                    .into_iter()
-                    .filter_map(|e| e.get("id").map(str::to_owned))
-                    .collect();
-                ids.len() as u64 >= n
-            }
-        },
-    )
-    .await;
-    let mut redis = env.redis.connect().await;
-    read_stream(&mut redis, stream).await
+    wait_complete(&redis, stream, 0..n, Duration::from_secs(90)).await
 }
 
 async fn run_through_faults(env: &Env) -> Vec<Entry> {
@@ -167,7 +146,13 @@ async fn a_message_that_is_not_an_event_is_dead_lettered_and_later_events_flow()
     emit_messages(&db, 0, 20, 3).await;
     let entries = wait_len(&env, STREAM, 20).await;
     assert_eq!(check_complete_and_ordered(&entries, 0..20), 0);
-    let dead = wait_len(&env, "outboxd.dlq", 1).await;
+    let mut redis = env.redis.connect().await;
+    wait_until("the dead letter", Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        async move { stream_len(&mut redis, "outboxd.dlq").await >= 1 }
+    })
+    .await;
+    let dead = read_stream(&mut redis, "outboxd.dlq").await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].get("reason"), Some("invalid_message"), "{dead:?}");
     assert_eq!(dead[0].get("payload"), Some("not json"));

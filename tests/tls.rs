@@ -457,13 +457,8 @@ async fn a_walsender_kill_and_a_postgres_restart_over_tls_lose_nothing() {
     for t in 20..30 {
         emit_txn(&db, t * 50, 50, 7).await;
     }
-    let mut redis = env.redis.connect().await;
-    wait_until("1,500 events", Duration::from_secs(90), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, STREAM).await >= 1500 }
-    })
-    .await;
-    let entries = read_stream(&mut redis, STREAM).await;
+    let redis = env.redis.connect().await;
+    let entries = wait_complete(&redis, STREAM, 0..1500, Duration::from_secs(90)).await;
     let duplicates = check_complete_and_ordered(&entries, 0..1500);
     println!("TLS: walsender kill and Postgres restart, 1,500 events, {duplicates} duplicates");
     assert!(outboxd.is_running(), "{}", outboxd.log_text());

@@ -938,6 +938,34 @@ pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<
     }
 }
 
+/// Waits until every seq of `expected` is in `stream` (duplicates after a crash do not
+/// count); returns the stream's entries.
+pub async fn wait_complete(
+    redis: &MultiplexedConnection,
+    stream: &str,
+    expected: std::ops::Range<u64>,
+    timeout: Duration,
+) -> Vec<Entry> {
+    let want = expected.end - expected.start;
+    wait_until(&format!("events {expected:?} in {stream}"), timeout, || {
+        let mut redis = redis.clone();
+        let expected = expected.clone();
+        async move {
+            if stream_len(&mut redis, stream).await < want {
+                return false;
+            }
+            let seen: std::collections::HashSet<u64> = read_stream(&mut redis, stream)
+                .await
+                .iter()
+                .map(Entry::seq)
+                .collect();
+            expected.into_iter().all(|s| seen.contains(&s))
+        }
+    })
+    .await;
+    read_stream(&mut redis.clone(), stream).await
+}
+
 /// The number of entries in a stream.
 pub async fn stream_len(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
     redis::cmd("XLEN")
