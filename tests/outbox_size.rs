@@ -121,12 +121,17 @@ async fn pruning_deletes_nothing_while_the_broker_is_down_and_only_confirmed_row
     let mut redis = env.redis.connect().await;
     let entries = read_stream(&mut redis, STREAM).await;
     check_complete_and_ordered(&entries, 300..500);
-    let (_, metrics) = http_get(env.http_port, "/metrics").await.unwrap();
-    assert_eq!(
-        metric(&metrics, "outboxd_pruned_rows_total"),
-        Some(500.0),
-        "{metrics}"
-    );
+    // The counter moves when a round's last batch is done.
+    let port = env.http_port;
+    wait_until(
+        "outboxd_pruned_rows_total 500",
+        Duration::from_secs(10),
+        || async move {
+            let (_, metrics) = http_get(port, "/metrics").await.unwrap_or_default();
+            metric(&metrics, "outboxd_pruned_rows_total") == Some(500.0)
+        },
+    )
+    .await;
     outboxd.sigterm();
     assert!(outboxd.wait(Duration::from_secs(30)).success());
 }
