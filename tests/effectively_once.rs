@@ -91,7 +91,11 @@ async fn a_replay_after_a_crash_is_refused_by_redis_and_counted_as_already_deliv
     env.setup();
     let db = env.db().await;
     let mut redis = env.redis.connect().await;
-    let mut crashing = env.run_with(&[("OUTBOXD_FAILPOINT", "after-ack-before-confirm@3")]);
+    // Batches of at most 100 events: at least ten acknowledgements, so the third comes.
+    let mut crashing = env.run_with(&[
+        ("OUTBOXD_FAILPOINT", "after-ack-before-confirm@3"),
+        ("OUTBOXD_SINK__MAX_BATCH_EVENTS", "100"),
+    ]);
     for i in 0..10 {
         emit_txn(&db, i * 100, 100, 4).await;
     }

@@ -151,7 +151,12 @@ async fn crash_at(
     drive: impl AsyncFnOnce(&Client),
 ) -> u64 {
     let db = env.db().await;
-    let mut outboxd = env.run_with(&[("OUTBOXD_FAILPOINT", failpoint)]);
+    // Batches of at most 100 events, so that a failpoint armed for its n-th pass gets there
+    // however fast the machine drains.
+    let mut outboxd = env.run_with(&[
+        ("OUTBOXD_FAILPOINT", failpoint),
+        ("OUTBOXD_SINK__MAX_BATCH_EVENTS", "100"),
+    ]);
     drive(&db).await;
     let (status, log) = wait_exit(&mut outboxd, Duration::from_secs(60));
     assert!(
