@@ -106,6 +106,14 @@ pub const PROTECTED_OPTIONS: &[(&str, &str)] = &[
         "delivery.timeout.ms",
         "outboxd sets it to 0 (no per-message timeout, which could reorder events on a retry); use sink.kafka.delivery_timeout_ms",
     ),
+    (
+        "retries",
+        "outboxd leaves it at librdkafka's maximum: a message out of retries while a later one of its partition went through would be sent again after it",
+    ),
+    (
+        "message.send.max.retries",
+        "outboxd leaves it at librdkafka's maximum: a message out of retries while a later one of its partition went through would be sent again after it",
+    ),
     ("bootstrap.servers", "use sink.kafka.brokers"),
     ("metadata.broker.list", "use sink.kafka.brokers"),
     (
@@ -133,8 +141,6 @@ const CONSUMER_OPTIONS_SKIPPED: &[&str] = &[
     "partitioner",
     "sticky.partitioning.linger.ms",
     "request.timeout.ms",
-    "retries",
-    "message.send.max.retries",
 ];
 
 /// Why an option may not be set, or `None` when it may.
@@ -1190,6 +1196,8 @@ mod tests {
         assert!(protected_option("message.timeout.ms", "30000").is_some());
         assert!(protected_option("delivery.timeout.ms", "0").is_some());
         assert!(protected_option("bootstrap.servers", "x:9092").is_some());
+        assert!(protected_option("retries", "3").is_some());
+        assert!(protected_option("message.send.max.retries", "3").is_some());
         assert!(protected_option("compression.type", "lz4").is_none());
         assert!(protected_option("security.protocol", "sasl_ssl").is_none());
 
