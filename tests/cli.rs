@@ -362,6 +362,10 @@ async fn secrets_from_files_are_used_and_never_shown() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    secret_free(
+        "check with OUTBOXD_POSTGRES__URL_FILE",
+        &format!("{}{}", stdout(&out), stderr(&out)),
+    );
     let out = Command::new(outboxd_bin())
         .args(["run", "--help"])
         .env("OUTBOXD_POSTGRES__URL_FILE", &pg_file)

@@ -1,4 +1,4 @@
-//! Effectively-once delivery to Redis (SPEC.md guarantee 6): entry ids derived from the WAL
+//! Effectively-once delivery to Redis (guarantee 6 of docs/guarantees.md): entry ids derived from the WAL
 //! position, so that Redis itself refuses a replayed event. Crashes, a Postgres restart and a
 //! walsender kill must leave every event in its stream exactly once; a stream that another
 //! writer touched must stop outboxd rather than swallow events. Real Postgres, real Redis,

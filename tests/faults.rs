@@ -1,4 +1,4 @@
-//! Every guarantee of SPEC.md, tested by breaking something on purpose: crashes at random and
+//! Every guarantee of docs/guarantees.md, tested by breaking something on purpose: crashes at random and
 //! at chosen points, Postgres restarts and network cuts, broker outages under load, poison
 //! events, a million-row transaction, a dropped or invalidated slot, a second instance taking
 //! over. Real Postgres, real Redis, the real binary.

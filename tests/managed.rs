@@ -4,7 +4,8 @@
 //! - An admin with CREATEROLE that owns the database and the outbox table (as the admin users
 //!   of Cloud SQL, Azure, RDS and Supabase are) applies sql/outbox.sql and sql/role.sql; on
 //!   PostgreSQL 16+ it may give REPLICATION itself (when it has it), before 16 the script
-//!   stops and says who can, and the provider's superuser creates the role. Then `setup`,
+//!   stops and says who can, the provider's superuser runs the hint's statement on the role
+//!   the script already made, and the script runs again. Then `setup`,
 //!   `check` and `run` work as the forwarding role, through a kill -9.
 //! - With logical decoding off, `setup` and `check` name the provider's setting, recognised
 //!   by the settings and roles each provider adds (made here as placeholders).
@@ -52,47 +53,45 @@ async fn an_admin_that_is_not_a_superuser_sets_up_and_outboxd_forwards_as_its_ro
         .await
         .expect("sql/outbox.sql as the admin");
 
-    if version >= 160_000 {
-        admin
-            .batch_execute(&sql_file("role.sql"))
-            .await
-            .expect("sql/role.sql as the admin");
+    let role_sql = || pg.psql_file("app_admin", ADMIN_PASSWORD, "app", "role.sql");
+    if version < 160_000 {
+        // Before 16 only a superuser may give REPLICATION: the script stops at that step and
+        // names the remedy...
+        let out = role_sql();
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains("may not give role outboxd the REPLICATION attribute"),
+            "{text}"
+        );
+        assert!(
+            text.contains("HINT:") && text.contains("ALTER ROLE outboxd WITH REPLICATION"),
+            "{text}"
+        );
+        // ...with the role already made, so the remedy applies as written: the admin sets
+        // the password (only a superuser may alter a replication role before 16), the
+        // provider's superuser runs exactly the hint's statement, and the admin runs the
+        // script again.
         admin
             .batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
             .await
             .unwrap();
-    } else {
-        // Before 16 only a superuser may give REPLICATION: the script says so and changes
-        // nothing...
-        let err = admin
-            .batch_execute(&sql_file("role.sql"))
-            .await
-            .expect_err("a CREATEROLE admin cannot give REPLICATION before PostgreSQL 16");
-        let db_error = err.as_db_error().expect("a server error");
-        assert!(
-            db_error
-                .message()
-                .contains("may not give role outboxd the REPLICATION attribute"),
-            "{db_error:?}"
-        );
-        assert!(
-            db_error
-                .hint()
-                .is_some_and(|h| h.contains("ALTER ROLE outboxd WITH REPLICATION")),
-            "{db_error:?}"
-        );
-        // ...so the provider's superuser (its console) creates the role, and the admin's
-        // script grants the rest.
         superuser
-            .batch_execute(&format!(
-                "CREATE ROLE outboxd LOGIN REPLICATION PASSWORD '{OUTBOXD_PASSWORD}'"
-            ))
+            .batch_execute("ALTER ROLE outboxd WITH REPLICATION")
+            .await
+            .expect("the hint's statement, on the role the script's first step made");
+    }
+    let out = role_sql();
+    assert!(
+        out.status.success(),
+        "sql/role.sql as the admin: {}",
+        output_text(&out)
+    );
+    if version >= 160_000 {
+        admin
+            .batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
             .await
             .unwrap();
-        admin
-            .batch_execute(&sql_file("role.sql"))
-            .await
-            .expect("sql/role.sql with the role in place");
     }
     let rights = superuser
         .query_one(

@@ -10,7 +10,7 @@ use support::*;
 const SLOT: &str = "outboxd";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_arrive_with_exactly_the_fields_of_the_spec() {
+async fn events_arrive_with_exactly_the_documented_fields() {
     let env = Env::start().await;
     let _outboxd = env.run();
     let db = env.db().await;

@@ -71,8 +71,10 @@ fn check_passes(env: &Env) -> String {
 
 /// Streams `count` events from seq `first` with the current configuration, then stops
 /// outboxd with SIGTERM (exit 0).
-async fn stream_events(env: &Env, first: u64, count: u64) {
-    let mut outboxd = env.run();
+/// Runs outboxd (debug logging on) until events `first..first + count` are in Redis, stops it
+/// and returns its log.
+async fn stream_events(env: &Env, first: u64, count: u64) -> String {
+    let mut outboxd = env.run_with(&[("OUTBOXD_LOG", "debug")]);
     let db = env.db().await;
     emit_txn(&db, first, count, 7).await;
     let redis = env.redis.connect().await;
@@ -84,11 +86,19 @@ async fn stream_events(env: &Env, first: u64, count: u64) {
     .await;
     outboxd.sigterm();
     let status = outboxd.wait(Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "outboxd: {status}\n{}",
-        outboxd.log_text()
-    );
+    let log = outboxd.log_text();
+    assert!(status.success(), "outboxd: {status}\n{log}");
+    log
+}
+
+/// A line from the middle of a PEM key file: what would show if the key leaked.
+fn key_material(key: &Path) -> String {
+    let pem = std::fs::read_to_string(key).unwrap();
+    let line = pem
+        .lines()
+        .find(|l| !l.starts_with("-----") && l.len() >= 40)
+        .expect("a base64 line in the key file");
+    line.to_owned()
 }
 
 /// `run` with the current configuration fails: returns its one error line.
@@ -223,8 +233,12 @@ async fn a_client_certificate_is_presented_when_the_server_demands_one() {
     );
     use_url(&env, &url(&env, "localhost", &with_cert));
     env.setup();
-    check_passes(&env);
-    stream_events(&env, 0, 50).await;
+    let report = check_passes(&env);
+    let log = stream_events(&env, 0, 50).await;
+    // The client key's content appears nowhere: not in check, not in run's debug log.
+    let secret = key_material(&pki.client.key);
+    assert!(!report.contains(&secret), "key shown by check:\n{report}");
+    assert!(!log.contains(&secret), "key in the log:\n{log}");
 
     // Without it, the server says no: one line naming the client certificate.
     use_url(
@@ -362,8 +376,15 @@ async fn an_expired_server_certificate_is_refused_with_what_to_do() {
     assert!(text.contains("certificate has expired"), "{text}");
     check_fails(&env, "certificate has expired");
     // Unverified TLS (require) still connects: the expiry is a verification matter.
-    use_url(&env, &url(&env, "127.0.0.1", "sslmode=require"));
+    let require = url(&env, "127.0.0.1", "sslmode=require");
+    use_url(&env, &require);
     env.setup();
+    stream_events(&env, 0, 20).await;
+
+    // Events committed while outboxd refuses the certificate arrive once it is accepted.
+    let db = env.db().await;
+    emit_txn(&db, 20, 30, 7).await;
+    let confirmed = confirmed_flush(&db, "outboxd").await;
     use_url(
         &env,
         &url(
@@ -374,6 +395,26 @@ async fn an_expired_server_certificate_is_refused_with_what_to_do() {
     );
     let line = run_fails(&env);
     assert!(line.contains("certificate has expired"), "{line}");
+    let active: bool = db
+        .query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!active, "slot left active");
+    assert_eq!(
+        confirmed_flush(&db, "outboxd").await,
+        confirmed,
+        "the slot moved"
+    );
+
+    use_url(&env, &require);
+    stream_events(&env, 50, 10).await;
+    let mut redis = env.redis.connect().await;
+    let entries = read_stream(&mut redis, STREAM).await;
+    assert_eq!(check_complete_and_ordered(&entries, 0..60), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,7 +444,14 @@ async fn events_flow_to_a_tls_only_redis_with_an_acl_user() {
         )),
         "{report}"
     );
-    stream_events(&env, 0, 100).await;
+    let log = stream_events(&env, 0, 100).await;
+    let secret = key_material(&pki.client.key);
+    for text in [&report, &log] {
+        assert!(
+            !text.contains("redis-Secr3t-pw") && !text.contains(&secret),
+            "a secret shown:\n{text}"
+        );
+    }
     let mut conn = env.redis.connect().await;
     let entries = read_stream(&mut conn, STREAM).await;
     assert_eq!(check_complete_and_ordered(&entries, 0..100), 0);

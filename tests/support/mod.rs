@@ -341,6 +341,27 @@ impl Postgres {
         client
     }
 
+    /// Runs sql/`file` with psql as `user`, as the docs tell an admin to
+    /// (`psql "$ADMIN_URL" -f sql/...`): each statement commits on its own, the first error
+    /// stops the script.
+    pub fn psql_file(&self, user: &str, password: &str, db: &str, file: &str) -> Output {
+        let url = format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port);
+        let bundled = self.bin.join("psql");
+        let psql = if bundled.exists() {
+            bundled
+        } else {
+            PathBuf::from("psql")
+        };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../sql")
+            .join(file);
+        Command::new(psql)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"])
+            .arg(path)
+            .output()
+            .expect("run psql")
+    }
+
     /// `server_version_num`.
     pub async fn version_num(&self) -> i32 {
         let db = self.connect("postgres").await;

@@ -906,7 +906,7 @@ mod tests {
         TempConfig(path)
     }
 
-    const SPEC_EXAMPLE: &str = r#"
+    const DOCUMENTED_EXAMPLE: &str = r#"
 [postgres]
 url = "postgres://outboxd:secret@127.0.0.1:5432/app"
 slot = "outboxd"
@@ -942,8 +942,8 @@ listen = "127.0.0.1:9187"
 "#;
 
     #[test]
-    fn loads_the_spec_example() {
-        let f = write(SPEC_EXAMPLE);
+    fn loads_the_documented_example() {
+        let f = write(DOCUMENTED_EXAMPLE);
         let c = Config::load(f.path(), true, []).expect("loads");
         assert_eq!(
             c.postgres.url.expose(),
@@ -957,7 +957,7 @@ listen = "127.0.0.1:9187"
 
     #[test]
     fn environment_overrides_every_kind_of_key() {
-        let f = write(SPEC_EXAMPLE);
+        let f = write(DOCUMENTED_EXAMPLE);
         let env = [
             ("OUTBOXD_POSTGRES__URL", "postgres://u:pw2@db/app"),
             ("OUTBOXD_SINK__KIND", "kafka"),
@@ -978,7 +978,7 @@ listen = "127.0.0.1:9187"
 
     #[test]
     fn linger_defaults_to_one_millisecond_and_is_bounded() {
-        let f = write(SPEC_EXAMPLE);
+        let f = write(DOCUMENTED_EXAMPLE);
         let c = Config::load(f.path(), true, []).expect("loads");
         assert_eq!(c.sink.linger_ms, 1);
         let env = |v: &str| [("OUTBOXD_SINK__LINGER_MS".to_owned(), v.to_owned())];

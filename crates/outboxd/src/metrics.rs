@@ -1,4 +1,4 @@
-//! The metrics of SPEC.md, all prefixed `outboxd_`, in the Prometheus text format.
+//! The metrics listed in docs/metrics.md, all prefixed `outboxd_`, in the Prometheus text format.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
