@@ -13,7 +13,9 @@
 # there. Every test runs on the system Postgres (15 on Debian 12), the Kafka suites included;
 # the core end-to-end suite (tests/redis_e2e.rs), the effectively-once suite
 # (tests/effectively_once.rs), TLS (tests/tls.rs), the managed-Postgres roles
-# (tests/managed.rs) and table-less events (tests/table_less.rs) run again on 14, 16, 17 and 18.
+# (tests/managed.rs), table-less events (tests/table_less.rs), the cutover and replay
+# (tests/adopting.rs) and pruning and partitioned outboxes (tests/outbox_size.rs) run again on
+# 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -44,12 +46,12 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed --test table_less)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
     fi
