@@ -552,3 +552,456 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres
         .await
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    //! [`Inspection::problems`] on catalogs built by hand: every problem it recognises, the
+    //! ones it must not report, and their order.
+
+    use super::*;
+    use crate::catalog::Publication;
+
+    const SPEC: SlotSpec<'static> = SlotSpec {
+        slot: "outboxd",
+        publication: "outboxd_pub",
+        table: "outbox",
+        failover: false,
+        source: Source::Table,
+    };
+
+    const MESSAGES: SlotSpec<'static> = SlotSpec {
+        source: Source::Messages,
+        ..SPEC
+    };
+
+    /// A server, table, publication and slot outboxd can stream from.
+    fn ready() -> Inspection {
+        Inspection {
+            server: Server {
+                version_num: 160_004,
+                wal_level: "logical".to_owned(),
+                in_recovery: false,
+                database: "app".to_owned(),
+                user: "outboxd".to_owned(),
+                can_replicate: true,
+                provider: None,
+            },
+            table: Some(Table {
+                oid: 16_384,
+                schema: "public".to_owned(),
+                name: "outbox".to_owned(),
+                columns: vec!["id".to_owned(), "topic".to_owned(), "payload".to_owned()],
+                can_select: true,
+                partitioned: false,
+            }),
+            publication: Some(Publication {
+                inserts: true,
+                includes_table: true,
+                via_root: false,
+            }),
+            slot: Some(Slot {
+                name: "outboxd".to_owned(),
+                plugin: Some("pgoutput".to_owned()),
+                slot_type: "logical".to_owned(),
+                database: Some("app".to_owned()),
+                active: false,
+                active_pid: None,
+                confirmed_flush_lsn: Some(Lsn::new(0x16B_3748)),
+                restart_lsn: Some(Lsn::new(0x16B_3700)),
+                wal_status: Some("reserved".to_owned()),
+                current_wal_lsn: Lsn::new(0x16C_0000),
+            }),
+        }
+    }
+
+    /// [`ready`], changed by `change`.
+    fn with(change: impl FnOnce(&mut Inspection)) -> Inspection {
+        let mut found = ready();
+        change(&mut found);
+        found
+    }
+
+    fn table(found: &mut Inspection) -> &mut Table {
+        found.table.as_mut().expect("a table")
+    }
+
+    fn publication(found: &mut Inspection) -> &mut Publication {
+        found.publication.as_mut().expect("a publication")
+    }
+
+    fn slot(found: &mut Inspection) -> &mut Slot {
+        found.slot.as_mut().expect("a slot")
+    }
+
+    fn subjects(problems: &[SlotError]) -> Vec<&'static str> {
+        problems.iter().map(SlotError::subject).collect()
+    }
+
+    #[test]
+    fn a_ready_server_has_no_problem() {
+        assert!(ready().problems(SPEC).is_empty());
+        // A partitioned table published through its root.
+        let partitioned = with(|f| {
+            table(f).partitioned = true;
+            publication(f).via_root = true;
+        });
+        assert!(partitioned.problems(SPEC).is_empty());
+        // Retained WAL beyond max_wal_size is not yet a problem: only `lost` is.
+        for status in ["extended", "unreserved"] {
+            let found = with(|f| slot(f).wal_status = Some(status.to_owned()));
+            assert!(found.problems(SPEC).is_empty(), "{status}");
+        }
+    }
+
+    #[test]
+    fn wal_level_must_be_logical() {
+        let problems = with(|f| f.server.wal_level = "replica".to_owned()).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::WalLevel { actual, provider: None }] if actual == "replica"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["wal_level"]);
+        assert!(problems[0].to_string().contains("set wal_level = logical"));
+        // On a managed service, its own setting.
+        let problems = with(|f| {
+            f.server.wal_level = "replica".to_owned();
+            f.server.provider = Some(Provider::Rds);
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::WalLevel {
+                    provider: Some(Provider::Rds),
+                    ..
+                }]
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("rds.logical_replication = 1")
+        );
+    }
+
+    #[test]
+    fn a_missing_table_is_reported_and_its_publication_not_looked_at() {
+        let problems = with(|f| {
+            f.table = None;
+            f.publication = None;
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::TableMissing { table, database }] if table == "outbox" && database == "app"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["table"]);
+    }
+
+    #[test]
+    fn the_role_must_read_the_table_and_stream() {
+        let problems = with(|f| table(f).can_select = false).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::NoSelect { role, table }]
+                    if role == "outboxd" && table == "\"public\".\"outbox\""
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["rights"]);
+
+        let problems = with(|f| f.server.can_replicate = false).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::NoReplication { role, provider: None }] if role == "outboxd"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["rights"]);
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("ALTER ROLE outboxd WITH REPLICATION")
+        );
+
+        let problems = with(|f| {
+            f.server.can_replicate = false;
+            f.server.provider = Some(Provider::Rds);
+        })
+        .problems(SPEC);
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("GRANT rds_replication TO outboxd"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_publication_comes_with_the_statement_that_creates_it() {
+        let problems = with(|f| f.publication = None).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationMissing { publication, create }]
+                    if publication == "outboxd_pub"
+                        && create == "CREATE PUBLICATION \"outboxd_pub\" FOR TABLE \
+                                      \"public\".\"outbox\" WITH (publish = 'insert')"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["publication"]);
+        // A partitioned table is published through its root.
+        let problems = with(|f| {
+            f.publication = None;
+            table(f).partitioned = true;
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationMissing { create, .. }]
+                    if create.ends_with("WITH (publish = 'insert', publish_via_partition_root = true)")
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_publication_must_include_the_table_publish_inserts_and_go_through_the_root() {
+        let problems = with(|f| publication(f).includes_table = false).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationLacksTable { publication, quoted_pub, table }]
+                    if publication == "outboxd_pub"
+                        && quoted_pub == "\"outboxd_pub\""
+                        && table == "\"public\".\"outbox\""
+            ),
+            "{problems:?}"
+        );
+        let problems = with(|f| publication(f).inserts = false).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationNoInserts { publication, quoted_pub }]
+                    if publication == "outboxd_pub" && quoted_pub == "\"outboxd_pub\""
+            ),
+            "{problems:?}"
+        );
+        let problems = with(|f| table(f).partitioned = true).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationNotViaRoot { publication, table, .. }]
+                    if publication == "outboxd_pub" && table == "\"public\".\"outbox\""
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["publication"]);
+    }
+
+    #[test]
+    fn one_publication_problem_at_a_time_the_first_to_fix_first() {
+        let problems = with(|f| {
+            table(f).partitioned = true;
+            *publication(f) = Publication {
+                inserts: false,
+                includes_table: false,
+                via_root: false,
+            };
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationLacksTable { .. }]
+            ),
+            "{problems:?}"
+        );
+        let problems = with(|f| {
+            table(f).partitioned = true;
+            publication(f).inserts = false;
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationNoInserts { .. }]
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn table_less_messages_need_no_table_but_a_publication() {
+        // Without a table (or one the role may not read), nothing is missing.
+        let no_table = with(|f| {
+            f.table = None;
+            publication(f).includes_table = false;
+        });
+        assert!(no_table.problems(MESSAGES).is_empty());
+        let unreadable = with(|f| table(f).can_select = false);
+        assert!(unreadable.problems(MESSAGES).is_empty());
+        // pgoutput needs a publication to stream, of no table.
+        let problems = with(|f| {
+            f.table = None;
+            f.publication = None;
+        })
+        .problems(MESSAGES);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::PublicationMissing { publication, create }]
+                    if publication == "outboxd_pub"
+                        && create == "CREATE PUBLICATION \"outboxd_pub\" WITH (publish = 'insert')"
+            ),
+            "{problems:?}"
+        );
+        // wal_level and the right to stream still matter.
+        let problems = with(|f| {
+            f.server.wal_level = "replica".to_owned();
+            f.server.can_replicate = false;
+        })
+        .problems(MESSAGES);
+        assert_eq!(subjects(&problems), ["wal_level", "rights"]);
+    }
+
+    #[test]
+    fn a_missing_slot_is_reported() {
+        let problems = with(|f| f.slot = None).problems(SPEC);
+        assert!(
+            matches!(problems.as_slice(), [SlotError::SlotMissing { slot }] if slot == "outboxd"),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["slot"]);
+        assert_eq!(with(|f| f.slot = None).problems(MESSAGES).len(), 1);
+    }
+
+    #[test]
+    fn a_slot_of_another_kind_plugin_or_database_is_not_ours() {
+        // slot_type, plugin, database, and the slot as the refusal describes it.
+        let cases = [
+            (
+                "physical",
+                None,
+                None,
+                "physical slot, plugin none, database none",
+            ),
+            (
+                "logical",
+                Some("test_decoding"),
+                Some("app"),
+                "logical slot, plugin test_decoding, database app",
+            ),
+            (
+                "logical",
+                Some("wal2json"),
+                Some("app"),
+                "logical slot, plugin wal2json, database app",
+            ),
+            (
+                "logical",
+                Some("pgoutput"),
+                Some("other"),
+                "logical slot, plugin pgoutput, database other",
+            ),
+        ];
+        for (slot_type, plugin, database, expected) in cases {
+            let problems = with(|f| {
+                let s = slot(f);
+                s.slot_type = slot_type.to_owned();
+                s.plugin = plugin.map(str::to_owned);
+                s.database = database.map(str::to_owned);
+            })
+            .problems(SPEC);
+            assert!(
+                matches!(
+                    problems.as_slice(),
+                    [SlotError::SlotForeign { slot, database, found }]
+                        if slot == "outboxd" && database == "app" && found == expected
+                ),
+                "{expected}: {problems:?}"
+            );
+            assert_eq!(subjects(&problems), ["slot"]);
+        }
+        // A foreign slot is reported as such, even when it is also lost.
+        let problems = with(|f| {
+            slot(f).plugin = Some("wal2json".to_owned());
+            slot(f).wal_status = Some("lost".to_owned());
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(problems.as_slice(), [SlotError::SlotForeign { .. }]),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_lost_slot_is_invalidated_with_its_last_confirmed_position() {
+        let problems = with(|f| slot(f).wal_status = Some("lost".to_owned())).problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::SlotInvalidated { slot, confirmed }]
+                    if slot == "outboxd" && confirmed == "0/16B3748"
+            ),
+            "{problems:?}"
+        );
+        assert_eq!(subjects(&problems), ["slot"]);
+        let problems = with(|f| {
+            slot(f).wal_status = Some("lost".to_owned());
+            slot(f).confirmed_flush_lsn = None;
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [SlotError::SlotInvalidated { confirmed, .. }] if confirmed == "unknown"
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn every_problem_at_once_in_the_order_to_fix_them() {
+        let problems = with(|f| {
+            f.server.wal_level = "minimal".to_owned();
+            f.server.can_replicate = false;
+            table(f).can_select = false;
+            publication(f).includes_table = false;
+            f.slot = None;
+        })
+        .problems(SPEC);
+        assert!(
+            matches!(
+                problems.as_slice(),
+                [
+                    SlotError::WalLevel { .. },
+                    SlotError::NoSelect { .. },
+                    SlotError::NoReplication { .. },
+                    SlotError::PublicationLacksTable { .. },
+                    SlotError::SlotMissing { .. },
+                ]
+            ),
+            "{problems:?}"
+        );
+        let problems = with(|f| {
+            f.server.wal_level = "replica".to_owned();
+            f.table = None;
+            f.publication = None;
+            slot(f).wal_status = Some("lost".to_owned());
+        })
+        .problems(SPEC);
+        assert_eq!(subjects(&problems), ["wal_level", "table", "slot"]);
+    }
+}
