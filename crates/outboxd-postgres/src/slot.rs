@@ -561,7 +561,8 @@ mod tests {
     use super::*;
     use crate::catalog::Publication;
 
-    const SPEC: SlotSpec<'static> = SlotSpec {
+    /// Events from the outbox table.
+    const TABLE: SlotSpec<'static> = SlotSpec {
         slot: "outboxd",
         publication: "outboxd_pub",
         table: "outbox",
@@ -569,9 +570,10 @@ mod tests {
         source: Source::Table,
     };
 
+    /// Table-less events, as logical decoding messages.
     const MESSAGES: SlotSpec<'static> = SlotSpec {
         source: Source::Messages,
-        ..SPEC
+        ..TABLE
     };
 
     /// A server, table, publication and slot outboxd can stream from.
@@ -639,23 +641,23 @@ mod tests {
 
     #[test]
     fn a_ready_server_has_no_problem() {
-        assert!(ready().problems(SPEC).is_empty());
+        assert!(ready().problems(TABLE).is_empty());
         // A partitioned table published through its root.
         let partitioned = with(|f| {
             table(f).partitioned = true;
             publication(f).via_root = true;
         });
-        assert!(partitioned.problems(SPEC).is_empty());
+        assert!(partitioned.problems(TABLE).is_empty());
         // Retained WAL beyond max_wal_size is not yet a problem: only `lost` is.
         for status in ["extended", "unreserved"] {
             let found = with(|f| slot(f).wal_status = Some(status.to_owned()));
-            assert!(found.problems(SPEC).is_empty(), "{status}");
+            assert!(found.problems(TABLE).is_empty(), "{status}");
         }
     }
 
     #[test]
     fn wal_level_must_be_logical() {
-        let problems = with(|f| f.server.wal_level = "replica".to_owned()).problems(SPEC);
+        let problems = with(|f| f.server.wal_level = "replica".to_owned()).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -670,7 +672,7 @@ mod tests {
             f.server.wal_level = "replica".to_owned();
             f.server.provider = Some(Provider::Rds);
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -694,7 +696,7 @@ mod tests {
             f.table = None;
             f.publication = None;
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -707,7 +709,7 @@ mod tests {
 
     #[test]
     fn the_role_must_read_the_table_and_stream() {
-        let problems = with(|f| table(f).can_select = false).problems(SPEC);
+        let problems = with(|f| table(f).can_select = false).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -718,7 +720,7 @@ mod tests {
         );
         assert_eq!(subjects(&problems), ["rights"]);
 
-        let problems = with(|f| f.server.can_replicate = false).problems(SPEC);
+        let problems = with(|f| f.server.can_replicate = false).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -737,7 +739,7 @@ mod tests {
             f.server.can_replicate = false;
             f.server.provider = Some(Provider::Rds);
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             problems[0]
                 .to_string()
@@ -748,7 +750,7 @@ mod tests {
 
     #[test]
     fn a_missing_publication_comes_with_the_statement_that_creates_it() {
-        let problems = with(|f| f.publication = None).problems(SPEC);
+        let problems = with(|f| f.publication = None).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -765,7 +767,7 @@ mod tests {
             f.publication = None;
             table(f).partitioned = true;
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -778,7 +780,7 @@ mod tests {
 
     #[test]
     fn a_publication_must_include_the_table_publish_inserts_and_go_through_the_root() {
-        let problems = with(|f| publication(f).includes_table = false).problems(SPEC);
+        let problems = with(|f| publication(f).includes_table = false).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -789,7 +791,7 @@ mod tests {
             ),
             "{problems:?}"
         );
-        let problems = with(|f| publication(f).inserts = false).problems(SPEC);
+        let problems = with(|f| publication(f).inserts = false).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -798,7 +800,7 @@ mod tests {
             ),
             "{problems:?}"
         );
-        let problems = with(|f| table(f).partitioned = true).problems(SPEC);
+        let problems = with(|f| table(f).partitioned = true).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -820,7 +822,7 @@ mod tests {
                 via_root: false,
             };
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -832,7 +834,7 @@ mod tests {
             table(f).partitioned = true;
             publication(f).inserts = false;
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -878,7 +880,7 @@ mod tests {
 
     #[test]
     fn a_missing_slot_is_reported() {
-        let problems = with(|f| f.slot = None).problems(SPEC);
+        let problems = with(|f| f.slot = None).problems(TABLE);
         assert!(
             matches!(problems.as_slice(), [SlotError::SlotMissing { slot }] if slot == "outboxd"),
             "{problems:?}"
@@ -923,7 +925,7 @@ mod tests {
                 s.plugin = plugin.map(str::to_owned);
                 s.database = database.map(str::to_owned);
             })
-            .problems(SPEC);
+            .problems(TABLE);
             assert!(
                 matches!(
                     problems.as_slice(),
@@ -939,7 +941,7 @@ mod tests {
             slot(f).plugin = Some("wal2json".to_owned());
             slot(f).wal_status = Some("lost".to_owned());
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(problems.as_slice(), [SlotError::SlotForeign { .. }]),
             "{problems:?}"
@@ -948,7 +950,7 @@ mod tests {
 
     #[test]
     fn a_lost_slot_is_invalidated_with_its_last_confirmed_position() {
-        let problems = with(|f| slot(f).wal_status = Some("lost".to_owned())).problems(SPEC);
+        let problems = with(|f| slot(f).wal_status = Some("lost".to_owned())).problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -962,7 +964,7 @@ mod tests {
             slot(f).wal_status = Some("lost".to_owned());
             slot(f).confirmed_flush_lsn = None;
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -981,7 +983,7 @@ mod tests {
             publication(f).includes_table = false;
             f.slot = None;
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert!(
             matches!(
                 problems.as_slice(),
@@ -1001,7 +1003,7 @@ mod tests {
             f.publication = None;
             slot(f).wal_status = Some("lost".to_owned());
         })
-        .problems(SPEC);
+        .problems(TABLE);
         assert_eq!(subjects(&problems), ["wal_level", "table", "slot"]);
     }
 }
