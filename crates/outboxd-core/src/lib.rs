@@ -15,10 +15,12 @@ pub mod checkpoint;
 pub mod event;
 pub mod lsn;
 pub mod route;
+pub mod secret;
 pub mod sink;
 
 pub use checkpoint::Checkpoint;
 pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
 pub use lsn::{Lsn, WalHorizon};
 pub use route::{RouteError, RouteSpec, Router, Template, glob_escape};
-pub use sink::{Delivery, Sink, SinkError};
+pub use secret::{Secret, SecretFileError, mask_url, read_secret_file};
+pub use sink::{Delivery, Ledger, Sink, SinkError};

@@ -1,13 +1,23 @@
-//! outboxd's brokers. Each implements [`outboxd_core::Sink`]; its contract (acknowledged
-//! means accepted by the broker, in order, at-least-once) is documented there.
+//! outboxd's brokers, one folder each. Every sink implements [`outboxd_core::Sink`], whose
+//! contract (acknowledged means accepted by the broker, in order, at-least-once) is documented
+//! there, and [`SinkPlugin`], which ties it to its configuration section `[sink.<name>]`.
 //!
-//! - [`redis`]: Redis Streams, one `MULTI`/`EXEC` of `XADD`s per batch.
-//! - [`kafka`]: Kafka, an idempotent producer (`acks=all`); a batch is acknowledged by the
-//!   delivery reports of all its messages.
+//! - `redis`: Redis Streams, one `MULTI`/`EXEC` of `XADD`s per batch.
+//! - `kafka`: Kafka, an idempotent producer (`acks=all`); a batch is acknowledged by the
+//!   delivery reports of all its messages; transactions in effectively-once mode.
 //! - [`dead_letter`]: what a dead-letter entry carries, for every broker.
+//!
+//! Adding a broker: a folder with the client and its section, and one line below (see
+//! docs/adding-a-sink.md).
 
 pub mod dead_letter;
-#[cfg(feature = "kafka")]
-pub mod kafka;
-#[cfg(feature = "redis")]
-pub mod redis;
+pub mod plugin;
+pub mod registry;
+
+pub use plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext, SinkPlugin};
+
+// The registration: cargo feature => folder :: plugin.
+crate::sinks! {
+    "redis" => redis::Redis,
+    "kafka" => kafka::Kafka,
+}

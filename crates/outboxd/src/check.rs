@@ -7,12 +7,13 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon, glob_escape};
+use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon};
 use outboxd_postgres::slot;
 use outboxd_postgres::{ConnInfo, catalog, probe_replication};
+use outboxd_sinks::{CheckLevel, Preflight};
 
 use crate::broker::Broker;
-use crate::config::{Config, DeliveryMode, SinkKind, SourceKind};
+use crate::config::{Config, DeliveryMode, SourceKind};
 use crate::report::one_line;
 
 /// How a check came out.
@@ -340,6 +341,7 @@ fn tls_finding(conn: &ConnInfo, state: &catalog::TlsState) -> (Status, String) {
 
 async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
     let name = Broker::name(config);
+    let target = Broker::target(config);
     if let Err(e) = Broker::check(config) {
         return report.add(Status::Fail, "broker", one_line(&e));
     }
@@ -349,159 +351,49 @@ async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
     };
     match tokio::time::timeout(Duration::from_secs(15), broker.ping()).await {
         Ok(Ok(())) => {
-            let (status, tls) = broker_tls(config);
+            let (level, tls) = Broker::security(config);
             report.add(
-                status,
+                status(level),
                 "broker",
-                format!("{name} at {} answers; {tls}", Broker::target(config)),
+                format!("{name} at {target} answers; {tls}"),
             );
-            if config.sink.delivery == DeliveryMode::EffectivelyOnce
-                && let (Broker::Redis(redis), Some(wal)) = (&mut broker, wal)
-            {
-                check_stream_ids(config, redis, wal, report).await;
+            let preflight = Preflight {
+                dead_letter: &config.sink.dead_letter,
+                effectively_once: config.sink.delivery == DeliveryMode::EffectivelyOnce,
+                wal,
+                topic_glob: Template::parse(&config.route.topic).ok().map(|t| t.glob()),
+            };
+            for line in broker.preflight(&config.sink.sections, &preflight).await {
+                report.add(status(line.level), line.subject, line.message);
             }
         }
         Ok(Err(e)) if !e.is_transient() => report.add(
             Status::Fail,
             "broker",
-            format!(
-                "{name} at {} refused outboxd: {}",
-                Broker::target(config),
-                one_line(&e)
-            ),
+            format!("{name} at {target} refused outboxd: {}", one_line(&e)),
         ),
         Ok(Err(e)) => report.add(
             Status::Fail,
             "broker",
             format!(
-                "cannot reach {name} at {}: {}. Check the [sink.{name}] settings and that the broker is running",
-                Broker::target(config),
+                "cannot reach {name} at {target}: {}. Check the [sink.{name}] settings and that \
+                 the broker is running",
                 one_line(&e)
             ),
         ),
         Err(_) => report.add(
             Status::Fail,
             "broker",
-            format!("{name} at {} did not answer within 15 s", Broker::target(config)),
+            format!("{name} at {target} did not answer within 15 s"),
         ),
     }
 }
 
-/// How the broker connection is secured, from the configuration (the clients do not report
-/// the negotiated TLS): unverified TLS is worth a warning.
-fn broker_tls(config: &Config) -> (Status, String) {
-    match config.sink.kind {
-        SinkKind::Redis => {
-            let r = &config.sink.redis;
-            if !r.url.expose().starts_with("rediss://") {
-                return (Status::Ok, "not encrypted (redis://)".into());
-            }
-            let roots = if r.ca_file.is_empty() {
-                "the system's roots".to_owned()
-            } else {
-                r.ca_file.clone()
-            };
-            let client = if r.cert_file.is_empty() {
-                String::new()
-            } else {
-                format!(", client certificate {}", r.cert_file)
-            };
-            (
-                Status::Ok,
-                format!("TLS, certificate verified against {roots}, host name checked{client}"),
-            )
-        }
-        SinkKind::Kafka => {
-            let option = |name: &str| {
-                config
-                    .sink
-                    .kafka
-                    .options
-                    .get(name)
-                    .map(|v| v.trim().to_ascii_lowercase())
-            };
-            let protocol = option("security.protocol").unwrap_or_else(|| "plaintext".into());
-            if !protocol.ends_with("ssl") {
-                return (
-                    Status::Ok,
-                    format!("not encrypted (security.protocol={protocol})"),
-                );
-            }
-            if option("enable.ssl.certificate.verification").as_deref() == Some("false") {
-                return (
-                    Status::Warn,
-                    format!(
-                        "TLS (security.protocol={protocol}) with enable.ssl.certificate.verification = false: the brokers' certificates are not verified"
-                    ),
-                );
-            }
-            let roots = config
-                .sink
-                .kafka
-                .options
-                .get("ssl.ca.location")
-                .cloned()
-                .unwrap_or_else(|| "the system's roots".into());
-            let host = if option("ssl.endpoint.identification.algorithm").as_deref() == Some("none")
-            {
-                "host name not checked"
-            } else {
-                "host name checked"
-            };
-            (
-                Status::Ok,
-                format!(
-                    "TLS (security.protocol={protocol}), certificate verified against {roots}, {host}"
-                ),
-            )
-        }
-    }
-}
-
-/// Effectively-once Redis: every stream outboxd may write (those the topic template can name,
-/// and the dead-letter stream) must hold only ids that are WAL positions; a newer id, such as
-/// the timestamp of an `XADD *` by another writer, would make Redis refuse every event.
-async fn check_stream_ids(
-    config: &Config,
-    redis: &mut outboxd_sinks::redis::RedisSink,
-    wal: Lsn,
-    report: &mut Report,
-) {
-    const LIMIT: usize = 1000;
-    let mut patterns = vec![glob_escape(&config.sink.dead_letter)];
-    match Template::parse(&config.route.topic) {
-        Ok(t) => patterns.push(format!(
-            "{}{}",
-            glob_escape(&config.sink.redis.stream_prefix),
-            t.glob()
-        )),
-        Err(_) => return, // the route check reports it
-    }
-    match redis.foreign_streams(&patterns, wal, LIMIT).await {
-        Ok(foreign) if foreign.is_empty() => report.add(
-            Status::Ok,
-            "stream ids",
-            format!(
-                "effectively-once: every stream matching {} holds only WAL-position ids (at most {LIMIT} streams looked at)",
-                patterns.join(" or ")
-            ),
-        ),
-        Ok(foreign) => {
-            for (stream, top) in foreign {
-                report.add(
-                    Status::Fail,
-                    "stream ids",
-                    format!(
-                        "stream {stream:?} has newest id {top}, beyond the server's WAL position {wal} ({}): another writer added it, and Redis would refuse every event outboxd writes there. With sink.delivery = \"effectively-once\" outboxd must be the stream's only writer: delete the stream or choose another sink.redis.stream_prefix",
-                        wal.get()
-                    ),
-                );
-            }
-        }
-        Err(e) => report.add(
-            Status::Warn,
-            "stream ids",
-            format!("could not look at the streams' ids: {}", one_line(&e)),
-        ),
+/// A sink's check level as a report status.
+fn status(level: CheckLevel) -> Status {
+    match level {
+        CheckLevel::Ok => Status::Ok,
+        CheckLevel::Warn => Status::Warn,
+        CheckLevel::Fail => Status::Fail,
     }
 }

@@ -147,8 +147,8 @@ fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
     let mut forwarded: HashMap<&str, u64> = HashMap::new();
     let mut dead: HashMap<&'static str, u64> = HashMap::new();
     let mut already: HashMap<&str, u64> = HashMap::new();
-    let mut rejected = delivery.rejected.iter().peekable();
-    let mut duplicates = delivery.duplicates.iter().peekable();
+    let mut rejected = delivery.rejected().iter().peekable();
+    let mut duplicates = delivery.duplicates().iter().peekable();
     for (i, record) in batch.iter().enumerate() {
         let event = &record.event;
         if duplicates.next_if(|&&j| j == i).is_some() {

@@ -63,7 +63,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use outboxd_core::{Delivery, Event, Poison, PoisonKind, Record, Sink, SinkError};
+use outboxd_core::{Delivery, Event, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -73,7 +73,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::dead_letter;
 
+mod config;
 pub mod transactions;
+
+pub use config::{Kafka, KafkaSection, PROTECTED_OPTIONS, is_secret_option, protected_option};
 
 /// librdkafka's default `message.max.bytes`.
 pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
@@ -82,49 +85,6 @@ pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// librdkafka's own estimate), and per header beyond its name and value.
 const MESSAGE_OVERHEAD: usize = 64;
 const HEADER_OVERHEAD: usize = 10;
-
-/// librdkafka settings that outboxd sets itself; [`KafkaConfig::options`] may not change them
-/// (the configuration refuses them with the reason).
-pub const PROTECTED_OPTIONS: &[(&str, &str)] = &[
-    (
-        "enable.idempotence",
-        "outboxd always sets it to true: retries must neither duplicate nor reorder",
-    ),
-    (
-        "acks",
-        "outboxd always sets it to all: an event counts as delivered only once every in-sync replica has it",
-    ),
-    (
-        "request.required.acks",
-        "outboxd always sets it to all: an event counts as delivered only once every in-sync replica has it",
-    ),
-    (
-        "message.timeout.ms",
-        "outboxd sets it to 0 (no per-message timeout, which could reorder events on a retry); use sink.kafka.delivery_timeout_ms",
-    ),
-    (
-        "delivery.timeout.ms",
-        "outboxd sets it to 0 (no per-message timeout, which could reorder events on a retry); use sink.kafka.delivery_timeout_ms",
-    ),
-    (
-        "retries",
-        "outboxd leaves it at librdkafka's maximum: a message out of retries while a later one of its partition went through would be sent again after it",
-    ),
-    (
-        "message.send.max.retries",
-        "outboxd leaves it at librdkafka's maximum: a message out of retries while a later one of its partition went through would be sent again after it",
-    ),
-    ("bootstrap.servers", "use sink.kafka.brokers"),
-    ("metadata.broker.list", "use sink.kafka.brokers"),
-    (
-        "transactional.id",
-        "use sink.kafka.transactional_id (with sink.delivery = \"effectively-once\")",
-    ),
-    (
-        "transaction.timeout.ms",
-        "outboxd sets it from sink.kafka.delivery_timeout_ms",
-    ),
-];
 
 /// Producer-only options of `sink.kafka.options` that the offsets topic's consumer is not
 /// given (librdkafka would warn about each).
@@ -142,19 +102,6 @@ const CONSUMER_OPTIONS_SKIPPED: &[&str] = &[
     "sticky.partitioning.linger.ms",
     "request.timeout.ms",
 ];
-
-/// Why an option may not be set, or `None` when it may.
-pub fn protected_option(name: &str, value: &str) -> Option<&'static str> {
-    let v = value.trim().to_ascii_lowercase();
-    match name {
-        "enable.idempotence" if v == "true" => None,
-        "acks" | "request.required.acks" if v == "all" || v == "-1" => None,
-        _ => PROTECTED_OPTIONS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, why)| *why),
-    }
-}
 
 /// Kafka sink settings.
 #[derive(Clone)]
@@ -850,61 +797,47 @@ fn client_error(what: &'static str, e: KafkaError) -> SinkError {
     }
 }
 
-impl Sink for KafkaSink {
-    async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
-        if self.config.transactions.is_some() {
-            return self.send_transactional(batch).await;
-        }
-        let dead_letter = self.config.dead_letter.clone();
-        let max = self.max_message_bytes;
-        let mut rejected: Vec<(usize, Poison)> = Vec::new();
-
-        // Round 1: every record, in batch order, to its topic (poison ones to the dead-letter
-        // topic). A message over message.max.bytes is not produced: it is dead-lettered below.
-        let mut first: Vec<Option<Outgoing>> = Vec::with_capacity(batch.len());
-        for (i, record) in batch.iter().enumerate() {
+impl KafkaSink {
+    /// Round 1 of an at-least-once batch: every record, in batch order, to its topic (poison
+    /// ones to the dead-letter topic). A message over `message.max.bytes` is not produced: it
+    /// is rejected here and dead-lettered in round 2.
+    fn first_round(&self, ledger: &mut Ledger<'_>) -> Vec<Option<Outgoing>> {
+        let (dead_letter, max) = (&self.config.dead_letter, self.max_message_bytes);
+        let mut first = Vec::with_capacity(ledger.batch().len());
+        for (i, record) in ledger.batch().iter().enumerate() {
             let event = &record.event;
-            match &record.poison {
-                Some(poison) => first.push(Some(Outgoing::dead_letter(
-                    event,
-                    poison,
-                    &dead_letter,
-                    max,
-                ))),
-                None => {
-                    let message = Outgoing::event(event);
-                    let size = message.wire_size();
-                    if size > max {
-                        rejected.push((i, too_large(size, max)));
-                        first.push(None);
-                    } else {
-                        first.push(Some(message));
-                    }
-                }
+            if let Some(poison) = &record.poison {
+                first.push(Some(Outgoing::dead_letter(event, poison, dead_letter, max)));
+                continue;
+            }
+            let message = Outgoing::event(event);
+            let size = message.wire_size();
+            if size > max {
+                ledger.reject(i, too_large(size, max));
+                first.push(None);
+            } else {
+                first.push(Some(message));
             }
         }
-        let needs_dead_letter = !rejected.is_empty() || batch.iter().any(|r| r.poison.is_some());
-        let topics: Vec<&str> = first
-            .iter()
-            .flatten()
-            .map(|m| m.topic.as_str())
-            .chain(needs_dead_letter.then_some(dead_letter.as_str()))
-            .collect();
-        self.ensure_topics(topics).await?;
+        first
+    }
 
-        let outcomes = self.round(&first).await?;
+    /// Reads round 1's delivery reports: records Kafka refused alone are rejected; any other
+    /// failure fails the batch (the first one, or the first permanent one).
+    fn judge_round(
+        &mut self,
+        ledger: &mut Ledger<'_>,
+        outcomes: Vec<Outcome>,
+    ) -> Result<(), SinkError> {
         let mut failure: Option<SinkError> = None;
         for (i, outcome) in outcomes.into_iter().enumerate() {
             let Err(err) = outcome else { continue };
-            if batch[i].poison.is_some() {
-                return Err(dead_letter_refused(
-                    &dead_letter,
-                    &err,
-                    self.judge(&err).err(),
-                ));
+            if ledger.batch()[i].poison.is_some() {
+                let judged = self.judge(&err).err();
+                return Err(dead_letter_refused(&self.config.dead_letter, &err, judged));
             }
             match self.judge(&err) {
-                Ok(poison) => rejected.push((i, poison)),
+                Ok(poison) => ledger.reject(i, poison),
                 // Keep the first error; the batch is sent again whole.
                 Err(e) => {
                     if failure.is_none() || !e.is_transient() {
@@ -913,36 +846,60 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
-        }
+        failure.map_or(Ok(()), Err)
+    }
 
-        // Round 2: the records Kafka (or the size check) refused, to the dead-letter topic.
-        if !rejected.is_empty() {
-            rejected.sort_by_key(|(i, _)| *i);
-            self.ensure_topics([dead_letter.as_str()]).await?;
-            let second: Vec<Option<Outgoing>> = rejected
-                .iter()
-                .map(|(i, poison)| {
-                    Some(Outgoing::dead_letter(
-                        &batch[*i].event,
-                        poison,
-                        &dead_letter,
-                        max,
-                    ))
-                })
-                .collect();
-            for outcome in self.round(&second).await? {
-                if let Err(err) = outcome {
-                    let judged = self.judge(&err);
-                    return Err(dead_letter_refused(&dead_letter, &err, judged.err()));
-                }
+    /// Round 2: the records Kafka (or the size check) refused, to the dead-letter topic.
+    async fn dead_letter_round(&mut self, ledger: &Ledger<'_>) -> Result<(), SinkError> {
+        let dead_letter = self.config.dead_letter.clone();
+        let second: Vec<Option<Outgoing>> = ledger
+            .rejections()
+            .map(|(i, poison)| {
+                Some(Outgoing::dead_letter(
+                    &ledger.batch()[i].event,
+                    poison,
+                    &dead_letter,
+                    self.max_message_bytes,
+                ))
+            })
+            .collect();
+        if second.is_empty() {
+            return Ok(());
+        }
+        self.ensure_topics([dead_letter.as_str()]).await?;
+        for outcome in self.round(&second).await? {
+            if let Err(err) = outcome {
+                let judged = self.judge(&err);
+                return Err(dead_letter_refused(&dead_letter, &err, judged.err()));
             }
         }
-        Ok(Delivery {
-            rejected,
-            duplicates: Vec::new(),
-        })
+        Ok(())
+    }
+}
+
+impl Sink for KafkaSink {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
+        if self.config.transactions.is_some() {
+            return self.send_transactional(batch).await;
+        }
+        let mut ledger = Ledger::new(batch);
+        let first = self.first_round(&mut ledger);
+        let topics: Vec<&str> = first
+            .iter()
+            .flatten()
+            .map(|m| m.topic.as_str())
+            .chain(ledger.any_dead_letter().then_some(self.config.dead_letter.as_str()))
+            .collect();
+        let topics: Vec<String> = topics.into_iter().map(str::to_owned).collect();
+        self.ensure_topics(topics.iter().map(String::as_str)).await?;
+        let outcomes = self.round(&first).await?;
+        self.judge_round(&mut ledger, outcomes)?;
+        self.dead_letter_round(&ledger).await?;
+        Ok(ledger.finish())
     }
 
     async fn ping(&mut self) -> Result<(), SinkError> {

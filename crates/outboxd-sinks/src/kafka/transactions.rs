@@ -33,7 +33,7 @@
 
 use std::time::Duration;
 
-use outboxd_core::{Delivery, Lsn, Poison, PoisonKind, Position, Record, SinkError};
+use outboxd_core::{Delivery, Ledger, Lsn, Poison, PoisonKind, Position, Record, SinkError};
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -99,6 +99,48 @@ fn fenced_error(transactional_id: &str, err: impl ToString) -> SinkError {
     )
 }
 
+/// The delivery reports of one transaction, judged.
+#[derive(Debug, Default)]
+struct TransactionRound {
+    /// Records Kafka refused alone: redone in the dead-letter topic.
+    refused: Vec<(usize, Poison)>,
+    /// A failure that is not one record's: transient, or permanent.
+    failure: Option<SinkError>,
+    /// Messages whose report did not come before the first failure.
+    unknown: usize,
+}
+
+impl TransactionRound {
+    /// Everything was acknowledged: the transaction may commit.
+    fn is_clean(&self) -> bool {
+        self.failure.is_none() && self.refused.is_empty() && self.unknown == 0
+    }
+
+    /// After the abort: the refused records go to the dead-letter topic in the redo. A record
+    /// refused alone makes the other messages of the transaction fail (or never be reported),
+    /// so only a permanent failure, or one with no refused record to redo without, fails the
+    /// batch.
+    fn redo(self, ledger: &mut Ledger<'_>) -> Result<(), SinkError> {
+        match self.failure {
+            Some(e) if !e.is_transient() || self.refused.is_empty() => return Err(e),
+            None if self.refused.is_empty() => {
+                return Err(SinkError::transient(
+                    "delivering a batch in a Kafka transaction",
+                    format!(
+                        "{} messages were not acknowledged before the transaction failed",
+                        self.unknown
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        for (i, poison) in self.refused {
+            ledger.reject(i, poison);
+        }
+        Ok(())
+    }
+}
+
 impl KafkaSink {
     fn transactional_id(&self) -> &str {
         self.config
@@ -113,191 +155,196 @@ impl KafkaSink {
         batch: &[Record],
     ) -> Result<Delivery, SinkError> {
         self.ensure_transactional().await?;
+        let mut ledger = Ledger::new(batch);
         let committed = self.txn.committed;
         let first_new = batch
             .iter()
             .position(|r| committed.is_none_or(|c| r.event.position > c))
             .unwrap_or(batch.len());
-        let duplicates: Vec<usize> = (0..first_new).collect();
+        (0..first_new).for_each(|i| ledger.duplicate(i));
         let Some(last) = batch.last().map(|r| r.event.position) else {
-            return Ok(Delivery::default());
+            return Ok(ledger.finish());
         };
         if first_new == batch.len() {
-            return Ok(Delivery {
-                rejected: Vec::new(),
-                duplicates,
-            });
+            return Ok(ledger.finish());
         }
-        let dead_letter = self.config.dead_letter.clone();
-        let max = self.max_message_bytes;
+        let marker = self.marker(last);
+        // Each round commits, fails, or dead-letters at least one more record, so this ends.
+        loop {
+            let mut messages = self.transaction_messages(&mut ledger, first_new);
+            messages.push(Some(marker.clone()));
+            self.ensure_topics(messages.iter().flatten().map(|m| m.topic.as_str()))
+                .await?;
+            let producer = self.producer()?;
+            if let Err(e) = producer.begin_transaction() {
+                return Err(self.txn_error("beginning a Kafka transaction", e).await);
+            }
+            let outcomes = self.produce_in_transaction(&producer, &messages).await?;
+            let round = self.judge_transaction(&ledger, first_new, outcomes)?;
+            if round.is_clean() {
+                self.commit(&producer).await?;
+                self.txn.committed = Some(last);
+                return Ok(ledger.finish());
+            }
+            self.abort(&producer).await;
+            if let Some(fenced) = self.fenced_now() {
+                return Err(fenced);
+            }
+            round.redo(&mut ledger)?;
+        }
+    }
+
+    /// The offsets topic's record for a batch that ends at `last`.
+    fn marker(&self, last: Position) -> Outgoing {
         let Some(t) = &self.config.transactions else {
-            unreachable!("send_transactional without transactions");
+            unreachable!("a marker without transactions");
         };
-        let marker = Outgoing {
+        Outgoing {
             topic: t.offsets_topic.clone(),
             partition: Some(0),
             key: Some(t.slot.clone().into_bytes().into()),
             value: marker_value(last).into_bytes().into(),
             headers: Vec::new(),
-        };
-        let mut rejected: Vec<(usize, Poison)> = Vec::new();
-        // Each round commits, fails, or dead-letters at least one more record, so this ends.
-        loop {
-            let mut messages: Vec<Option<Outgoing>> = Vec::with_capacity(batch.len() + 1);
-            for (i, record) in batch.iter().enumerate().skip(first_new) {
-                let known = record
-                    .poison
-                    .as_ref()
-                    .or_else(|| rejected.iter().find(|(j, _)| *j == i).map(|(_, p)| p))
-                    .cloned();
-                let message = match known {
-                    Some(p) => Outgoing::dead_letter(&record.event, &p, &dead_letter, max),
-                    None => {
-                        // Over message.max.bytes: not produced; dead-lettered in its place.
-                        let message = Outgoing::event(&record.event);
-                        let size = message.wire_size();
-                        if size <= max {
-                            message
-                        } else {
-                            let poison = too_large(size, max);
-                            let letter =
-                                Outgoing::dead_letter(&record.event, &poison, &dead_letter, max);
-                            rejected.push((i, poison));
-                            letter
-                        }
-                    }
-                };
-                messages.push(Some(message));
-            }
-            messages.push(Some(marker.clone()));
-            self.ensure_topics(messages.iter().flatten().map(|m| m.topic.as_str()))
-                .await?;
+        }
+    }
 
-            let producer = self.producer()?;
-            if let Err(e) = producer.begin_transaction() {
-                return Err(self.txn_error("beginning a Kafka transaction", e).await);
-            }
-            let outcomes = match tokio::time::timeout(
-                self.config.delivery_timeout,
-                produce_until_failure(&producer, &messages),
-            )
-            .await
-            {
-                Ok(outcomes) => outcomes,
-                Err(_) => {
-                    self.abort(&producer).await;
-                    return Err(SinkError::transient(
-                        "waiting for Kafka delivery reports in a transaction",
-                        format!(
-                            "not every message was acknowledged within sink.kafka.delivery_timeout_ms ({} ms); the transaction was aborted",
-                            self.config.delivery_timeout.as_millis()
-                        ),
-                    ));
+    /// The messages of the batch's new records, in order: each to its topic, or to the
+    /// dead-letter topic when it is poison or was refused in an earlier round. A message over
+    /// `message.max.bytes` is rejected here and dead-lettered in its place.
+    fn transaction_messages(
+        &self,
+        ledger: &mut Ledger<'_>,
+        first_new: usize,
+    ) -> Vec<Option<Outgoing>> {
+        let (dead_letter, max) = (&self.config.dead_letter, self.max_message_bytes);
+        let batch = ledger.batch();
+        let mut messages = Vec::with_capacity(batch.len() + 1);
+        for (i, record) in batch.iter().enumerate().skip(first_new) {
+            let message = match ledger.poison(i) {
+                Some(p) => Outgoing::dead_letter(&record.event, p, dead_letter, max),
+                None => {
+                    let message = Outgoing::event(&record.event);
+                    let size = message.wire_size();
+                    if size <= max {
+                        message
+                    } else {
+                        let poison = too_large(size, max);
+                        let letter = Outgoing::dead_letter(&record.event, &poison, dead_letter, max);
+                        ledger.reject(i, poison);
+                        letter
+                    }
                 }
             };
-            if outcomes.iter().any(|o| !matches!(o, Some(Ok(()))))
-                && let Some(fenced) = self.fenced_now()
-            {
-                return Err(fenced);
-            }
-            let mut newly: Vec<(usize, Poison)> = Vec::new();
-            let mut failure: Option<SinkError> = None;
-            let mut unknown = 0usize;
-            for (k, outcome) in outcomes.into_iter().enumerate() {
-                let err = match outcome {
-                    Some(Ok(())) => continue,
-                    Some(Err(err)) => err,
-                    None => {
-                        unknown += 1;
-                        continue;
-                    }
-                };
-                if is_fenced(&err) {
-                    return Err(fenced_error(self.transactional_id(), &err));
+            messages.push(Some(message));
+        }
+        messages
+    }
+
+    /// Produces a transaction's messages within `delivery_timeout`; at the timeout the
+    /// transaction is aborted and the batch fails as transient.
+    async fn produce_in_transaction(
+        &mut self,
+        producer: &FutureProducer<Context>,
+        messages: &[Option<Outgoing>],
+    ) -> Result<Vec<Option<Result<(), KafkaError>>>, SinkError> {
+        let produced = tokio::time::timeout(
+            self.config.delivery_timeout,
+            produce_until_failure(producer, messages),
+        )
+        .await;
+        let Ok(outcomes) = produced else {
+            self.abort(producer).await;
+            return Err(SinkError::transient(
+                "waiting for Kafka delivery reports in a transaction",
+                format!(
+                    "not every message was acknowledged within sink.kafka.delivery_timeout_ms \
+                     ({} ms); the transaction was aborted",
+                    self.config.delivery_timeout.as_millis()
+                ),
+            ));
+        };
+        if outcomes.iter().any(|o| !matches!(o, Some(Ok(()))))
+            && let Some(fenced) = self.fenced_now()
+        {
+            return Err(fenced);
+        }
+        Ok(outcomes)
+    }
+
+    /// What a transaction's delivery reports say: which records Kafka refused alone, and the
+    /// failure of anything else. Fencing is an error at once.
+    fn judge_transaction(
+        &self,
+        ledger: &Ledger<'_>,
+        first_new: usize,
+        outcomes: Vec<Option<Result<(), KafkaError>>>,
+    ) -> Result<TransactionRound, SinkError> {
+        let batch = ledger.batch();
+        let mut round = TransactionRound::default();
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            let err = match outcome {
+                Some(Ok(())) => continue,
+                Some(Err(err)) => err,
+                None => {
+                    round.unknown += 1;
+                    continue;
                 }
-                let code = err
-                    .rdkafka_error_code()
-                    .unwrap_or(RDKafkaErrorCode::Unknown);
-                let i = first_new + k;
-                let is_marker = i >= batch.len();
-                let is_dead_letter = !is_marker
-                    && (batch[i].poison.is_some() || rejected.iter().any(|(j, _)| *j == i));
-                let class = classify(code);
-                match class {
-                    ErrorClass::TooLarge | ErrorClass::Rejected
-                        if !is_marker && !is_dead_letter =>
-                    {
-                        let kind = if class == ErrorClass::TooLarge {
-                            PoisonKind::TooLarge
-                        } else {
-                            PoisonKind::Rejected
-                        };
-                        newly.push((
-                            i,
-                            Poison::new(kind, format!("kafka refused the message: {err}")),
-                        ));
-                    }
-                    ErrorClass::TooLarge | ErrorClass::Rejected if is_dead_letter => {
-                        failure = Some(dead_letter_refused(&dead_letter, &err, None));
-                    }
-                    ErrorClass::TooLarge | ErrorClass::Rejected | ErrorClass::Credentials => {
-                        failure = Some(SinkError::permanent(
-                            "Kafka refused the offsets topic or the client (check \
-                             sink.kafka.offsets_topic and the credentials and ACLs in \
-                             sink.kafka.options)",
+            };
+            if is_fenced(&err) {
+                return Err(fenced_error(self.transactional_id(), &err));
+            }
+            let code = err
+                .rdkafka_error_code()
+                .unwrap_or(RDKafkaErrorCode::Unknown);
+            let i = first_new + k;
+            let is_marker = i >= batch.len();
+            let is_dead_letter = !is_marker && ledger.poison(i).is_some();
+            match classify(code) {
+                class @ (ErrorClass::TooLarge | ErrorClass::Rejected)
+                    if !is_marker && !is_dead_letter =>
+                {
+                    let kind = if class == ErrorClass::TooLarge {
+                        PoisonKind::TooLarge
+                    } else {
+                        PoisonKind::Rejected
+                    };
+                    let poison = Poison::new(kind, format!("kafka refused the message: {err}"));
+                    round.refused.push((i, poison));
+                }
+                ErrorClass::TooLarge | ErrorClass::Rejected if is_dead_letter => {
+                    round.failure = Some(dead_letter_refused(&self.config.dead_letter, &err, None));
+                }
+                ErrorClass::TooLarge | ErrorClass::Rejected | ErrorClass::Credentials => {
+                    round.failure = Some(SinkError::permanent(
+                        "Kafka refused the offsets topic or the client (check \
+                         sink.kafka.offsets_topic and the credentials and ACLs in \
+                         sink.kafka.options)",
+                        err.clone(),
+                    ));
+                }
+                ErrorClass::Fatal | ErrorClass::Transient => {
+                    if round.failure.is_none() {
+                        round.failure = Some(SinkError::transient(
+                            "delivering a batch in a Kafka transaction",
                             err.clone(),
                         ));
                     }
-                    ErrorClass::Fatal | ErrorClass::Transient => {
-                        if failure.is_none() {
-                            failure = Some(SinkError::transient(
-                                "delivering a batch in a Kafka transaction",
-                                err.clone(),
-                            ));
-                        }
-                    }
                 }
             }
-            if failure.is_some() || !newly.is_empty() || unknown > 0 {
-                self.abort(&producer).await;
-                if let Some(fenced) = self.fenced_now() {
-                    return Err(fenced);
-                }
-                // A record refused alone makes the other messages of the transaction fail
-                // (or never be reported): the redo sends them again with that record in the
-                // dead-letter topic. Only a permanent failure, or one with no refused record
-                // to redo without, fails the batch.
-                match failure {
-                    Some(e) if !e.is_transient() || newly.is_empty() => return Err(e),
-                    None if newly.is_empty() => {
-                        return Err(SinkError::transient(
-                            "delivering a batch in a Kafka transaction",
-                            format!(
-                                "{unknown} messages were not acknowledged before the transaction failed"
-                            ),
-                        ));
-                    }
-                    _ => {}
-                }
-                rejected.extend(newly);
-                continue;
-            }
-            let timeout = self.config.delivery_timeout;
-            let p = producer.clone();
-            let committed = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
-                .await
-                .map_err(|e| {
-                    SinkError::transient("committing a Kafka transaction", e.to_string())
-                })?;
-            if let Err(e) = committed {
-                return Err(self.txn_error("committing a Kafka transaction", e).await);
-            }
-            self.txn.committed = Some(last);
-            rejected.sort_by_key(|(i, _)| *i);
-            return Ok(Delivery {
-                rejected,
-                duplicates,
-            });
+        }
+        Ok(round)
+    }
+
+    /// Commits the transaction (blocking in librdkafka, so off the runtime's threads).
+    async fn commit(&mut self, producer: &FutureProducer<Context>) -> Result<(), SinkError> {
+        let timeout = self.config.delivery_timeout;
+        let p = producer.clone();
+        let committed = tokio::task::spawn_blocking(move || p.commit_transaction(timeout))
+            .await
+            .map_err(|e| SinkError::transient("committing a Kafka transaction", e.to_string()))?;
+        match committed {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.txn_error("committing a Kafka transaction", e).await),
         }
     }
 

@@ -1,0 +1,165 @@
+//! How a broker plugs into outboxd: the one trait a sink's folder implements, beside its
+//! [`Sink`].
+//!
+//! A sink folder (`src/<name>/`) holds the broker client (the [`Sink`]), its configuration
+//! section `[sink.<name>]` (a serde struct), and a unit type implementing [`SinkPlugin`] that
+//! ties them together: how the section is read, checked and shown, and how the sink is built.
+//! The registration in `lib.rs` (one line per sink) makes the binary know it: `[sink] kind`,
+//! the configuration keys and their environment overrides, `check`, `run` and `--help` all
+//! come from there. Nothing outside the folder names a sink.
+
+use std::fmt;
+use std::future::Future;
+
+use outboxd_core::{Lsn, SecretFileError, Sink, SinkError, WalHorizon};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// What every sink gets from the rest of the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkContext<'a> {
+    /// The topic, stream or subject for dead-letter entries (`[sink] dead_letter`).
+    pub dead_letter: &'a str,
+    /// `[sink] delivery = "effectively-once"`: remove the repeats a replay would cause, as far
+    /// as the broker allows.
+    pub effectively_once: bool,
+    /// The replication slot's name: an identity that every instance on the slot shares.
+    pub slot: &'a str,
+    /// How far the server's WAL is known to reach (no event outboxd wrote is beyond it).
+    pub wal_horizon: &'a WalHorizon,
+}
+
+/// A sink's configuration section cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkConfigError {
+    /// A secret is set both directly and from a file.
+    #[error("{key} and {file_key} are both set: keep one")]
+    Both {
+        /// The direct key.
+        key: &'static str,
+        /// Its `_file` twin.
+        file_key: &'static str,
+    },
+    /// A secret file cannot be read.
+    #[error(transparent)]
+    SecretFile(#[from] SecretFileError),
+    /// A value out of range, or keys that do not go together: "`key` `problem`", e.g.
+    /// "sink.kafka.timeout_ms must be greater than 0".
+    #[error("{key} {problem}")]
+    Invalid {
+        /// The dotted key (`sink.<name>.<key>`).
+        key: String,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+}
+
+impl SinkConfigError {
+    /// `key` has a value that cannot be used, because of `problem`.
+    pub fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        SinkConfigError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// How a line of `outboxd check` came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckLevel {
+    /// Fine.
+    Ok,
+    /// Works, but worth attention.
+    Warn,
+    /// `run` would fail.
+    Fail,
+}
+
+/// A line of `outboxd check` a sink adds.
+#[derive(Debug, Clone)]
+pub struct CheckLine {
+    /// How it came out.
+    pub level: CheckLevel,
+    /// What was checked (a few words).
+    pub subject: &'static str,
+    /// What was found, or what to do.
+    pub message: String,
+}
+
+/// What a sink's own checks may look at, once its broker answered.
+#[derive(Debug, Clone)]
+pub struct Preflight<'a> {
+    /// The dead-letter destination.
+    pub dead_letter: &'a str,
+    /// `[sink] delivery = "effectively-once"`.
+    pub effectively_once: bool,
+    /// The server's WAL position, when Postgres could be read.
+    pub wal: Option<Lsn>,
+    /// A glob matching every topic the route can name, when the route is valid.
+    pub topic_glob: Option<String>,
+}
+
+/// A broker outboxd can publish to: its section `[sink.<NAME>]` and how its [`Sink`] is made.
+///
+/// Implemented by a unit type in the sink's folder and registered once in `lib.rs`.
+pub trait SinkPlugin {
+    /// The sink's name: `[sink] kind = "<NAME>"` selects it, `[sink.<NAME>]` configures it,
+    /// and it is the cargo feature that builds it in.
+    const NAME: &'static str;
+    /// Whether `[sink] delivery = "effectively-once"` is supported.
+    const EFFECTIVELY_ONCE: bool;
+    /// Tables of the section whose keys are free-form (passed through to a client library),
+    /// relative to the section (`options` for `[sink.kafka.options]`).
+    const OPEN_TABLES: &'static [&'static str] = &[];
+
+    /// The section `[sink.<NAME>]`. Its `Default` holds the documented defaults; unknown keys
+    /// are refused by the configuration loader, which compares against it.
+    type Config: Serialize
+        + DeserializeOwned
+        + Default
+        + Clone
+        + PartialEq
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static;
+    /// The broker client.
+    type Sink: Sink + fmt::Debug + 'static;
+
+    /// Reads the secrets that `_file` keys name into their keys. `is_set(key)` tells whether
+    /// `key` of the section was given (in the file or the environment), for keys that have a
+    /// default.
+    fn read_secret_files(
+        config: &mut Self::Config,
+        is_set: &dyn Fn(&str) -> bool,
+    ) -> Result<(), SinkConfigError> {
+        let _ = (config, is_set);
+        Ok(())
+    }
+
+    /// Checks the section without connecting.
+    fn validate(config: &Self::Config) -> Result<(), SinkConfigError>;
+
+    /// Replaces secrets with `***`, for showing the configuration.
+    fn redact(config: &mut Self::Config);
+
+    /// Where the broker is, without secrets (for messages).
+    fn target(config: &Self::Config) -> String;
+
+    /// How the connection is secured, as far as the configuration tells, for `check`:
+    /// unverified TLS is worth a warning.
+    fn security(config: &Self::Config) -> (CheckLevel, String);
+
+    /// Builds the client; connections are made on first use.
+    fn build(config: &Self::Config, ctx: &SinkContext<'_>) -> Result<Self::Sink, SinkError>;
+
+    /// More checks for `outboxd check`, once the broker answered (none by default).
+    fn preflight(
+        sink: &mut Self::Sink,
+        config: &Self::Config,
+        ctx: &Preflight<'_>,
+    ) -> impl Future<Output = Vec<CheckLine>> + Send {
+        let _ = (sink, config, ctx);
+        async { Vec::new() }
+    }
+}

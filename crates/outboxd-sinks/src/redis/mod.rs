@@ -1,0 +1,238 @@
+//! Redis Streams.
+//!
+//! Each event becomes one stream entry, `XADD <prefix><topic> [MAXLEN ~ N] * id <id> type
+//! <type> key <key> payload <payload> headers <headers-json>`. A batch is one `MULTI` …
+//! `EXEC` on one connection, so it is applied all at once or not at all: a connection lost
+//! mid-batch leaves either nothing (the batch is sent again) or everything (sent again too,
+//! as duplicates). Batches are sent one after another, so entries reach their streams in
+//! commit order.
+//!
+//! How replies are read:
+//!
+//! - an error while queueing (`OOM`, `LOADING`, …) aborts the transaction: transient errors
+//!   fail the batch for a retry; an error that concerns only that entry (`NOPERM` on one
+//!   stream) dead-letters it, and the rest of the batch is sent again without it;
+//! - an error from `EXEC` for one entry (`WRONGTYPE`: the key is not a stream) dead-letters
+//!   that entry in a second transaction;
+//! - a dead-letter entry that Redis refuses is a permanent error: nothing is dropped.
+//!
+//! With `wait_replicas = N`, `WAIT N timeout` follows each batch; fewer replicas than `N`
+//! fails the batch for a retry.
+//!
+//! A `rediss://` URL connects over TLS (rustls), against the system's roots or the CA of
+//! `[sink.redis] ca_file`, with a client certificate when the server asks for one; a certificate the
+//! client does not trust is a permanent error that names the setting to fix. An ACL user and
+//! password go in the URL (`rediss://user:password@host:port`).
+//!
+//! # Effectively-once
+//!
+//! With `effectively_once`, each entry's id is not `*` but its WAL position:
+//! `<commit LSN as a number>-<index in the transaction>`. Events reach a stream in commit
+//! order, so ids only grow, and a replay after a crash writes an id that is not greater than
+//! the stream's top: Redis refuses it ("equal or smaller than the target stream top item"),
+//! and that refusal, and only that one, counts as "already delivered". Dead-letter entries get
+//! the same id in the dead-letter stream.
+//!
+//! A batch with no entry for the dead-letter stream is one `MULTI`/`EXEC`, as in
+//! at-least-once mode but with explicit ids: an entry refused when executing is dead-lettered
+//! afterwards, which is safe because nothing of the batch is in the dead-letter stream. A batch
+//! with dead-letter entries is one Lua script (`effectively_once::SCRIPT`): it adds the
+//! entries in order and stops at the first entry Redis refuses for another reason, so that the
+//! entry can be dead-lettered *before* any later dead-letter entry (whose larger id would make
+//! the dead-letter stream refuse it). The script is not atomic across a crash or a transient
+//! error, and need not be: whatever it added is refused as a duplicate on the retry.
+//!
+//! The refusal proves delivery only if every id in the stream is one of outboxd's. An id
+//! beyond the server's WAL position (for example a `*` id, a millisecond timestamp, added by
+//! another writer) cannot be, so a refusal by such a stream is a permanent error that names
+//! it, never "already delivered": the stream must have outboxd as its only writer.
+//!
+//! An event larger than `max_event_bytes` is dead-lettered as `too_large` before it is sent:
+//! Redis answers an argument over its `proto-max-bulk-len` by closing the connection, which
+//! would otherwise look like an outage and stall the stream. Its dead-letter entry carries an
+//! empty payload (and empty headers if those are too large too); the row is in the outbox
+//! table under its id.
+
+//!
+//! The files: [`config`] (the section `[sink.redis]` and the plugin), [`transaction`]
+//! (`MULTI`/`EXEC` batches), [`effectively_once`] (WAL-position ids), [`reply`] (reading
+//! Redis' replies and errors).
+
+mod config;
+mod effectively_once;
+mod reply;
+mod transaction;
+
+pub use config::{Redis, RedisConfig, RedisSection, RedisTls};
+pub use effectively_once::{SCRIPT as EFFECTIVELY_ONCE_SCRIPT, entry_id};
+
+use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
+
+use crate::dead_letter;
+use reply::classify;
+
+/// Publishes batches to Redis Streams.
+pub struct RedisSink {
+    client: Client,
+    config: RedisConfig,
+    conn: Option<MultiplexedConnection>,
+    script: redis::Script,
+}
+
+impl std::fmt::Debug for RedisSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSink")
+            .field("stream_prefix", &self.config.stream_prefix)
+            .field("dead_letter", &self.config.dead_letter)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisSink {
+    /// Checks the URL; connects on first use.
+    pub fn new(config: RedisConfig) -> Result<Self, SinkError> {
+        let invalid = |e| SinkError::permanent("sink.redis.url is not a valid Redis URL", e);
+        // TCP_NODELAY: a batch is one write followed by a wait for its reply; Nagle's
+        // algorithm would hold back a partial segment until the previous one is acknowledged.
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(invalid)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let client = if config.tls.is_set() {
+            if !tls {
+                return Err(SinkError::permanent(
+                    "sink.redis.ca_file, cert_file and key_file need a rediss:// URL",
+                    std::io::Error::other("sink.redis.url is not rediss://"),
+                ));
+            }
+            Client::build_with_tls(info, config.tls.certificates()?).map_err(|e| {
+                SinkError::permanent(
+                    "sink.redis.ca_file, cert_file or key_file cannot be used",
+                    e,
+                )
+            })?
+        } else {
+            Client::open(info).map_err(invalid)?
+        };
+        Ok(RedisSink {
+            client,
+            config,
+            conn: None,
+            script: redis::Script::new(effectively_once::SCRIPT),
+        })
+    }
+
+    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, SinkError> {
+        if self.conn.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.config.timeout))
+                .set_response_timeout(Some(self.config.timeout));
+            let conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(|e| classify("connecting to Redis", e))?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connection was just set"))
+    }
+
+    /// The stream an entry goes to.
+    fn stream(&self, record: &Record, poison: Option<&Poison>) -> String {
+        match poison {
+            None => format!("{}{}", self.config.stream_prefix, record.event.topic),
+            Some(_) => self.config.dead_letter.clone(),
+        }
+    }
+
+    /// Appends an entry's field/value pairs to `cmd` (after its id); returns how many pairs.
+    fn fields(&self, cmd: &mut redis::Cmd, record: &Record, poison: Option<&Poison>) -> usize {
+        let event = &record.event;
+        // A dead letter too large for Redis keeps its context, not its body.
+        let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
+        let payload: &[u8] = if oversized { b"" } else { &event.payload };
+        let headers: &[u8] =
+            if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
+                b"{}"
+            } else {
+                &event.headers.json
+            };
+        cmd.arg("id")
+            .arg(event.id.as_ref())
+            .arg("type")
+            .arg(event.event_type.as_ref())
+            .arg("key")
+            .arg(event.key.as_ref())
+            .arg("payload")
+            .arg(payload)
+            .arg("headers")
+            .arg(headers);
+        let mut pairs = 5;
+        if let Some(poison) = poison {
+            for (name, value) in dead_letter::context(event, poison) {
+                cmd.arg(name).arg(value.as_ref());
+                pairs += 1;
+            }
+        }
+        pairs
+    }
+
+    /// Dead-letters the events of the batch over `max_event_bytes` before anything is sent.
+    fn reject_too_large(&self, ledger: &mut Ledger<'_>) {
+        let limit = self.config.max_event_bytes;
+        for (i, r) in ledger.batch().iter().enumerate() {
+            let size = entry_bytes(&r.event);
+            if r.poison.is_none() && size > limit {
+                let detail = format!(
+                    "the event is {size} bytes, over sink.redis.max_event_bytes = {limit}; \
+                     its payload is not copied here: read it from the outbox table by id"
+                );
+                ledger.reject(i, Poison::new(PoisonKind::TooLarge, detail));
+            }
+        }
+    }
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
+        let mut ledger = Ledger::new(batch);
+        self.reject_too_large(&mut ledger);
+        if self.config.effectively_once {
+            self.send_effectively_once(&mut ledger).await?;
+        } else {
+            self.send_at_least_once(&mut ledger).await?;
+        }
+        self.wait_for_replicas().await?;
+        Ok(ledger.finish())
+    }
+
+    async fn ping(&mut self) -> Result<(), SinkError> {
+        let conn = self.connection().await?;
+        let res: Result<String, RedisError> = redis::cmd("PING").query_async(conn).await;
+        if let Err(e) = res {
+            self.conn = None;
+            return Err(classify("pinging Redis", e));
+        }
+        Ok(())
+    }
+}
+
+/// The bytes an event's stream entry takes.
+fn entry_bytes(event: &outboxd_core::Event) -> usize {
+    event.payload.len()
+        + event.headers.json.len()
+        + event.id.len()
+        + event.key.len()
+        + event.event_type.len()
+        + event.topic.len()
+}
