@@ -109,9 +109,9 @@ fn show_step(what: &'static str) -> impl FnMut(Step) {
     move |step| match step {
         Step::Batch { done, total } => {
             failpoint::hit(if what == "backfill" {
-                "backfill-batch"
+                failpoint::BACKFILL_BATCH
             } else {
-                "replay-batch"
+                failpoint::REPLAY_BATCH
             });
             let tenth = (done * 10).checked_div(total).unwrap_or(10);
             if terminal {
@@ -126,9 +126,9 @@ fn show_step(what: &'static str) -> impl FnMut(Step) {
         }
         Step::Committed => {
             failpoint::hit(if what == "backfill" {
-                "backfill-committed"
+                failpoint::BACKFILL_COMMITTED
             } else {
-                "replay-committed"
+                failpoint::REPLAY_COMMITTED
             });
         }
     }

@@ -332,7 +332,7 @@ where
             }
         }
         metrics.reconnects.inc();
-        failpoint::hit("during-reconnect");
+        failpoint::hit(failpoint::DURING_RECONNECT);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => return Ok(()),
@@ -594,21 +594,21 @@ impl Session<'_> {
     }
 
     fn acknowledged(&self, checkpoint: &mut Checkpoint, stream: &WalStream, acked: u64) {
-        failpoint::hit("after-ack-before-confirm");
+        failpoint::hit(failpoint::AFTER_ACK_BEFORE_CONFIRM);
         if stream.in_transaction() {
-            failpoint::hit("mid-transaction");
+            failpoint::hit(failpoint::MID_TRANSACTION);
         }
         if let Some(lsn) = checkpoint.ack(acked) {
             stream.confirm(lsn);
             self.metrics.confirmed_lsn.set(lsn.get());
-            if failpoint::is_armed("after-confirm") {
+            if failpoint::is_armed(failpoint::AFTER_CONFIRM) {
                 // Crash once Postgres has been told.
                 let reported = stream.reported_handle();
                 tokio::spawn(async move {
                     while reported() < lsn {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    failpoint::hit("after-confirm");
+                    failpoint::hit(failpoint::AFTER_CONFIRM);
                 });
             }
         }
