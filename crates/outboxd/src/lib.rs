@@ -21,3 +21,4 @@ pub mod prune;
 pub mod report;
 pub mod retention;
 pub mod status;
+pub mod tasks;
