@@ -13,6 +13,8 @@ pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod failpoint;
+#[cfg(test)]
+mod fake_sink;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
