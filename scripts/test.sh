@@ -39,8 +39,11 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The tests' build: with the crash windows of OUTBOXD_FAILPOINT (crates/outboxd/src/failpoint.rs).
+cargo clippy --workspace --all-targets --locked --features outboxd/failpoints -- -D warnings
 
-# run_tests core|all [FILTER]: `core` is the end-to-end suite of tests/redis_e2e.rs.
+# run_tests core|all [FILTER]: `core` is the end-to-end suite of tests/redis_e2e.rs. Tests run
+# the binary built with the cargo feature `failpoints`, which the crash tests arm.
 run_tests() {
     local which="$1"
     shift
@@ -48,12 +51,12 @@ run_tests() {
         local select=()
         [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
-        cargo nextest run --workspace --locked --no-fail-fast "${select[@]}" "$@"
+        cargo nextest run --workspace --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
         [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
-        cargo test --locked --no-fail-fast "${select[@]}" -- "${harness[@]}" "$@"
+        cargo test --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" -- "${harness[@]}" "$@"
     fi
 }
 

@@ -1,4 +1,7 @@
 //! The entry points of each command. `main` only parses the command line and calls these.
+//! `outboxd slot ...` lives in `commands/slot_command.rs`.
+
+mod slot_command;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
+use crate::tasks::Tasks;
 use crate::{http, progress, prune};
 use outboxd_core::{Sink, WalHorizon};
 
@@ -109,9 +113,9 @@ fn show_step(what: &'static str) -> impl FnMut(Step) {
     move |step| match step {
         Step::Batch { done, total } => {
             failpoint::hit(if what == "backfill" {
-                "backfill-batch"
+                failpoint::BACKFILL_BATCH
             } else {
-                "replay-batch"
+                failpoint::REPLAY_BATCH
             });
             let tenth = (done * 10).checked_div(total).unwrap_or(10);
             if terminal {
@@ -126,9 +130,9 @@ fn show_step(what: &'static str) -> impl FnMut(Step) {
         }
         Step::Committed => {
             failpoint::hit(if what == "backfill" {
-                "backfill-committed"
+                failpoint::BACKFILL_COMMITTED
             } else {
-                "replay-committed"
+                failpoint::REPLAY_COMMITTED
             });
         }
     }
@@ -314,10 +318,49 @@ async fn wait_confirmed(
     }
 }
 
+/// How long `outboxd run`'s own tasks (HTTP server, pruning, signal handler, broker probe,
+/// progress line) get to stop once the pipeline returned, before they are aborted.
+const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `outboxd run`. `show_progress`: draw a progress line for long catch-ups (terminal only).
+///
+/// Returns once the pipeline stopped and every task it started here has ended (or, after
+/// `TASKS_STOP_TIMEOUT`, been aborted).
 pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
     Broker::check(config)?;
-    let settings = RunSettings {
+    let settings = run_settings(config)?;
+    let shutdown = CancellationToken::new();
+    let tasks = Tasks::new();
+    let metrics = Arc::new(Metrics::new());
+    let status = Arc::new(Status::default());
+    let result = async {
+        let services = Services {
+            metrics: &metrics,
+            status: &status,
+            shutdown: &shutdown,
+            tasks: &tasks,
+        };
+        services.start(config, &settings, show_progress).await?;
+        let horizon = status.wal_horizon();
+        pipeline::run(
+            settings,
+            || Broker::build(config, &horizon),
+            metrics.clone(),
+            status.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    shutdown.cancel();
+    tasks.join(TASKS_STOP_TIMEOUT).await;
+    result
+}
+
+/// What the pipeline needs, from the configuration.
+fn run_settings(config: &Config) -> anyhow::Result<RunSettings> {
+    Ok(RunSettings {
         conn: conn_info(config)?,
         slot: config.postgres.slot.clone(),
         publication: config.postgres.publication.clone(),
@@ -333,26 +376,73 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
         broker: Broker::name(config),
         broker_target: Broker::target(config),
         http: config.http.listen.trim().to_owned(),
-    };
-    let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
-    let status = Arc::new(Status::default());
-    // Bind first: a taken port is a startup error, not a surprise later.
-    let listen = config.http.listen.trim();
-    if !listen.is_empty() {
+    })
+}
+
+/// `outboxd run`'s tasks beside the pipeline, all stopped by `shutdown` and joined by `run`.
+struct Services<'a> {
+    metrics: &'a Arc<Metrics>,
+    status: &'a Arc<Status>,
+    shutdown: &'a CancellationToken,
+    tasks: &'a Tasks,
+}
+
+impl Services<'_> {
+    /// Starts the HTTP server and pruning (if configured), the signal handler, the broker
+    /// probe and (if `show_progress`) the progress line.
+    async fn start(
+        &self,
+        config: &Config,
+        settings: &RunSettings,
+        show_progress: bool,
+    ) -> anyhow::Result<()> {
+        self.serve_http(config).await?;
+        self.prune(config, settings).await?;
+        let shutdown = self.shutdown;
+        self.tasks
+            .spawn("signal handler", stop_on_signal(shutdown.clone()));
+        self.tasks.spawn(
+            "broker probe",
+            probe_broker(config.clone(), self.status.clone(), shutdown.clone()),
+        );
+        if show_progress {
+            self.tasks.spawn(
+                "progress line",
+                progress::show(self.metrics.clone(), self.status.clone(), shutdown.clone()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `http.listen`, unless it is empty.
+    async fn serve_http(&self, config: &Config) -> anyhow::Result<()> {
+        // Bind first: a taken port is a startup error, not a surprise later.
+        let listen = config.http.listen.trim();
+        if listen.is_empty() {
+            return Ok(());
+        }
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
             format!(
                 "cannot listen on http.listen = {listen:?}: choose a free address, or set it to \"\" to serve no HTTP"
             )
         })?;
-        tokio::spawn(http::serve(
-            listener,
-            metrics.clone(),
-            status.clone(),
-            shutdown.clone(),
-        ));
+        self.tasks.spawn(
+            "HTTP server",
+            http::serve(
+                listener,
+                self.metrics.clone(),
+                self.status.clone(),
+                self.shutdown.clone(),
+            ),
+        );
+        Ok(())
     }
-    if !config.postgres.prune_after.trim().is_empty() {
+
+    /// Prunes confirmed rows periodically, when `postgres.prune_after` is set.
+    async fn prune(&self, config: &Config, settings: &RunSettings) -> anyhow::Result<()> {
+        if config.postgres.prune_after.trim().is_empty() {
+            return Ok(());
+        }
         let client = settings
             .conn
             .connect()
@@ -364,44 +454,24 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
             older_than = %config.postgres.prune_after,
             "pruning rows the slot has confirmed"
         );
-        tokio::spawn(prune::run_periodically(
-            settings.conn.clone(),
-            settings.slot.clone(),
-            pruning,
-            Duration::from_millis(config.postgres.prune_interval_ms),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
+        self.tasks.spawn(
+            "pruning",
+            prune::run_periodically(
+                settings.conn.clone(),
+                settings.slot.clone(),
+                pruning,
+                Duration::from_millis(config.postgres.prune_interval_ms),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+            ),
+        );
+        Ok(())
     }
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    tokio::spawn(probe_broker(
-        config.clone(),
-        status.clone(),
-        shutdown.clone(),
-    ));
-    if show_progress {
-        tokio::spawn(progress::show(
-            metrics.clone(),
-            status.clone(),
-            shutdown.clone(),
-        ));
-    }
-    let horizon = status.wal_horizon();
-    let result = pipeline::run(
-        settings,
-        || Broker::build(config, &horizon),
-        metrics,
-        status,
-        shutdown.clone(),
-    )
-    .await;
-    shutdown.cancel();
-    result?;
-    Ok(())
 }
 
 /// Asks the broker, on a connection of its own, whether it answers, every 2 seconds: so
-/// that `/readyz` notices a broker that went away while the outbox is idle.
+/// that `/readyz` notices a broker that went away while the outbox is idle. Ends when `stop`
+/// is cancelled, also in the middle of a ping.
 async fn probe_broker(config: Config, status: Arc<Status>, stop: CancellationToken) {
     let mut broker = match Broker::build(&config, &WalHorizon::default()) {
         Ok(b) => b,
@@ -416,15 +486,16 @@ async fn probe_broker(config: Config, status: Arc<Status>, stop: CancellationTok
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(5), broker.ping()).await,
-            Ok(Ok(()))
-        );
+        let ping = tokio::time::timeout(Duration::from_secs(5), broker.ping());
+        let ok = tokio::select! {
+            () = stop.cancelled() => return,
+            res = ping => matches!(res, Ok(Ok(()))),
+        };
         status.set_broker_ok(ok);
     }
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
+/// Cancels `token` on SIGTERM or SIGINT; ends when `token` is cancelled otherwise.
 async fn stop_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int) = match (
@@ -440,6 +511,7 @@ async fn stop_on_signal(token: CancellationToken) {
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
+        () = token.cancelled() => return,
     };
     tracing::info!(signal = name, "stop requested");
     token.cancel();
@@ -461,82 +533,7 @@ pub async fn slot(config: &Config, command: &SlotCommand) -> anyhow::Result<()> 
     let conn = conn_info(config)?;
     let name = &config.postgres.slot;
     match command {
-        SlotCommand::Status { json } => {
-            let client = connect(&conn).await?;
-            let Some(s) = catalog::slot(&client, name)
-                .await
-                .context("reading pg_replication_slots")?
-            else {
-                bail!("replication slot {name:?} does not exist: run `outboxd setup` to create it");
-            };
-            let lsn = |l: Option<outboxd_core::Lsn>| l.map(|l| l.to_string());
-            if *json {
-                let value = serde_json::json!({
-                    "slot": s.name,
-                    "plugin": s.plugin,
-                    "slot_type": s.slot_type,
-                    "database": s.database,
-                    "active": s.active,
-                    "active_pid": s.active_pid,
-                    "confirmed_flush_lsn": lsn(s.confirmed_flush_lsn),
-                    "restart_lsn": lsn(s.restart_lsn),
-                    "current_wal_lsn": s.current_wal_lsn.to_string(),
-                    "retained_wal_bytes": s.retained_wal_bytes(),
-                    "lag_bytes": s.lag_bytes(),
-                    "wal_status": s.wal_status,
-                });
-                println!("{value}");
-            } else {
-                let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-                println!("slot                 {}", s.name);
-                println!("plugin               {}", or_dash(s.plugin.clone()));
-                println!(
-                    "active               {}{}",
-                    s.active,
-                    s.active_pid
-                        .map_or(String::new(), |p| format!(" (walsender pid {p})"))
-                );
-                println!(
-                    "confirmed_flush_lsn  {}",
-                    or_dash(lsn(s.confirmed_flush_lsn))
-                );
-                println!("restart_lsn          {}", or_dash(lsn(s.restart_lsn)));
-                println!("current_wal_lsn      {}", s.current_wal_lsn);
-                println!(
-                    "retained_wal_bytes   {}",
-                    or_dash(s.retained_wal_bytes().map(|b| b.to_string()))
-                );
-                println!(
-                    "lag_bytes            {}",
-                    or_dash(s.lag_bytes().map(|b| b.to_string()))
-                );
-                println!("wal_status           {}", or_dash(s.wal_status.clone()));
-            }
-            Ok(())
-        }
-        SlotCommand::Drop { yes } => {
-            if !yes {
-                bail!(
-                    "refusing to drop replication slot {name:?} without --yes: events not yet \
-                     forwarded are lost to outboxd once it is gone"
-                );
-            }
-            let client = connect(&conn).await?;
-            if let Some(s) = catalog::slot(&client, name).await? {
-                if s.active {
-                    bail!(
-                        "replication slot {name:?} is in use (walsender pid {}): stop outboxd first",
-                        s.active_pid.unwrap_or_default()
-                    );
-                }
-            } else {
-                bail!("replication slot {name:?} does not exist");
-            }
-            slot::drop_slot(&client, name)
-                .await
-                .with_context(|| format!("dropping replication slot {name:?}"))?;
-            println!("dropped replication slot {name:?}");
-            Ok(())
-        }
+        SlotCommand::Status { json } => slot_command::status(&conn, name, *json).await,
+        SlotCommand::Drop { yes } => slot_command::drop(&conn, name, *yes).await,
     }
 }

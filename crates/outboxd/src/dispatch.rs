@@ -14,9 +14,14 @@
 //! time, that bounds the broker round trips (and the wakeups of outboxd, the broker and its
 //! readers) to about one per interval.
 //!
+//! A batch that fails transiently is sent again, whole and in the same order, after a pause
+//! ([`RETRY_INITIAL`], doubling up to [`RETRY_MAX`], with jitter), as often as it takes; the
+//! broker is reported down meanwhile. A permanent error ends the driver with that error.
+//!
 //! Each acknowledgement is the number of records acknowledged since the session began, which
-//! is what [`outboxd_core::Checkpoint::ack`] takes. Acknowledging also returns the records'
-//! bytes to the in-flight budget.
+//! is what [`outboxd_core::Checkpoint::ack`] takes; records the broker dead-lettered or already
+//! held count as acknowledged (and in their metrics, not as forwarded). Acknowledging also
+//! returns the records' bytes to the in-flight budget.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,7 +67,7 @@ pub async fn run<S: Sink>(
     let mut queued: Vec<Queued> = Vec::with_capacity(options.max_batch);
     let mut batch: Vec<Record> = Vec::with_capacity(options.max_batch);
     let mut acknowledged: u64 = 0;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     loop {
         if records.recv_many(&mut queued, options.max_batch).await == 0 {
             return Ok(());
@@ -72,44 +77,9 @@ pub async fn run<S: Sink>(
         }
         let permits: u32 = queued.iter().map(|q| q.permits).sum();
         batch.extend(queued.drain(..).map(|q| q.record));
-
-        let failing_since = Instant::now();
-        let mut last_warning: Option<Instant> = None;
-        let delivery = loop {
-            match sink.send(&batch).await {
-                Ok(delivery) => break delivery,
-                Err(e) if e.is_transient() => {
-                    metrics.sink_errors.inc();
-                    status.set_broker_ok(false);
-                    let delay = backoff.next_delay();
-                    // One line when the broker fails, then one every 30 s while it stays down.
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
-                        tracing::warn!(
-                            broker = options.broker,
-                            error = %e,
-                            attempts = backoff.attempts(),
-                            retry_in_ms = delay.as_millis() as u64,
-                            pending_events = batch.len(),
-                            "broker unavailable; retrying the batch, the slot stays at the last acknowledged event"
-                        );
-                        last_warning = Some(Instant::now());
-                    }
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        status.set_broker_ok(true);
-        if backoff.attempts() > 0 {
-            tracing::info!(
-                broker = options.broker,
-                attempts = backoff.attempts(),
-                down_for_ms = failing_since.elapsed().as_millis() as u64,
-                "broker is back; batch delivered"
-            );
-            backoff.reset();
-        }
-
+        let delivery =
+            send_until_accepted(&mut sink, &batch, &mut backoff, &options, &metrics, &status)
+                .await?;
         account(&batch, &delivery, &metrics);
         acknowledged += batch.len() as u64;
         batch.clear();
@@ -119,6 +89,61 @@ pub async fn run<S: Sink>(
             return Ok(());
         }
     }
+}
+
+/// The first pause before a failed batch is sent again; it doubles up to [`RETRY_MAX`].
+pub const RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts at a batch.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Sends `batch` until the broker accepts it, pausing after each transient error (the
+/// `backoff`, reset once it goes through); a permanent error ends the attempts. Keeps the
+/// broker's health in `status` and the failures in `sink_errors`.
+async fn send_until_accepted<S: Sink>(
+    sink: &mut S,
+    batch: &[Record],
+    backoff: &mut Backoff,
+    options: &DispatchOptions,
+    metrics: &Metrics,
+    status: &Status,
+) -> Result<Delivery, SinkError> {
+    let failing_since = Instant::now();
+    let mut last_warning: Option<Instant> = None;
+    let delivery = loop {
+        match sink.send(batch).await {
+            Ok(delivery) => break delivery,
+            Err(e) if e.is_transient() => {
+                metrics.sink_errors.inc();
+                status.set_broker_ok(false);
+                let delay = backoff.next_delay();
+                // One line when the broker fails, then one every 30 s while it stays down.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::warn!(
+                        broker = options.broker,
+                        error = %e,
+                        attempts = backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        pending_events = batch.len(),
+                        "broker unavailable; retrying the batch, the slot stays at the last acknowledged event"
+                    );
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    status.set_broker_ok(true);
+    if backoff.attempts() > 0 {
+        tracing::info!(
+            broker = options.broker,
+            attempts = backoff.attempts(),
+            down_for_ms = failing_since.elapsed().as_millis() as u64,
+            "broker is back; batch delivered"
+        );
+        backoff.reset();
+    }
+    Ok(delivery)
 }
 
 /// Lets a short batch wait up to `options.linger` for more records, so that a trickle of
@@ -287,5 +312,236 @@ mod tests {
         linger(&mut rx, &mut batch, &options(10, 1_000)).await;
         assert_eq!(indexes(&batch), [0, 1]);
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    mod with_a_fake_sink {
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use outboxd_core::{Delivery, Poison, PoisonKind, SinkError};
+        use tokio::sync::{Notify, Semaphore, mpsc};
+        use tokio::task::JoinHandle;
+        use tokio::time::Instant;
+
+        use super::super::{DispatchOptions, Queued, RETRY_INITIAL, run};
+        use crate::fake_sink::{FakeSink, Reply, SentLog, ids, record};
+        use crate::metrics::{Metrics, ReasonLabel, TopicLabel};
+        use crate::status::Status;
+
+        /// A dispatcher running on a fake sink, and everything around it.
+        struct Driver {
+            records: Option<mpsc::Sender<Queued>>,
+            acks: mpsc::UnboundedReceiver<u64>,
+            budget: Arc<Semaphore>,
+            metrics: Arc<Metrics>,
+            status: Arc<Status>,
+            sent: SentLog,
+            task: JoinHandle<Result<(), SinkError>>,
+        }
+
+        impl Driver {
+            /// Starts a dispatcher on a sink answering `replies`; batches of at most
+            /// `max_batch`, no linger. Records queued before the first await go in one batch.
+            fn start(max_batch: usize, replies: impl IntoIterator<Item = Reply>) -> Self {
+                let sink = FakeSink::new(replies);
+                let sent = sink.log();
+                let (records_tx, records_rx) = mpsc::channel(100);
+                let (acks_tx, acks) = mpsc::unbounded_channel();
+                let budget = Arc::new(Semaphore::new(0));
+                let metrics = Arc::new(Metrics::new());
+                let status = Arc::new(Status::default());
+                status.set_streaming(true);
+                // Up, as the readiness probe found it before the first batch.
+                status.set_broker_ok(true);
+                let task = tokio::spawn(run(
+                    sink,
+                    records_rx,
+                    acks_tx,
+                    budget.clone(),
+                    DispatchOptions {
+                        max_batch,
+                        linger: Duration::ZERO,
+                        broker: "fake",
+                    },
+                    metrics.clone(),
+                    status.clone(),
+                ));
+                Driver {
+                    records: Some(records_tx),
+                    acks,
+                    budget,
+                    metrics,
+                    status,
+                    sent,
+                    task,
+                }
+            }
+
+            /// Queues event `id` of topic "order", holding 10 bytes of budget.
+            fn queue(&self, id: u32) {
+                let queued = Queued {
+                    record: record(id, "order", 2),
+                    permits: 10,
+                };
+                self.queue_record(queued);
+            }
+
+            fn queue_record(&self, queued: Queued) {
+                self.records
+                    .as_ref()
+                    .expect("open")
+                    .try_send(queued)
+                    .expect("room in the channel");
+            }
+
+            async fn next_ack(&mut self) -> u64 {
+                self.acks.recv().await.expect("an acknowledgement")
+            }
+
+            /// Closes the input and returns how the dispatcher ended.
+            async fn finish(mut self) -> Result<(), SinkError> {
+                self.records = None;
+                self.task.await.expect("no panic")
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_transient_error_sends_the_same_batch_again_in_order_after_a_backoff() {
+            let mut d = Driver::start(10, [Reply::Transient, Reply::Transient, Reply::Accept]);
+            for id in 0..3 {
+                d.queue(id);
+            }
+            // While the batch waits for its retry, the broker is reported down.
+            tokio::time::sleep(RETRY_INITIAL / 2).await;
+            assert_eq!(d.status.ready(), Err("the broker does not answer"));
+            assert!(d.acks.try_recv().is_err(), "nothing acknowledged yet");
+
+            assert_eq!(d.next_ack().await, 3);
+            let calls = d.sent.calls();
+            assert_eq!(calls.len(), 3);
+            for call in &calls {
+                assert_eq!(call.ids, ids(0..3), "the same batch, in the same order");
+            }
+            // 100 ms, then 200 ms, each ±20 %.
+            let first = calls[1].at - calls[0].at;
+            let second = calls[2].at - calls[1].at;
+            assert!(
+                first >= Duration::from_millis(80) && first < Duration::from_millis(120),
+                "{first:?}"
+            );
+            assert!(
+                second >= Duration::from_millis(160) && second < Duration::from_millis(240),
+                "{second:?}"
+            );
+            assert_eq!(d.metrics.sink_errors.get(), 2);
+            assert_eq!(d.status.ready(), Ok(()), "the broker is back");
+            assert_eq!(d.metrics.forwarded_total(), 3);
+            assert_eq!(d.budget.available_permits(), 30, "the budget comes back");
+            assert!(d.finish().await.is_ok());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_backoff_starts_over_after_a_delivered_batch() {
+            let mut d = Driver::start(
+                1,
+                [
+                    Reply::Transient,
+                    Reply::Transient,
+                    Reply::Accept,
+                    Reply::Transient,
+                    Reply::Accept,
+                ],
+            );
+            d.queue(0);
+            d.queue(1);
+            assert_eq!(d.next_ack().await, 1);
+            assert_eq!(d.next_ack().await, 2);
+            let calls = d.sent.calls();
+            assert_eq!(calls[3].ids, ids([1]));
+            let pause = calls[4].at - calls[3].at;
+            assert!(pause < Duration::from_millis(120), "{pause:?}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_permanent_error_ends_the_dispatcher_and_acknowledges_nothing() {
+            let mut d = Driver::start(10, [Reply::Transient, Reply::Permanent]);
+            d.queue(0);
+            d.queue(1);
+            let started = Instant::now();
+            let ended = (&mut d.task).await.expect("no panic");
+            let err = ended.expect_err("a permanent error");
+            assert!(!err.is_transient(), "{err}");
+            assert_eq!(d.sent.batches(), [ids(0..2), ids(0..2)]);
+            assert!(started.elapsed() < Duration::from_millis(120));
+            assert_eq!(d.acks.recv().await, None, "nothing acknowledged");
+            assert_eq!(d.budget.available_permits(), 0);
+            assert_eq!(d.metrics.forwarded_total(), 0);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn batches_go_one_at_a_time_and_are_acknowledged_in_order() {
+            let release = Arc::new(Notify::new());
+            let mut d = Driver::start(3, [Reply::Hold(release.clone())]);
+            d.queue(0);
+            d.queue(1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            // The first batch is with the broker; what arrives meanwhile waits for it.
+            for id in 2..7 {
+                d.queue(id);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(d.sent.batches(), [ids(0..2)]);
+            assert!(d.acks.try_recv().is_err());
+
+            release.notify_one();
+            assert_eq!(d.next_ack().await, 2);
+            assert_eq!(d.next_ack().await, 5);
+            assert_eq!(d.next_ack().await, 7);
+            assert_eq!(d.sent.batches(), [ids(0..2), ids(2..5), ids(5..7)]);
+            assert_eq!(d.budget.available_permits(), 70);
+            assert!(d.finish().await.is_ok(), "a closed input ends it cleanly");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn rejected_and_duplicate_records_are_acknowledged_and_counted_apart() {
+            let delivery = Delivery {
+                rejected: vec![(1, Poison::new(PoisonKind::Rejected, "wrong key type"))],
+                duplicates: vec![2],
+            };
+            let mut d = Driver::start(10, [Reply::Deliver(delivery)]);
+            d.queue(0);
+            d.queue(1);
+            d.queue(2);
+            let mut poison = record(3, "order", 2);
+            poison.poison = Some(Poison::new(PoisonKind::NullField, "aggregate_id is NULL"));
+            d.queue_record(Queued {
+                record: poison,
+                permits: 10,
+            });
+            d.queue(4);
+
+            assert_eq!(d.next_ack().await, 5, "every record is settled");
+            let m = &d.metrics;
+            let topic = TopicLabel {
+                topic: "order".into(),
+            };
+            let reason = |r: &str| ReasonLabel { reason: r.into() };
+            assert_eq!(m.events_forwarded.get_or_create(&topic).get(), 2);
+            assert_eq!(m.events_already_delivered.get_or_create(&topic).get(), 1);
+            assert_eq!(
+                m.events_dead_lettered
+                    .get_or_create(&reason("rejected"))
+                    .get(),
+                1
+            );
+            assert_eq!(
+                m.events_dead_lettered
+                    .get_or_create(&reason("null_field"))
+                    .get(),
+                1
+            );
+            assert_eq!(m.forwarded_total(), 2);
+            assert_eq!(m.dead_lettered_total(), 2);
+        }
     }
 }

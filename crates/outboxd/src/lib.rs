@@ -13,6 +13,8 @@ pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod failpoint;
+#[cfg(test)]
+mod fake_sink;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
@@ -21,3 +23,4 @@ pub mod prune;
 pub mod report;
 pub mod retention;
 pub mod status;
+pub mod tasks;

@@ -1,5 +1,6 @@
 //! `outboxd`: parses the command line, sets up logging, runs the command, and turns its error
-//! into one line and a non-zero exit code.
+//! into one line and a non-zero exit code (2 for a configuration, or an `OUTBOXD_FAILPOINT`,
+//! it cannot use).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -7,11 +8,17 @@ use std::process::ExitCode;
 use clap::Parser;
 use outboxd::cli::{Cli, Command, LogFormat};
 use outboxd::report::one_line;
-use outboxd::{commands, progress};
+use outboxd::{commands, failpoint, progress};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A crash window asked for and not available (or misspelt) would make a test pass for
+    // the wrong reason: refuse to start instead.
+    if let Err(e) = failpoint::check_env() {
+        eprintln!("outboxd: {e}");
+        return ExitCode::from(2);
+    }
     // One crypto provider for every TLS client in the process (Postgres, Redis): rustls
     // cannot choose on its own when more than one is compiled in.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// The `topic` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,102 +73,98 @@ pub struct Metrics {
     dead_lettered_all: AtomicU64,
 }
 
+/// The latency histograms' buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Registers `metric` as `outboxd_<name>` with `help`; returns it (a handle to the same
+/// metric) for updating.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("outboxd");
-        let events_forwarded = Family::<TopicLabel, Counter>::default();
-        registry.register(
-            "events_forwarded",
-            "Events the broker acknowledged in their topic",
-            events_forwarded.clone(),
-        );
-        let events_dead_lettered = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "events_dead_lettered",
-            "Events written to the dead-letter destination, by reason",
-            events_dead_lettered.clone(),
-        );
-        let events_already_delivered = Family::<TopicLabel, Counter>::default();
-        registry.register(
-            "events_already_delivered",
-            "Replayed events the broker already held (effectively-once delivery), not written again",
-            events_already_delivered.clone(),
-        );
-        let sink_errors = Counter::default();
-        registry.register(
-            "sink_errors",
-            "Failed attempts to publish a batch to the broker (each is retried)",
-            sink_errors.clone(),
-        );
-        let reconnects = Counter::default();
-        registry.register(
-            "reconnects",
-            "Replication sessions started after the first",
-            reconnects.clone(),
-        );
-        let inflight_events = Gauge::default();
-        registry.register(
-            "inflight_events",
-            "Events read from the WAL and not yet acknowledged by the broker",
-            inflight_events.clone(),
-        );
-        let confirmed_lsn = Gauge::<u64, AtomicU64>::default();
-        registry.register(
-            "confirmed_lsn",
-            "The WAL position confirmed to the replication slot",
-            confirmed_lsn.clone(),
-        );
-        let retained_wal_bytes = Gauge::<u64, AtomicU64>::default();
-        registry.register(
-            "retained_wal_bytes",
-            "WAL bytes Postgres keeps for the slot (current position minus restart_lsn)",
-            retained_wal_bytes.clone(),
-        );
-        let buckets = [
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            60.0, 300.0,
-        ];
-        let commit_to_ack_seconds = Histogram::new(buckets);
-        registry.register(
-            "commit_to_ack_seconds",
-            "Time from an event's commit in Postgres to the broker's acknowledgement",
-            commit_to_ack_seconds.clone(),
-        );
-        let commit_to_read_seconds = Histogram::new(buckets);
-        registry.register(
-            "commit_to_read_seconds",
-            "Time from an event's commit in Postgres to outboxd reading it from the replication stream",
-            commit_to_read_seconds.clone(),
-        );
-        let pruned_rows = Counter::default();
-        registry.register(
-            "pruned_rows",
-            "Outbox rows deleted by pruning, once the slot had confirmed them",
-            pruned_rows.clone(),
-        );
-        let prune_errors = Counter::default();
-        registry.register(
-            "prune_errors",
-            "Pruning rounds that failed (each is retried)",
-            prune_errors.clone(),
-        );
+        let mut r = Registry::with_prefix("outboxd");
         Metrics {
-            registry,
-            pruned_rows,
-            prune_errors,
-            events_forwarded,
-            events_dead_lettered,
-            events_already_delivered,
-            sink_errors,
-            reconnects,
-            inflight_events,
-            confirmed_lsn,
-            retained_wal_bytes,
-            commit_to_ack_seconds,
-            commit_to_read_seconds,
+            events_forwarded: registered(
+                &mut r,
+                "events_forwarded",
+                "Events the broker acknowledged in their topic",
+                Family::default(),
+            ),
+            events_dead_lettered: registered(
+                &mut r,
+                "events_dead_lettered",
+                "Events written to the dead-letter destination, by reason",
+                Family::default(),
+            ),
+            events_already_delivered: registered(
+                &mut r,
+                "events_already_delivered",
+                "Replayed events the broker already held (effectively-once delivery), not written again",
+                Family::default(),
+            ),
+            sink_errors: registered(
+                &mut r,
+                "sink_errors",
+                "Failed attempts to publish a batch to the broker (each is retried)",
+                Counter::default(),
+            ),
+            reconnects: registered(
+                &mut r,
+                "reconnects",
+                "Replication sessions started after the first",
+                Counter::default(),
+            ),
+            inflight_events: registered(
+                &mut r,
+                "inflight_events",
+                "Events read from the WAL and not yet acknowledged by the broker",
+                Gauge::default(),
+            ),
+            confirmed_lsn: registered(
+                &mut r,
+                "confirmed_lsn",
+                "The WAL position confirmed to the replication slot",
+                Gauge::default(),
+            ),
+            retained_wal_bytes: registered(
+                &mut r,
+                "retained_wal_bytes",
+                "WAL bytes Postgres keeps for the slot (current position minus restart_lsn)",
+                Gauge::default(),
+            ),
+            commit_to_ack_seconds: registered(
+                &mut r,
+                "commit_to_ack_seconds",
+                "Time from an event's commit in Postgres to the broker's acknowledgement",
+                Histogram::new(LATENCY_BUCKETS),
+            ),
+            commit_to_read_seconds: registered(
+                &mut r,
+                "commit_to_read_seconds",
+                "Time from an event's commit in Postgres to outboxd reading it from the replication stream",
+                Histogram::new(LATENCY_BUCKETS),
+            ),
+            pruned_rows: registered(
+                &mut r,
+                "pruned_rows",
+                "Outbox rows deleted by pruning, once the slot had confirmed them",
+                Counter::default(),
+            ),
+            prune_errors: registered(
+                &mut r,
+                "prune_errors",
+                "Pruning rounds that failed (each is retried)",
+                Counter::default(),
+            ),
             forwarded_all: AtomicU64::new(0),
             dead_lettered_all: AtomicU64::new(0),
+            registry: r,
         }
     }
 
