@@ -2,7 +2,8 @@
 //! engine (there is none on CI): the YAML parses, the services, images, settings and files it
 //! relies on are there, and the environment it gives outboxd is a valid outboxd configuration
 //! for both sinks.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// test code: a panic is a failed test
 // The compose file runs both sinks: only a build with both can load its configuration.
 #![cfg(all(feature = "redis", feature = "kafka"))]
 

@@ -318,7 +318,7 @@ mod tests {
         use std::sync::Arc;
         use std::time::Duration;
 
-        use outboxd_core::{Delivery, Poison, PoisonKind, SinkError};
+        use outboxd_core::{Poison, PoisonKind, SinkError};
         use tokio::sync::{Notify, Semaphore, mpsc};
         use tokio::task::JoinHandle;
         use tokio::time::Instant;
@@ -504,11 +504,11 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn rejected_and_duplicate_records_are_acknowledged_and_counted_apart() {
-            let delivery = Delivery {
+            let delivery = Reply::Deliver {
                 rejected: vec![(1, Poison::new(PoisonKind::Rejected, "wrong key type"))],
                 duplicates: vec![2],
             };
-            let mut d = Driver::start(10, [Reply::Deliver(delivery)]);
+            let mut d = Driver::start(10, [delivery]);
             d.queue(0);
             d.queue(1);
             d.queue(2);

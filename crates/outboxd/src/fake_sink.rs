@@ -6,7 +6,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
-use outboxd_core::{Delivery, Event, Headers, Lsn, Position, Record, Sink, SinkError};
+use outboxd_core::{
+    Delivery, Event, Headers, Ledger, Lsn, Poison, Position, Record, Sink, SinkError,
+};
 use tokio::sync::Notify;
 
 /// What the fake broker answers to one call to `send`.
@@ -14,8 +16,14 @@ use tokio::sync::Notify;
 pub enum Reply {
     /// Accepts the batch: every record in its topic.
     Accept,
-    /// Accepts the batch with this outcome (rejected records, duplicates).
-    Deliver(Delivery),
+    /// Accepts the batch with these records refused (dead-lettered with the reason) and
+    /// these already at the broker.
+    Deliver {
+        /// Records the broker refused, with the reason.
+        rejected: Vec<(usize, Poison)>,
+        /// Records already at the broker.
+        duplicates: Vec<usize>,
+    },
     /// Fails the call; the caller may retry.
     Transient,
     /// Fails the call for good.
@@ -75,6 +83,10 @@ impl SentLog {
 }
 
 impl Sink for FakeSink {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
         let ids = batch
             .iter()
@@ -89,7 +101,17 @@ impl Sink for FakeSink {
             });
         match self.replies.pop_front().unwrap_or(Reply::Accept) {
             Reply::Accept => Ok(Delivery::default()),
-            Reply::Deliver(delivery) => Ok(delivery),
+            Reply::Deliver {
+                rejected,
+                duplicates,
+            } => {
+                let mut ledger = Ledger::new(batch);
+                for (i, poison) in rejected {
+                    ledger.reject(i, poison);
+                }
+                duplicates.into_iter().for_each(|i| ledger.duplicate(i));
+                Ok(ledger.finish())
+            }
             Reply::Transient => Err(SinkError::transient("publishing", "broker unavailable")),
             Reply::Permanent => Err(SinkError::permanent("publishing", "not authorized")),
             Reply::Hold(release) => {

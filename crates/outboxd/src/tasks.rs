@@ -7,16 +7,15 @@
 //! get a bounded time to end on their own, and whatever still runs after it is aborted and
 //! named in the log. So nothing outlives its owner, and shutdown never hangs on a task.
 //!
-//! This is `tokio_util::task::TaskTracker` plus the abort handles; it is built on tokio alone
-//! because the crate's tokio-util is compiled without its `rt` feature.
+//! A `tokio_util::task::TaskTracker` counts the tasks; the abort handles, with the tasks'
+//! names, are what it adds.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::task::TaskTracker;
 
 /// How long [`Tasks::join`] waits for aborted tasks to be dropped.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
@@ -24,29 +23,10 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// A set of spawned tasks that one owner joins. Clones share the set.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// Tasks whose future has not been dropped yet (finished, or aborted and dropped).
-    running: AtomicUsize,
-    /// Woken when `running` drops to zero.
-    idle: Notify,
+    tracker: TaskTracker,
     /// What to abort when a task does not stop in time, with the task's name for the log.
     /// Finished tasks are pruned at each spawn.
-    handles: Mutex<Vec<(&'static str, AbortHandle)>>,
-}
-
-/// Held by a task's future: counts it as running until the future is dropped.
-struct Running(Arc<Inner>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+    handles: Arc<Mutex<Vec<(&'static str, AbortHandle)>>>,
 }
 
 impl Tasks {
@@ -61,66 +41,45 @@ impl Tasks {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.inner.running.fetch_add(1, Ordering::AcqRel);
-        let running = Running(self.inner.clone());
-        let handle = tokio::spawn(async move {
-            let _running = running;
-            task.await
-        });
+        let handle = self.tracker.spawn(task);
         let mut handles = self.handles();
         handles.retain(|(_, h)| !h.is_finished());
         handles.push((name, handle.abort_handle()));
         handle
     }
 
-    /// Tasks spawned and not yet ended.
+    /// Tasks spawned and not yet ended (their future not yet dropped).
     pub fn running(&self) -> usize {
-        self.inner.running.load(Ordering::Acquire)
+        self.tracker.len()
     }
 
     /// Waits up to `within` for every task to end, then aborts the ones still running and
-    /// waits (briefly) for them to be dropped. Returns the names of the aborted tasks.
+    /// waits (briefly) for them to be dropped. Returns the names of the aborted tasks. Tasks
+    /// may be spawned again afterwards.
     pub async fn join(&self, within: Duration) -> Vec<&'static str> {
-        if tokio::time::timeout(within, self.idle()).await.is_ok() {
-            return Vec::new();
-        }
-        let handles = std::mem::take(&mut *self.handles());
+        self.tracker.close();
         let mut aborted = Vec::new();
-        for (name, handle) in handles {
-            if !handle.is_finished() {
-                handle.abort();
-                aborted.push(name);
+        if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
+            for (name, handle) in std::mem::take(&mut *self.handles()) {
+                if !handle.is_finished() {
+                    handle.abort();
+                    aborted.push(name);
+                }
             }
+            tracing::warn!(
+                tasks = %aborted.join(", "),
+                waited_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX),
+                "background tasks did not stop in time; aborted"
+            );
+            // An aborted task is dropped at its next turn on the runtime.
+            let _ = tokio::time::timeout(ABORT_GRACE, self.tracker.wait()).await;
         }
-        tracing::warn!(
-            tasks = %aborted.join(", "),
-            waited_ms = within.as_millis() as u64,
-            "background tasks did not stop in time; aborted"
-        );
-        // An aborted task is dropped at its next turn on the runtime.
-        let _ = tokio::time::timeout(ABORT_GRACE, self.idle()).await;
+        self.tracker.reopen();
         aborted
     }
 
-    /// Resolves once no task runs.
-    async fn idle(&self) {
-        loop {
-            let notified = self.inner.idle.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before the check, so that the last task ending in between wakes it.
-            notified.as_mut().enable();
-            if self.running() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     fn handles(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, AbortHandle)>> {
-        self.inner
-            .handles
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.handles.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
