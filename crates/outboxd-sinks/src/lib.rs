@@ -20,4 +20,5 @@ pub use plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext,
 crate::sinks! {
     "redis" => redis::Redis,
     "kafka" => kafka::Kafka,
+    "nats" => nats::Nats,
 }

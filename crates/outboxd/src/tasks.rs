@@ -59,7 +59,10 @@ impl Tasks {
     pub async fn join(&self, within: Duration) -> Vec<&'static str> {
         self.tracker.close();
         let mut aborted = Vec::new();
-        if tokio::time::timeout(within, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_err()
+        {
             for (name, handle) in std::mem::take(&mut *self.handles()) {
                 if !handle.is_finished() {
                     handle.abort();
