@@ -4,6 +4,7 @@
 //! ```text
 //! scripts/bench.sh                      everything, results into docs/benchmarks.md + .png
 //! scripts/bench.sh --events 50000 --quick
+//! scripts/bench.sh --help               every option and its default
 //! ```
 //!
 //! What it measures (see docs/benchmarks.md), and where:
@@ -51,28 +52,31 @@ mod stats;
 
 use std::time::Instant;
 
-use args::{Args, parse_args};
+use args::{Args, Only};
 use report::{Results, versions};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = Args::parse_with_quick();
     let started = Instant::now();
     println!("outboxd benchmark: {}", versions());
-    if args.only.as_deref() == Some("live") {
-        // Only the live scenario, for profiling.
-        live::lives(&args).await;
-        return Ok(());
-    }
-    if args.only.as_deref() == Some("outbox-size") {
-        let writes = outbox_size::write_costs(args.one_row, args.rounds).await;
-        let prune = outbox_size::prune_cost(args.one_row * 5).await;
-        println!("\n{}", outbox_size::render_outbox_size(&writes, &prune));
-        return Ok(());
+    match args.only {
+        Some(Only::Live) => {
+            // Only the live scenario, for profiling.
+            live::lives(&args).await;
+            return Ok(());
+        }
+        Some(Only::OutboxSize) => {
+            let writes = outbox_size::write_costs(args.one_row, args.rounds).await;
+            let prune = outbox_size::prune_cost(args.one_row * 5).await;
+            println!("\n{}", outbox_size::render_outbox_size(&writes, &prune));
+            return Ok(());
+        }
+        Some(Only::Drain) | None => {}
     }
 
     let drains = drain::drains_in_rounds(&args).await?;
-    if args.only.as_deref() == Some("drain") {
+    if args.only == Some(Only::Drain) {
         println!("\n{}", report::render_drains(&drains));
         return Ok(());
     }
