@@ -892,10 +892,15 @@ impl Sink for KafkaSink {
             .iter()
             .flatten()
             .map(|m| m.topic.as_str())
-            .chain(ledger.any_dead_letter().then_some(self.config.dead_letter.as_str()))
+            .chain(
+                ledger
+                    .any_dead_letter()
+                    .then_some(self.config.dead_letter.as_str()),
+            )
             .collect();
         let topics: Vec<String> = topics.into_iter().map(str::to_owned).collect();
-        self.ensure_topics(topics.iter().map(String::as_str)).await?;
+        self.ensure_topics(topics.iter().map(String::as_str))
+            .await?;
         let outcomes = self.round(&first).await?;
         self.judge_round(&mut ledger, outcomes)?;
         self.dead_letter_round(&ledger).await?;

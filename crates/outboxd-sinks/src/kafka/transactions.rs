@@ -229,7 +229,8 @@ impl KafkaSink {
                         message
                     } else {
                         let poison = too_large(size, max);
-                        let letter = Outgoing::dead_letter(&record.event, &poison, dead_letter, max);
+                        let letter =
+                            Outgoing::dead_letter(&record.event, &poison, dead_letter, max);
                         ledger.reject(i, poison);
                         letter
                     }
