@@ -41,10 +41,27 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::{
-    Context, ErrorClass, KafkaSink, Outgoing, classify, client_error, dead_letter_refused,
-    produce_until_failure, too_large,
-};
+use super::KafkaSink;
+use super::errors::{Context, ErrorClass, classify, client_error, dead_letter_refused};
+use super::message::{Outgoing, too_large};
+use super::produce::produce_until_failure;
+
+/// Producer-only options of `sink.kafka.options` that the offsets topic's consumer is not
+/// given (librdkafka would warn about each).
+const CONSUMER_OPTIONS_SKIPPED: &[&str] = &[
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.num.messages",
+    "batch.size",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "request.timeout.ms",
+];
 
 /// The transactional state of a [`KafkaSink`].
 #[derive(Debug, Default)]
@@ -497,7 +514,7 @@ impl KafkaSink {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.config.brokers);
         for (name, value) in &self.config.options {
-            if super::CONSUMER_OPTIONS_SKIPPED
+            if CONSUMER_OPTIONS_SKIPPED
                 .iter()
                 .all(|skipped| skipped != name)
             {
