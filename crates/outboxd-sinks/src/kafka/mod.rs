@@ -61,7 +61,8 @@
 //! - `produce.rs`: enqueueing, delivery reports, and what a failed delivery means;
 //! - `errors.rs`: the class of each error code, the client's last error;
 //! - `topics.rs`: creating topics through the Admin API;
-//! - `transactions.rs`: effectively-once.
+//! - `transactions/`: effectively-once: the state and markers, the transactional send, and
+//!   where a new producer resumes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
