@@ -18,7 +18,8 @@
 //!
 //! The producer is made when the sink is (librdkafka checks every option then, so a typo stops
 //! outboxd at startup), and made again after it was discarded (a batch timed out, a fatal
-//! error): discarding it purges what it still holds, and the next one has a new producer id.
+//! error, a transaction that could not be aborted): discarding it purges what it still holds,
+//! and the next one has a new producer id.
 
 use std::collections::BTreeMap;
 
