@@ -83,7 +83,9 @@ impl KafkaSection {
     }
 
     fn option(&self, name: &str) -> Option<String> {
-        self.options.get(name).map(|v| v.trim().to_ascii_lowercase())
+        self.options
+            .get(name)
+            .map(|v| v.trim().to_ascii_lowercase())
     }
 }
 
@@ -195,14 +197,18 @@ impl SinkPlugin for Kafka {
                 file_key: "sink.kafka.sasl_password_file",
             });
         }
-        let password = read_secret_file("sink.kafka.sasl_password_file", &config.sasl_password_file)?;
+        let password =
+            read_secret_file("sink.kafka.sasl_password_file", &config.sasl_password_file)?;
         config.options.insert("sasl.password".into(), password);
         Ok(())
     }
 
     fn validate(config: &KafkaSection) -> Result<(), SinkConfigError> {
         for (key, value) in [
-            ("sink.kafka.topic_partitions", u64::from(config.topic_partitions)),
+            (
+                "sink.kafka.topic_partitions",
+                u64::from(config.topic_partitions),
+            ),
             ("sink.kafka.delivery_timeout_ms", config.delivery_timeout_ms),
             ("sink.kafka.timeout_ms", config.timeout_ms),
         ] {
@@ -245,7 +251,11 @@ impl SinkPlugin for Kafka {
                 format!("not encrypted (security.protocol={protocol})"),
             );
         }
-        if config.option("enable.ssl.certificate.verification").as_deref() == Some("false") {
+        if config
+            .option("enable.ssl.certificate.verification")
+            .as_deref()
+            == Some("false")
+        {
             return (
                 CheckLevel::Warn,
                 format!(
@@ -259,13 +269,18 @@ impl SinkPlugin for Kafka {
             .get("ssl.ca.location")
             .cloned()
             .unwrap_or_else(|| "the system's roots".into());
-        let host = match config.option("ssl.endpoint.identification.algorithm").as_deref() {
+        let host = match config
+            .option("ssl.endpoint.identification.algorithm")
+            .as_deref()
+        {
             Some("none") => "host name not checked",
             _ => "host name checked",
         };
         (
             CheckLevel::Ok,
-            format!("TLS (security.protocol={protocol}), certificate verified against {roots}, {host}"),
+            format!(
+                "TLS (security.protocol={protocol}), certificate verified against {roots}, {host}"
+            ),
         )
     }
 

@@ -1,0 +1,249 @@
+//! The wire form of what the sink produces ([`Outgoing`]), and its size.
+//!
+//! Each event becomes one message: topic = the routed topic, key = the route key (none when
+//! empty), value = the payload, headers `id`, `type`, then the row's headers in their order. A
+//! dead-letter message is the same message in the dead-letter topic, followed by the context
+//! headers of [`dead_letter::context`] (the original topic, the reason, the WAL position…).
+//!
+//! [`Outgoing::wire_size`] is an upper bound of the size librdkafka checks against the
+//! producer's `message.max.bytes`, so that a record too large is dead-lettered before it is
+//! produced ([`too_large`]) rather than refused by librdkafka. A dead-letter message that does
+//! not fit either loses its payload (and, if needed, the row's headers), with a note in
+//! `detail`.
+
+use bytes::Bytes;
+use outboxd_core::{Event, Poison, PoisonKind};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+
+use crate::dead_letter;
+
+/// Bytes a message takes on the wire beyond its key, value and headers (an upper bound of
+/// librdkafka's own estimate), and per header beyond its name and value.
+const MESSAGE_OVERHEAD: usize = 64;
+const HEADER_OVERHEAD: usize = 10;
+
+/// One message to produce, owning its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Outgoing {
+    pub(super) topic: String,
+    /// A fixed partition (the offsets topic's marker); `None` lets the key choose.
+    pub(super) partition: Option<i32>,
+    pub(super) key: Option<Bytes>,
+    pub(super) value: Bytes,
+    pub(super) headers: Vec<(String, Bytes)>,
+}
+
+impl Outgoing {
+    /// The event in its topic.
+    pub(super) fn event(event: &Event) -> Outgoing {
+        let mut headers = Vec::with_capacity(event.headers.pairs.len() + 2);
+        headers.push(("id".to_owned(), event.id.clone()));
+        headers.push(("type".to_owned(), event.event_type.clone()));
+        headers.extend(event.headers.pairs.iter().cloned());
+        Outgoing {
+            topic: event.topic.clone(),
+            partition: None,
+            key: (!event.key.is_empty()).then(|| event.key.clone()),
+            value: event.payload.clone(),
+            headers,
+        }
+    }
+
+    /// The event in the dead-letter topic: its message plus the context headers, made to fit
+    /// in `max_bytes` by dropping the payload, then the row's headers, with a note in
+    /// `detail`.
+    pub(super) fn dead_letter(
+        event: &Event,
+        poison: &Poison,
+        topic: &str,
+        max_bytes: usize,
+    ) -> Outgoing {
+        let build = |poison: &Poison, payload: bool, row_headers: bool| {
+            let mut m = Outgoing::event(event);
+            m.topic = topic.to_owned();
+            if !row_headers {
+                m.headers.truncate(2);
+            }
+            if !payload {
+                m.value = Bytes::new();
+            }
+            m.headers.extend(
+                dead_letter::context(event, poison)
+                    .into_iter()
+                    .map(|(name, value)| (name.to_owned(), value)),
+            );
+            m
+        };
+        let full = build(poison, true, true);
+        if full.wire_size() <= max_bytes {
+            return full;
+        }
+        let mut noted = poison.clone();
+        noted.detail.push_str(&format!(
+            "; payload ({} bytes) omitted from this dead-letter message to fit message.max.bytes ({max_bytes})",
+            event.payload.len()
+        ));
+        let without_payload = build(&noted, false, true);
+        if without_payload.wire_size() <= max_bytes {
+            return without_payload;
+        }
+        noted.detail.push_str(", and so are the row's headers");
+        build(&noted, false, false)
+    }
+
+    /// An upper bound of the message's size as librdkafka counts it for `message.max.bytes`.
+    pub(super) fn wire_size(&self) -> usize {
+        MESSAGE_OVERHEAD
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + HEADER_OVERHEAD)
+                .sum::<usize>()
+    }
+
+    pub(super) fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut record = FutureRecord::to(&self.topic)
+            .payload(self.value.as_ref())
+            .headers(headers);
+        if let Some(partition) = self.partition {
+            record = record.partition(partition);
+        }
+        match &self.key {
+            Some(key) => record.key(key.as_ref()),
+            None => record,
+        }
+    }
+}
+
+/// Why a message of `size` bytes is not produced when the producer takes at most `max`.
+pub(super) fn too_large(size: usize, max: usize) -> Poison {
+    Poison::new(
+        PoisonKind::TooLarge,
+        format!(
+            "the message would be about {size} bytes, over the producer's message.max.bytes ({max})"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outboxd_core::{Headers, Lsn, Position};
+
+    fn event(payload: &str) -> Event {
+        Event {
+            id: Bytes::from_static(b"0b9c6a43-2a1d-4a86-8f0e-5b0b1f1f0c8e"),
+            topic: "outbox.order".into(),
+            key: Bytes::from_static(b"123"),
+            event_type: Bytes::from_static(b"order.paid"),
+            payload: Bytes::from(payload.to_owned()),
+            headers: Headers {
+                json: Bytes::from_static(br#"{"traceparent":"00-abc-01"}"#),
+                pairs: vec![("traceparent".into(), Bytes::from_static(b"00-abc-01"))],
+            },
+            position: Position {
+                commit_lsn: Lsn::new(0x1_6B37_4D48),
+                index: 3,
+            },
+            commit_time_micros: 1_700_000_000_000_000,
+        }
+    }
+
+    fn header<'a>(m: &'a Outgoing, name: &str) -> Option<&'a [u8]> {
+        m.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    #[test]
+    fn an_event_is_key_value_and_headers() {
+        let m = Outgoing::event(&event(r#"{"amount":42}"#));
+        assert_eq!(m.topic, "outbox.order");
+        assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
+        assert_eq!(m.value.as_ref(), br#"{"amount":42}"#);
+        let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "type", "traceparent"]);
+        assert_eq!(header(&m, "type"), Some(&b"order.paid"[..]));
+
+        let mut keyless = event("{}");
+        keyless.key = Bytes::new();
+        assert_eq!(Outgoing::event(&keyless).key, None);
+    }
+
+    #[test]
+    fn a_dead_letter_message_carries_the_context() {
+        let poison = Poison::new(PoisonKind::Rejected, "kafka refused the message: x");
+        let m = Outgoing::dead_letter(&event("{}"), &poison, "outboxd.dlq", 1_000_000);
+        assert_eq!(m.topic, "outboxd.dlq");
+        assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
+        assert_eq!(m.value.as_ref(), b"{}");
+        let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "type",
+                "traceparent",
+                "topic",
+                "reason",
+                "detail",
+                "lsn",
+                "index",
+                "commit_time_us"
+            ]
+        );
+        assert_eq!(header(&m, "topic"), Some(&b"outbox.order"[..]));
+        assert_eq!(header(&m, "reason"), Some(&b"rejected"[..]));
+        assert_eq!(header(&m, "lsn"), Some(&b"1/6B374D48"[..]));
+        assert_eq!(header(&m, "index"), Some(&b"3"[..]));
+    }
+
+    #[test]
+    fn a_too_large_dead_letter_message_drops_its_payload_and_says_so() {
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(50_000));
+        let poison = Poison::new(PoisonKind::TooLarge, "over the limit");
+        let m = Outgoing::dead_letter(&event(&big), &poison, "outboxd.dlq", 10_000);
+        assert!(m.wire_size() <= 10_000);
+        assert!(m.value.is_empty());
+        assert_eq!(header(&m, "traceparent"), Some(&b"00-abc-01"[..]));
+        let detail = String::from_utf8(header(&m, "detail").unwrap().to_vec()).unwrap();
+        let note = format!("over the limit; payload ({} bytes) omitted", big.len());
+        assert!(detail.starts_with(&note), "{detail}");
+
+        // Headers too large as well: they go too, and the detail says so.
+        let mut e = event(&big);
+        e.headers.pairs = vec![("blob".into(), Bytes::from("h".repeat(20_000)))];
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000);
+        assert!(m.wire_size() <= 10_000);
+        assert_eq!(header(&m, "blob"), None);
+        let detail = String::from_utf8(header(&m, "detail").unwrap().to_vec()).unwrap();
+        assert!(detail.ends_with("and so are the row's headers"), "{detail}");
+    }
+
+    #[test]
+    fn the_size_estimate_is_not_below_librdkafkas() {
+        // librdkafka: 36 bytes of record overhead + key + value + serialized headers (two
+        // varints and the bytes per header).
+        let m = Outgoing::event(&event("{}"));
+        let librdkafka = 36
+            + 3
+            + 2
+            + m.headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 2)
+                .sum::<usize>();
+        assert!(m.wire_size() >= librdkafka);
+    }
+}

@@ -1,0 +1,224 @@
+//! Where a new transactional producer resumes: it fences the older ones, then reads back, from
+//! the offsets topic, the position of the last event committed.
+//!
+//! `init_transactions` fences every older producer of the same `transactional.id` and
+//! completes or aborts its open transaction, so what the offsets topic holds afterwards, read
+//! with `isolation.level = read_committed`, is final: the newest marker of this slot is the
+//! last event in Kafka, and the sink skips every event at or below it. An offsets topic that
+//! does not exist yet means nothing was committed. With `create_topics`, the offsets topic is
+//! created first, with one partition and `cleanup.policy = compact`.
+//!
+//! The consumer that reads it has `sink.kafka.options` (TLS, SASL) less the producer-only
+//! options.
+
+use std::time::Duration;
+
+use outboxd_core::{Position, SinkError};
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::Producer;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::parse_marker;
+use crate::kafka::KafkaSink;
+use crate::kafka::errors::{ErrorClass, classify, client_error};
+
+/// Producer-only options of `sink.kafka.options` that the offsets topic's consumer is not
+/// given (librdkafka would warn about each).
+const CONSUMER_OPTIONS_SKIPPED: &[&str] = &[
+    "compression.type",
+    "compression.codec",
+    "compression.level",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "batch.num.messages",
+    "batch.size",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "request.timeout.ms",
+];
+
+impl KafkaSink {
+    /// Makes the producer transactional (fencing older ones) and learns how far the source
+    /// was delivered.
+    pub(super) async fn ensure_transactional(&mut self) -> Result<(), SinkError> {
+        if self.txn.ready {
+            return Ok(());
+        }
+        let Some(t) = self.config.transactions.clone() else {
+            return Ok(());
+        };
+        let producer = self.producer()?;
+        let timeout = self.config.delivery_timeout;
+        let init = tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+            .await
+            .map_err(|e| SinkError::transient("initialising Kafka transactions", e.to_string()))?;
+        if let Err(e) = init {
+            self.discard_producer();
+            return Err(match e.rdkafka_error_code().map(classify) {
+                Some(ErrorClass::Credentials) => SinkError::permanent(
+                    "Kafka refused the transactional producer: check that the user may use \
+                     transactional.id (TransactionalIdAuthorization) in sink.kafka.options",
+                    e,
+                ),
+                _ => SinkError::transient(
+                    "initialising Kafka transactions (the broker must support transactions)",
+                    e,
+                ),
+            });
+        }
+        if self.config.create_topics {
+            self.ensure_offsets_topic(&t.offsets_topic).await?;
+        }
+        let committed = self.read_marker(&t.offsets_topic, &t.slot).await?;
+        self.txn.committed = self.txn.committed.max(committed);
+        self.txn.ready = true;
+        tracing::info!(
+            transactional_id = %t.transactional_id,
+            offsets_topic = %t.offsets_topic,
+            committed = %self.txn.committed.map_or_else(|| "nothing yet".to_owned(), |p| p.to_string()),
+            "Kafka transactions ready; events at or below the committed position are skipped"
+        );
+        Ok(())
+    }
+
+    /// Creates the offsets topic (one partition, compacted) unless it exists (with
+    /// `create_topics`; otherwise it must exist, or be created on first use by the broker).
+    async fn ensure_offsets_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        if self.topics.contains(topic) {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic,
+            1,
+            TopicReplication::Fixed(self.config.topic_replication_factor),
+        )
+        .set("cleanup.policy", "compact");
+        let options = AdminOptions::new()
+            .request_timeout(Some(self.config.timeout))
+            .operation_timeout(Some(self.config.timeout));
+        let results = self
+            .admin()?
+            .create_topics([&new], &options)
+            .await
+            .map_err(|e| client_error("creating the offsets topic", e))?;
+        for result in results {
+            match result {
+                Ok(_) => tracing::info!(topic, "created the offsets topic (compacted)"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) if classify(code) == ErrorClass::Transient => {
+                    return Err(SinkError::transient(
+                        "creating the offsets topic",
+                        format!("topic {topic:?}: {code}"),
+                    ));
+                }
+                Err((_, code)) => {
+                    return Err(SinkError::permanent(
+                        "the offsets topic is missing and cannot be created: create it \
+                         (cleanup.policy=compact) or name another with sink.kafka.offsets_topic",
+                        format!("topic {topic:?}: {code}"),
+                    ));
+                }
+            }
+        }
+        self.topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// The newest position recorded for `slot` in the offsets topic's partition 0, read with
+    /// `isolation.level = read_committed`.
+    async fn read_marker(&self, topic: &str, slot: &str) -> Result<Option<Position>, SinkError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.config.brokers);
+        for (name, value) in &self.config.options {
+            if CONSUMER_OPTIONS_SKIPPED
+                .iter()
+                .all(|skipped| skipped != name)
+            {
+                config.set(name, value);
+            }
+        }
+        config
+            .set("group.id", format!("outboxd-offsets-{slot}"))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        let (topic, slot) = (topic.to_owned(), slot.to_owned());
+        let timeout = self.config.timeout;
+        tokio::task::spawn_blocking(move || read_marker_blocking(&config, &topic, &slot, timeout))
+            .await
+            .map_err(|e| SinkError::transient("reading the offsets topic", e.to_string()))?
+    }
+}
+
+/// [`KafkaSink::read_marker`]'s work, on a blocking thread: reads partition 0 from its
+/// beginning to the high watermark it found first, within three times `timeout`.
+fn read_marker_blocking(
+    config: &ClientConfig,
+    topic: &str,
+    slot: &str,
+    timeout: Duration,
+) -> Result<Option<Position>, SinkError> {
+    let err = |e| client_error("reading the offsets topic", e);
+    let consumer: BaseConsumer = config.create().map_err(|e| {
+        SinkError::permanent(
+            "the Kafka consumer configuration for the offsets topic was refused (check sink.kafka.options)",
+            e,
+        )
+    })?;
+    let (low, high) = match consumer.fetch_watermarks(topic, 0, timeout) {
+        Ok(w) => w,
+        // No offsets topic yet: nothing was ever committed through it.
+        Err(e)
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(err(e)),
+    };
+    if high <= low {
+        return Ok(None);
+    }
+    let mut partitions = TopicPartitionList::new();
+    partitions
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(err)?;
+    consumer.assign(&partitions).map_err(err)?;
+    let deadline = std::time::Instant::now() + timeout * 3;
+    let mut newest: Option<Position> = None;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                if message.key() == Some(slot.as_bytes())
+                    && let Some(p) = message.payload().and_then(parse_marker)
+                {
+                    newest = newest.max(Some(p));
+                }
+                if message.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(err(e)),
+            None if std::time::Instant::now() > deadline => {
+                return Err(SinkError::transient(
+                    "reading the offsets topic",
+                    format!(
+                        "did not reach the end of {topic:?} (offset {high}) within {:?}",
+                        timeout * 3
+                    ),
+                ));
+            }
+            None => {}
+        }
+    }
+    Ok(newest)
+}
