@@ -103,6 +103,7 @@ ensure_build_deps() {
 ensure_test_tools() {
     ensure_build_deps
     ensure_apt redis-server redis-server
+    ensure_apt nats-server /usr/sbin/nats-server
     ensure_postgres_user
     if ! command -v cargo-nextest >/dev/null 2>&1; then
         say "cargo-nextest not found: the suite runs with cargo test"

@@ -16,7 +16,14 @@ pub mod registry;
 
 pub use plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext, SinkPlugin};
 
-// The registration: cargo feature => folder :: plugin.
+// The registration: each sink's folder, and cargo feature => folder :: plugin.
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+
 crate::sinks! {
     "redis" => redis::Redis,
     "kafka" => kafka::Kafka,

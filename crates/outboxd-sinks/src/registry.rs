@@ -1,11 +1,12 @@
 //! The one registration point: [`sinks!`](crate::sinks) turns a list of sink folders into
 //! everything the binary needs to know about them.
 //!
-//! `sinks! { "redis" => redis::Redis, ... }` (in `lib.rs`), for each entry built in (its
-//! cargo feature on), declares the module and generates:
+//! `sinks! { "redis" => redis::Redis, ... }` (in `lib.rs`, beside the folders' `mod` lines,
+//! which stay outside the macro so that rustfmt reaches them), for each entry built in (its
+//! cargo feature on), generates:
 //!
 //! - [`SinkSections`](crate::SinkSections): the `[sink.<name>]` sections, one field each;
-//! - [`AnySink`](crate::AnySink): the configured broker, one variant each, a [`Sink`]
+//! - [`AnySink`](crate::AnySink): the configured broker, one variant each, a `Sink`
 //!   (`outboxd_core::Sink`) that forwards to it;
 //! - [`SINKS`](crate::SINKS): every registered name, with whether this build has it, so that
 //!   `kind = "<name>"` of a sink left out of the build says which feature to turn on.
@@ -16,11 +17,6 @@
 #[macro_export]
 macro_rules! sinks {
     ($($feature:literal => $module:ident :: $plugin:ident),+ $(,)?) => {
-        $(
-            #[cfg(feature = $feature)]
-            pub mod $module;
-        )+
-
         #[cfg(not(any($(feature = $feature),+)))]
         compile_error!("outboxd needs at least one sink: turn on one of its cargo features");
 

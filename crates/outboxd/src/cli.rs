@@ -70,7 +70,7 @@ pub enum Command {
 
     /// Re-publish rows kept in the outbox table, marked with the header outboxd-replay: true.
     ///
-    /// Writes the matching rows into the WAL (one transaction, in [backfill] order_by order);
+    /// Writes the matching rows into the WAL (one transaction, in `[backfill] order_by` order);
     /// the running `outboxd run` forwards them through the same routing, dead letters and
     /// delivery mode as any event. Use it to recover events after a lost or invalidated slot,
     /// or to feed a new consumer (--topic).
@@ -115,7 +115,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct SetupArgs {
     /// Cutover from a polling relay: create the slot with a snapshot and publish the rows
-    /// matching this SQL predicate that are visible in it (in [backfill] order_by order);
+    /// matching this SQL predicate that are visible in it (in `[backfill] order_by` order);
     /// `run` then streams from the snapshot's point on: no gap, no overlap, while writers go
     /// on. Refused when the slot exists.
     #[arg(long, value_name = "SQL_PREDICATE")]

@@ -129,8 +129,8 @@ fn name_text(name: &HeaderName) -> &str {
 
 /// A header value that NATS carries unchanged, or why not.
 fn value_of(name: &str, value: &Bytes) -> Result<HeaderValue, Poison> {
-    let text = std::str::from_utf8(value)
-        .map_err(|_| refused(format!("header {name:?} is not UTF-8")))?;
+    let text =
+        std::str::from_utf8(value).map_err(|_| refused(format!("header {name:?} is not UTF-8")))?;
     if text.contains(['\r', '\n']) {
         return Err(refused(format!(
             "header {name:?} holds a line break, which a NATS header cannot carry"
@@ -199,7 +199,13 @@ mod tests {
 
     #[test]
     fn what_nats_cannot_carry_is_refused_not_altered() {
-        for topic in ["", "outbox..order", "outbox.*", "outbox.>", "outbox.my order"] {
+        for topic in [
+            "",
+            "outbox..order",
+            "outbox.*",
+            "outbox.>",
+            "outbox.my order",
+        ] {
             let err = Outgoing::event(&event(topic, &[]), "").unwrap_err();
             assert_eq!(err.kind, PoisonKind::Rejected, "{topic:?}");
         }

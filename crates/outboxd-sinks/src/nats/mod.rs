@@ -34,7 +34,7 @@
 //! Order: messages of one connection reach a stream in the order they were published. A batch
 //! that fails is sent again whole; what the stream stored of it is dropped as duplicates.
 //!
-//! The files: [`config`] (the section `[sink.nats]` and the plugin), [`message`] (subject,
+//! The files: `config` (the section `[sink.nats]` and the plugin), [`message`] (subject,
 //! headers, dead letters).
 
 mod config;
@@ -115,9 +115,10 @@ impl NatsSink {
                 .require_tls(true);
         }
         if let Some(creds) = &c.credentials_file {
-            options = options.credentials_file(creds).await.map_err(|e| {
-                SinkError::permanent("cannot read sink.nats.credentials_file", e)
-            })?;
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| SinkError::permanent("cannot read sink.nats.credentials_file", e))?;
         }
         options.connect(c.url.as_str()).await.map_err(|e| {
             let what = "connecting to NATS";
@@ -174,7 +175,10 @@ impl NatsSink {
                 .await;
             let ack = match published {
                 Ok(ack) => ack,
-                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded && ledger.poison(i).is_none() => {
+                Err(e)
+                    if e.kind() == PublishErrorKind::MaxPayloadExceeded
+                        && ledger.poison(i).is_none() =>
+                {
                     let poison = Poison::new(
                         PoisonKind::TooLarge,
                         format!("nats refused the message: {e}"),
@@ -209,7 +213,11 @@ impl NatsSink {
         for (i, ack) in pending {
             let subject = match ledger.poison(i) {
                 Some(_) => self.config.dead_letter.clone(),
-                None => format!("{}{}", self.config.subject_prefix, ledger.batch()[i].event.topic),
+                None => format!(
+                    "{}{}",
+                    self.config.subject_prefix,
+                    ledger.batch()[i].event.topic
+                ),
             };
             match acked(ack.await, &subject, ledger.poison(i).is_some())? {
                 Acked::Stored(true) => ledger.duplicate(i),
@@ -225,7 +233,11 @@ impl NatsSink {
 
     /// `outboxd check`: JetStream answers for the dead-letter subject, and the configured
     /// stream exists.
-    pub(crate) async fn check_streams(&mut self, stream: &str, ctx: &Preflight<'_>) -> Vec<CheckLine> {
+    pub(crate) async fn check_streams(
+        &mut self,
+        stream: &str,
+        ctx: &Preflight<'_>,
+    ) -> Vec<CheckLine> {
         let line = |level, message| CheckLine {
             level,
             subject: "streams",
@@ -239,7 +251,10 @@ impl NatsSink {
         match js.stream_by_subject(ctx.dead_letter).await {
             Ok(name) => lines.push(line(
                 CheckLevel::Ok,
-                format!("dead-letter subject {:?} is stored by stream {name:?}", ctx.dead_letter),
+                format!(
+                    "dead-letter subject {:?} is stored by stream {name:?}",
+                    ctx.dead_letter
+                ),
             )),
             Err(e) => lines.push(line(
                 CheckLevel::Fail,
@@ -313,7 +328,10 @@ impl Sink for NatsSink {
                         e,
                     ))
                 } else {
-                    Err(SinkError::transient("asking NATS JetStream for the account", e))
+                    Err(SinkError::transient(
+                        "asking NATS JetStream for the account",
+                        e,
+                    ))
                 }
             }
             Err(_) => Err(SinkError::transient(
@@ -375,10 +393,7 @@ fn publish_error(
     dead_letter: bool,
 ) -> SinkError {
     if dead_letter && e.kind() == PublishErrorKind::MaxPayloadExceeded {
-        return SinkError::permanent(
-            "a dead letter is over the NATS server's max_payload",
-            e,
-        );
+        return SinkError::permanent("a dead letter is over the NATS server's max_payload", e);
     }
     match e.kind() {
         PublishErrorKind::StreamNotFound => SinkError::transient(
@@ -386,6 +401,9 @@ fn publish_error(
              sink.nats.create_stream = true)",
             format!("subject {subject:?}: {e}"),
         ),
-        _ => SinkError::transient("publishing to NATS JetStream", format!("subject {subject:?}: {e}")),
+        _ => SinkError::transient(
+            "publishing to NATS JetStream",
+            format!("subject {subject:?}: {e}"),
+        ),
     }
 }

@@ -67,7 +67,6 @@ end
 return {#KEYS, '', dups}
 ";
 
-
 /// How Redis refuses an entry id that is not above its stream's top.
 const DUPLICATE_ID: &str = "equal or smaller than the target stream top";
 

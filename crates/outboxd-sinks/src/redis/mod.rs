@@ -54,8 +54,8 @@
 //! table under its id.
 
 //!
-//! The files: [`config`] (the section `[sink.redis]` and the plugin), [`transaction`]
-//! (`MULTI`/`EXEC` batches), [`effectively_once`] (WAL-position ids), [`reply`] (reading
+//! The files: `config` (the section `[sink.redis]` and the plugin), `transaction`
+//! (`MULTI`/`EXEC` batches), `effectively_once` (WAL-position ids), `reply` (reading
 //! Redis' replies and errors).
 
 mod config;

@@ -159,13 +159,19 @@ mod tests {
             bulk("last-generated-id"),
             bulk("123-4"),
         ]);
-        assert_eq!(reply_field(&flat, b"last-generated-id").as_deref(), Some("123-4"));
+        assert_eq!(
+            reply_field(&flat, b"last-generated-id").as_deref(),
+            Some("123-4")
+        );
         assert_eq!(reply_field(&flat, b"missing"), None);
         let map = Value::Map(vec![(
             Value::SimpleString("last-generated-id".into()),
             bulk("5-0"),
         )]);
-        assert_eq!(reply_field(&map, b"last-generated-id").as_deref(), Some("5-0"));
+        assert_eq!(
+            reply_field(&map, b"last-generated-id").as_deref(),
+            Some("5-0")
+        );
         assert_eq!(reply_field(&Value::Nil, b"last-generated-id"), None);
     }
 
@@ -178,7 +184,12 @@ mod tests {
         let stopped = Value::Array(vec![
             Value::Int(2),
             bulk("WRONGTYPE Operation against a key holding the wrong kind of value"),
-            Value::Array(vec![Value::Int(0), bulk("100-0"), Value::Int(1), bulk("100-0")]),
+            Value::Array(vec![
+                Value::Int(0),
+                bulk("100-0"),
+                Value::Int(1),
+                bulk("100-0"),
+            ]),
         ]);
         let round = ScriptRound::parse(&stopped).unwrap();
         let (at, error) = round.error.unwrap();
@@ -196,7 +207,11 @@ mod tests {
             Value::Nil,
             Value::Array(vec![Value::Int(1)]),
             Value::Array(vec![Value::Int(-1), bulk("ERR x"), Value::Array(vec![])]),
-            Value::Array(vec![Value::Int(1), bulk(""), Value::Array(vec![Value::Int(0)])]),
+            Value::Array(vec![
+                Value::Int(1),
+                bulk(""),
+                Value::Array(vec![Value::Int(0)]),
+            ]),
         ] {
             let err = ScriptRound::parse(&reply).unwrap_err();
             assert!(err.is_transient(), "{reply:?}: {err}");

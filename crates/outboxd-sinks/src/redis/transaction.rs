@@ -12,7 +12,9 @@ use redis::{ServerError, Value};
 
 use super::RedisSink;
 use super::effectively_once::entry_id;
-use super::reply::{TRANSIENT_CODES, classify, dead_letter_refused, is_code, rejection, server_error};
+use super::reply::{
+    TRANSIENT_CODES, classify, dead_letter_refused, is_code, rejection, server_error,
+};
 
 /// What a transaction's replies said.
 #[derive(Debug)]
@@ -179,8 +181,10 @@ impl RedisSink {
             late.push(i);
         }
         if !late.is_empty() {
-            let entries: Vec<(&Record, Option<&Poison>)> =
-                late.iter().map(|&i| (&batch[i], ledger.poison(i))).collect();
+            let entries: Vec<(&Record, Option<&Poison>)> = late
+                .iter()
+                .map(|&i| (&batch[i], ledger.poison(i)))
+                .collect();
             self.build(&mut pipe, &entries, false);
             match self.transact(&pipe, entries.len()).await? {
                 Outcome::Executed(errors) | Outcome::Aborted(errors) => {
