@@ -631,6 +631,13 @@ fn apply_env(
                 "false" | "0" | "no" | "off" => false,
                 _ => return Err(invalid("true or false")),
             }),
+            toml::Value::Array(_) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| toml::Value::String(item.to_owned()))
+                    .collect(),
+            ),
             _ => toml::Value::String(raw.clone()),
         };
         // Set it, creating sections on the way.
@@ -896,5 +903,107 @@ listen = "127.0.0.1:9187"
             text.contains("postgres.prune_after") && text.contains("\"y\""),
             "{text}"
         );
+    }
+
+    /// docs/configuration.md documents every key with its default and its environment
+    /// variable, and nothing else.
+    #[test]
+    #[cfg(all(feature = "redis", feature = "kafka", feature = "nats"))]
+    fn the_configuration_reference_matches_the_keys() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let documented = documented_keys(doc);
+        let mut keys = Vec::new();
+        leaf_keys(&defaults_table(), "", &mut keys);
+        for (key, default) in &keys {
+            let Some((doc_default, env)) = documented.get(key) else {
+                panic!("docs/configuration.md does not document `{key}`");
+            };
+            let want_env = format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
+            assert!(
+                env.starts_with(&format!("`{want_env}")),
+                "`{key}`: documented environment {env}, expected {want_env}"
+            );
+            if let Some(shown) = doc_default
+                .strip_prefix('`')
+                .and_then(|d| d.strip_suffix('`'))
+            {
+                assert_eq!(
+                    &shown_default(default),
+                    shown,
+                    "the documented default of `{key}`"
+                );
+            }
+        }
+        for key in documented.keys() {
+            assert!(
+                keys.iter().any(|(k, _)| k == key),
+                "docs/configuration.md documents `{key}`, which is not a configuration key"
+            );
+        }
+    }
+
+    /// `section.key` → (default cell, environment cell) of the reference's tables.
+    fn documented_keys(doc: &str) -> std::collections::BTreeMap<String, (String, String)> {
+        let mut keys = std::collections::BTreeMap::new();
+        let mut section = String::new();
+        for line in doc.lines() {
+            if let Some(rest) = line.strip_prefix("## `[") {
+                section = rest.trim_end_matches("]`").to_owned();
+                continue;
+            }
+            let cells: Vec<&str> = line.split(" | ").map(str::trim).collect();
+            let Some(key) = cells.first().and_then(|c| c.strip_prefix("| `")) else {
+                continue;
+            };
+            let Some(key) = key.strip_suffix('`') else {
+                continue;
+            };
+            if cells.len() >= 4 && cells[2].starts_with("`OUTBOXD_") && !section.is_empty() {
+                keys.insert(
+                    format!("{section}.{key}"),
+                    (cells[1].to_owned(), cells[2].to_owned()),
+                );
+            }
+        }
+        keys
+    }
+
+    /// The keys of the defaults that take a value (free-form tables count as one key).
+    fn leaf_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
+        let open = SinkSections::open_tables();
+        for (key, value) in table {
+            let dotted = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(t) if !open.contains(&dotted) => leaf_keys(t, &dotted, out),
+                v => out.push((dotted, v.clone())),
+            }
+        }
+    }
+
+    /// A default as the reference shows it: text as is (`""` when empty), the rest as TOML.
+    fn shown_default(value: &toml::Value) -> String {
+        match value {
+            toml::Value::String(s) if s.is_empty() => "\"\"".into(),
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "nats")]
+    fn a_list_from_the_environment_is_comma_separated() {
+        let env = [
+            ("OUTBOXD_POSTGRES__URL", "postgres://u@h/d"),
+            ("OUTBOXD_SINK__KIND", "nats"),
+            ("OUTBOXD_SINK__NATS__SUBJECTS", "orders.>, outboxd.dlq ,"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let c = Config::load(Path::new("/nonexistent/outboxd.toml"), false, env).expect("loads");
+        assert_eq!(c.sink.kind, "nats");
+        assert_eq!(c.sink.sections.nats.subjects, ["orders.>", "outboxd.dlq"]);
     }
 }
