@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// outboxd forwards transactional-outbox events from Postgres to Kafka or Redis Streams.
+/// outboxd forwards transactional-outbox events from Postgres to a message broker.
 ///
 /// It reads the outbox table's inserts from the write-ahead log through a logical replication
 /// slot, publishes each event, and confirms the slot's position only after the broker has
@@ -189,4 +189,24 @@ pub enum SlotCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+impl Cli {
+    /// Parses the command line, with the sinks of this build named in `--help`.
+    pub fn parse_with_sinks() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let sinks: Vec<&str> = outboxd_sinks::SINKS
+            .iter()
+            .filter(|(_, built)| *built)
+            .map(|(name, _)| *name)
+            .collect();
+        let command = Cli::command().before_help(format!(
+            "Brokers in this build ([sink] kind): {}.",
+            sinks.join(", ")
+        ));
+        match Cli::from_arg_matches(&command.get_matches()) {
+            Ok(cli) => cli,
+            Err(e) => e.exit(),
+        }
+    }
 }

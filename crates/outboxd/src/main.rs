@@ -5,14 +5,13 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use outboxd::cli::{Cli, Command, LogFormat};
 use outboxd::report::one_line;
 use outboxd::{commands, failpoint, progress};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_sinks();
     // A crash window asked for and not available (or misspelt) would make a test pass for
     // the wrong reason: refuse to start instead.
     if let Err(e) = failpoint::check_env() {
