@@ -340,7 +340,8 @@ async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothi
     )
     .await
     .unwrap();
-    let mut b = env.run();
+    // A, frozen, still holds the HTTP port: B serves none.
+    let mut b = env.run_with(&[("OUTBOXD_HTTP__LISTEN", "")]);
     let messages = read_committed_settled(&brokers, TOPIC, 0..next, Duration::from_secs(180)).await;
     assert_each_once(&messages, 0..next);
     let b_log = b.log_text();

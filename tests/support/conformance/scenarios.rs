@@ -6,9 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::Client;
+
 use super::{
-    Arrived, BrokerUnderTest, DEAD_LETTER, Delivery, SLOT, TOPIC, assert_rows_carried, settle,
-    start_env, wait_arrived, wait_count,
+    Arrived, BrokerUnderTest, DEAD_LETTER, Delivery, Refusal, SLOT, TOPIC, assert_rows_carried,
+    settle, start_env, wait_arrived, wait_count,
 };
 use crate::support::{
     Delivered, Load, Outboxd, Rng, SinkEnv, assert_each_once, check_complete_and_ordered,
@@ -74,53 +76,8 @@ pub async fn outage_under_load<B: BrokerUnderTest>(mut broker: B) {
 
     broker.down().await;
     let written_at_down = load.written();
-    // A transaction committed now cannot be acknowledged: the slot may reach the WAL position
-    // just before its commit (when everything before was acknowledged and a keepalive
-    // confirmed the WAL's end), never pass it. Its event (under a key of its own, with a seq
-    // beyond the load's) must arrive after the outage like the others.
-    let first_unacked = {
-        let tx = db.transaction().await.expect("begin");
-        tx.execute(
-            "SELECT outbox_emit('order', 'marker', 'order.created',                     jsonb_build_object('seq', $1::bigint), '{\"source\": \"test\"}')",
-            &[&(MARKER as i64)],
-        )
-        .await
-        .expect("emit the marker");
-        let lsn: i64 = tx
-            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
-            .await
-            .expect("read the WAL position")
-            .get(0);
-        tx.commit().await.expect("commit");
-        lsn as u64
-    };
-    let outage = Instant::now();
-    db.batch_execute("CREATE TABLE noise (id serial, pad text)")
-        .await
-        .expect("create noise");
-    let (mut rss_early, mut rss_late) = (0, 0);
-    while outage.elapsed() < OUTAGE {
-        // Other tables write too, so keepalives with later WAL positions keep coming.
-        db.batch_execute(
-            "INSERT INTO noise (pad) SELECT repeat('n', 500) FROM generate_series(1, 100)",
-        )
-        .await
-        .expect("write noise");
-        let confirmed = confirmed_flush(&db, SLOT).await;
-        assert!(
-            confirmed <= first_unacked,
-            "the slot moved to {confirmed:X}, past events {} never acknowledged ({first_unacked:X})",
-            B::KIND
-        );
-        let (rss, _) = outboxd.rss_kib().expect("outboxd runs");
-        if outage.elapsed() < OUTAGE / 3 {
-            rss_early = rss_early.max(rss);
-        } else {
-            rss_late = rss_late.max(rss);
-        }
-        // The pace of the samples, not a wait for something.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let first_unacked = commit_marker(&mut db).await;
+    let (rss_early, rss_late) = hold_down::<B>(&db, &outboxd, first_unacked, OUTAGE).await;
     let written_during = load.written() - written_at_down;
     assert!(
         outboxd.is_running(),
@@ -170,6 +127,67 @@ pub async fn outage_under_load<B: BrokerUnderTest>(mut broker: B) {
     .await;
 }
 
+/// Commits the event [`MARKER`] (under a key of its own) and returns the WAL position just
+/// before its commit. With the broker down, this transaction cannot be acknowledged: the slot
+/// may reach that position (when everything before was acknowledged and a keepalive confirmed
+/// the WAL's end), never pass it.
+async fn commit_marker(db: &mut Client) -> u64 {
+    let tx = db.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT outbox_emit('order', 'marker', 'order.created', \
+                jsonb_build_object('seq', $1::bigint), '{\"source\": \"test\"}')",
+        &[&(MARKER as i64)],
+    )
+    .await
+    .expect("emit the marker");
+    let lsn: i64 = tx
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("read the WAL position")
+        .get(0);
+    tx.commit().await.expect("commit");
+    lsn as u64
+}
+
+/// For [`outage_under_load`], while the broker is down and other tables write (so that
+/// keepalives with later WAL positions keep coming): checks twice a second that the slot stays
+/// at or below `first_unacked`, and samples outboxd's memory; returns its peak in the first
+/// third of the outage and in the rest, in KiB.
+async fn hold_down<B: BrokerUnderTest>(
+    db: &Client,
+    outboxd: &Outboxd,
+    first_unacked: u64,
+    outage: Duration,
+) -> (u64, u64) {
+    let started = Instant::now();
+    db.batch_execute("CREATE TABLE noise (id serial, pad text)")
+        .await
+        .expect("create noise");
+    let (mut early, mut late) = (0, 0);
+    while started.elapsed() < outage {
+        db.batch_execute(
+            "INSERT INTO noise (pad) SELECT repeat('n', 500) FROM generate_series(1, 100)",
+        )
+        .await
+        .expect("write noise");
+        let confirmed = confirmed_flush(db, SLOT).await;
+        assert!(
+            confirmed <= first_unacked,
+            "the slot moved to {confirmed:X}, past events {} never acknowledged ({first_unacked:X})",
+            B::KIND
+        );
+        let (rss, _) = outboxd.rss_kib().expect("outboxd runs");
+        if started.elapsed() < outage / 3 {
+            early = early.max(rss);
+        } else {
+            late = late.max(rss);
+        }
+        // The pace of the samples, not a wait for something.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (early, late)
+}
+
 /// Poison in one transaction between good events: rows that cannot be routed (a NULL key,
 /// an empty key, headers that are not a JSON object) and, where the broker can be made to,
 /// an event the broker itself refuses. Each goes to the dead letter with its reason, its
@@ -192,40 +210,14 @@ pub async fn poison<B: BrokerUnderTest>(broker: B, delivery: Delivery) {
     let refusal = broker.refuse("outbox.refused").await;
     let mut outboxd = env.run();
     emit_txn(&db, 0, 10, 2).await;
+    let poison = poison_rows(refusal.as_ref());
+    // One transaction: a good event before each poison one and after the last.
     let tx = db.transaction().await.expect("begin");
-    let mut poison = vec![
-        (
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             VALUES ('order', NULL, 'order.created', '{\"poison\": \"null key\"}')"
-                .to_owned(),
-            ("null_field", "aggregate_id"),
-        ),
-        (
-            "SELECT outbox_emit('order', '', 'order.created', '{\"poison\": \"empty key\"}')"
-                .to_owned(),
-            ("empty_field", "key"),
-        ),
-        (
-            "SELECT outbox_emit('order', 'k1', 'order.created', '{\"poison\": \"headers\"}', '[1, 2]')"
-                .to_owned(),
-            ("invalid_headers", "not a JSON object"),
-        ),
-    ];
-    if let Some(r) = &refusal {
-        poison.push((
-            format!(
-                "SELECT outbox_emit('refused', 'k1', 'refused.created', \
-                        jsonb_build_object('poison', 'refused', 'pad', repeat('x', {})))",
-                r.pad
-            ),
-            (r.reason, r.detail),
-        ));
-    }
     let mut seq = 10;
-    for (sql, _) in &poison {
+    for p in &poison {
         emit_txn(&tx, seq, 1, 2).await;
         seq += 1;
-        tx.batch_execute(sql).await.expect("poison");
+        tx.batch_execute(&p.sql).await.expect("poison");
     }
     emit_txn(&tx, seq, 1, 2).await;
     tx.commit().await.expect("commit");
@@ -241,7 +233,7 @@ pub async fn poison<B: BrokerUnderTest>(broker: B, delivery: Delivery) {
         poison.len(),
         "each poison event once: {dead:#?}"
     );
-    for (_, (reason, detail)) in &poison {
+    for Poison { reason, detail, .. } in &poison {
         let letter = dead_letter(&dead, reason);
         assert!(
             letter.header("detail").is_some_and(|d| d.contains(detail)),
@@ -284,13 +276,61 @@ pub async fn poison<B: BrokerUnderTest>(broker: B, delivery: Delivery) {
         poison.len(),
         poison
             .iter()
-            .map(|(_, (r, _))| *r)
+            .map(|p| p.reason)
             .collect::<Vec<_>>()
             .join(", "),
         arrived.len()
     );
 }
 
+/// A poison event: the SQL that writes it, the dead letter's `reason` and what its `detail`
+/// says.
+struct Poison {
+    sql: String,
+    reason: &'static str,
+    detail: &'static str,
+}
+
+/// The poison of the scenario: rows that cannot be routed, and an event the broker refuses
+/// when it can be made to.
+fn poison_rows(refusal: Option<&Refusal>) -> Vec<Poison> {
+    let mut poison = vec![
+        Poison {
+            sql: "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                  VALUES ('order', NULL, 'order.created', '{\"poison\": \"null key\"}')"
+                .into(),
+            reason: "null_field",
+            detail: "aggregate_id",
+        },
+        Poison {
+            sql: "SELECT outbox_emit('order', '', 'order.created', '{\"poison\": \"empty key\"}')"
+                .into(),
+            reason: "empty_field",
+            detail: "key",
+        },
+        Poison {
+            sql: "SELECT outbox_emit('order', 'k1', 'order.created', \
+                  '{\"poison\": \"headers\"}', '[1, 2]')"
+                .into(),
+            reason: "invalid_headers",
+            detail: "not a JSON object",
+        },
+    ];
+    if let Some(r) = refusal {
+        poison.push(Poison {
+            sql: format!(
+                "SELECT outbox_emit('refused', 'k1', 'refused.created', \
+                        jsonb_build_object('poison', 'refused', 'pad', repeat('x', {})))",
+                r.pad
+            ),
+            reason: r.reason,
+            detail: r.detail,
+        });
+    }
+    poison
+}
+
+/// The dead letter with `reason`.
 fn dead_letter<'a>(dead: &'a [Arrived], reason: &str) -> &'a Arrived {
     dead.iter()
         .find(|d| d.header("reason") == Some(reason))
