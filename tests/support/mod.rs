@@ -7,6 +7,13 @@
 //!
 //! Postgres binaries: `OUTBOXD_TEST_PG_BIN` (a `bin` directory), else the newest
 //! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH. Kafka: see [`kafka`].
+//!
+//! Every file of tests/ is a test of its own (cargo finds it through the
+//! `crates/outboxd/tests` link) and includes this module with `mod support;`. Here: the
+//! servers and outboxd ([`Postgres`], [`Redis`], [`Outboxd`], [`Env`], [`SinkEnv`]); writing
+//! test events ([`events`]); checking what arrived ([`delivered`]); the conformance suite
+//! every sink runs ([`conformance`]); Kafka ([`kafka`], [`apache_kafka`]), a TCP proxy
+//! ([`proxy`]) and certificates ([`tls`]).
 #![allow(dead_code)]
 
 pub mod apache_kafka;

@@ -12,6 +12,13 @@
 //! (effectively-once). A scenario ends with a sentinel transaction, one event per key, written
 //! after everything else: once a consumer reads every sentinel, everything sent before it has
 //! arrived too, so the count of duplicates is final without waiting on a clock.
+//!
+//! Adding a broker: in `tests/conformance_<broker>.rs`, a type that starts the broker's server
+//! on a free port ([`super::free_port`]) with its data in a scratch directory
+//! ([`super::scratch_dir`]) and kills it by PID when dropped; `impl BrokerUnderTest` for it,
+//! whose `read` maps what the broker holds to [`Arrived`] (the key, the payload, and the id,
+//! type, row headers and dead-letter context by the names the sink gives them); then
+//! `conformance_tests!(MyServer::start());`. See `tests/conformance_redis.rs`.
 
 pub mod scenarios;
 
