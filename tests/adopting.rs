@@ -58,14 +58,6 @@ fn write_django_config(env: &Env, extra: &str) {
     );
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Inserts one relay row after another (seq from `first`) until stopped; returns the next
 /// seq.
 fn start_writer(env: &Env, first: u64) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
@@ -129,7 +121,6 @@ fn assert_exactly(entries: &[Entry], expected: &HashSet<u64>) {
     assert!(twice.is_empty(), "{} rows arrived twice", twice.len());
 }
 
-/// Waits until `stream` holds at least `n` entries.
 /// An effectively-once entry id, `<commit LSN>-<index>`, as a pair to compare.
 fn entry_id(e: &Entry) -> (u64, u64) {
     let (lsn, index) = e.entry_id.split_once('-').expect("an entry id");
@@ -139,19 +130,10 @@ fn entry_id(e: &Entry) -> (u64, u64) {
     )
 }
 
+/// Waits until `stream` holds at least `n` entries; returns them.
 async fn wait_entries(env: &Env, stream: &str, n: u64) -> Vec<Entry> {
     let redis = env.redis.connect().await;
-    wait_until(
-        &format!("{n} entries in {stream}"),
-        Duration::from_secs(120),
-        || {
-            let mut redis = redis.clone();
-            async move { stream_len(&mut redis, stream).await >= n }
-        },
-    )
-    .await;
-    let mut redis = env.redis.connect().await;
-    read_stream(&mut redis, stream).await
+    wait_stream_len(&redis, stream, n, Duration::from_secs(120)).await
 }
 
 /// The cutover: 10,000 relay rows (half published), a writer inserting throughout; every
@@ -169,8 +151,12 @@ async fn cutover_from_a_polling_relay_has_no_gap_and_no_overlap() {
         "published_at IS NULL",
         "--dry-run",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("5000 rows"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("5000 rows"),
+        "{}",
+        output_text(&out)
+    );
     let db = env.db().await;
     let slots: i64 = db
         .query_one("SELECT count(*) FROM pg_replication_slots", &[])
@@ -182,8 +168,8 @@ async fn cutover_from_a_polling_relay_has_no_gap_and_no_overlap() {
     let (stop, writer) = start_writer(&env, 10_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = env.command(&["setup", "--backfill-where", "published_at IS NULL"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let report = text(&out);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report = output_text(&out);
     assert!(report.contains("slot \"outboxd\" created"), "{report}");
     // Progress, not on a terminal: a line per tenth of the rows (5,000 and what the writer
     // added before the snapshot), growing, ending with all of them.
@@ -242,9 +228,10 @@ async fn cutover_from_a_polling_relay_has_no_gap_and_no_overlap() {
     let out = env.command(&["setup", "--backfill-where", "published_at IS NULL"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("already exists") && text(&out).contains("outboxd replay"),
+        output_text(&out).contains("already exists")
+            && output_text(&out).contains("outboxd replay"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -267,7 +254,7 @@ async fn a_backfill_killed_midway_is_started_over_and_loses_nothing() {
             .env("OUTBOXD_FAILPOINT", failpoint)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{failpoint}: {}", text(&out));
+        assert!(!out.status.success(), "{failpoint}: {}", output_text(&out));
         let db = env.db().await;
         let permanent: i64 = db
             .query_one(
@@ -286,7 +273,7 @@ async fn a_backfill_killed_midway_is_started_over_and_loses_nothing() {
         .unwrap();
 
         let out = env.command(&["setup", "--backfill-where", "published_at IS NULL"]);
-        assert!(out.status.success(), "{failpoint}: {}", text(&out));
+        assert!(out.status.success(), "{failpoint}: {}", output_text(&out));
         let mut outboxd = env.run();
         let expected: HashSet<u64> = (1..4_000).step_by(2).chain([4000]).collect();
         wait_entries(&env, "orders", expected.len() as u64).await;
@@ -305,7 +292,7 @@ async fn a_bad_predicate_or_order_is_one_clear_line() {
     write_django_config(&env, "");
     let out = env.command(&["setup", "--backfill-where", "published_at IS NUL"]);
     assert!(!out.status.success());
-    let t = text(&out);
+    let t = output_text(&out);
     assert_eq!(t.lines().count(), 1, "{t}");
     assert!(
         t.contains("the predicate \"published_at IS NUL\" cannot be used"),
@@ -313,7 +300,7 @@ async fn a_bad_predicate_or_order_is_one_clear_line() {
     );
     write_django_config(&env, "[backfill]\norder_by = \"created, id\"\n");
     let out = env.command(&["setup", "--backfill-where", "true"]);
-    let t = text(&out);
+    let t = output_text(&out);
     assert!(!out.status.success());
     assert!(t.contains("backfill.order_by names \"created\""), "{t}");
     // A predicate is one expression: a second statement is refused by Postgres.
@@ -323,7 +310,7 @@ async fn a_bad_predicate_or_order_is_one_clear_line() {
         "--backfill-where",
         "true); DROP TABLE outbox_event; --",
     ]);
-    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
     let db = env.db().await;
     db.query_one("SELECT count(*) FROM outbox_event", &[])
         .await
@@ -362,10 +349,18 @@ async fn a_replayed_time_range_arrives_marked_once_and_poison_is_dead_lettered()
 
     let predicate = format!("created_at > '{marker}'");
     let out = env.command(&["replay", "--where", &predicate, "--dry-run"]);
-    assert!(text(&out).contains("101 rows"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("101 rows"),
+        "{}",
+        output_text(&out)
+    );
     let out = env.command(&["replay", "--where", &predicate, "--wait"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("acknowledged"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("acknowledged"),
+        "{}",
+        output_text(&out)
+    );
     let entries = wait_entries(&env, "outbox.order", 300).await;
     let replayed: Vec<&Entry> = entries
         .iter()
@@ -413,7 +408,7 @@ async fn a_replayed_time_range_arrives_marked_once_and_poison_is_dead_lettered()
         "orders.replayed",
         "--wait",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let other = wait_entries(&env, "orders.replayed", 10).await;
     assert_eq!(other.len(), 10);
 
@@ -423,7 +418,7 @@ async fn a_replayed_time_range_arrives_marked_once_and_poison_is_dead_lettered()
     outboxd.sigterm();
     assert!(outboxd.wait(Duration::from_secs(30)).success());
     let out = env.command(&["replay", "--where", &predicate]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let mut crashing = env.run_with(&[
         ("OUTBOXD_FAILPOINT", "after-ack-before-confirm@2"),
         ("OUTBOXD_SINK__MAX_BATCH_EVENTS", "20"),
@@ -462,12 +457,12 @@ async fn a_replayed_time_range_arrives_marked_once_and_poison_is_dead_lettered()
 
     // Without a slot, replay says what to do.
     let out = env.command(&["slot", "drop", "--yes"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = env.command(&["replay", "--where", "true"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("run `outboxd setup` first"),
+        output_text(&out).contains("run `outboxd setup` first"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }

@@ -341,11 +341,7 @@ async fn secrets_from_files_are_used_and_never_shown() {
     let db = env.db().await;
     emit_txn(&db, 0, 25, 5).await;
     let mut redis = env.redis.connect().await;
-    wait_until("25 events", Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, "outbox.order").await >= 25 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 25, Duration::from_secs(30)).await;
     assert_eq!(
         check_complete_and_ordered(&read_stream(&mut redis, "outbox.order").await, 0..25),
         0

@@ -9,14 +9,11 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::apache_kafka::Kafka;
 use support::kafka::*;
 use support::*;
-use tokio::task::JoinHandle;
 
 const SLOT: &str = "outboxd";
 const TOPIC: &str = "outbox.order";
@@ -38,19 +35,9 @@ fn settings(effectively_once: bool) -> KafkaSettings {
     }
 }
 
-/// Load: a transaction of 50 events every 50 ms (1,000 events/s), 20 keys, until `stop`;
-/// returns how many events were written.
-fn start_writer(db: tokio_postgres::Client, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            emit_txn(&db, i * 50, 50, 20).await;
-            i += 1;
-            tokio::time::sleep_until((started + Duration::from_millis(50 * i)).into()).await;
-        }
-        i * 50
-    })
+/// Load: 1,000 events a second in transactions of 1 to 100 (50 on average), 20 keys.
+async fn writer(env: &SinkEnv) -> Load {
+    Load::start(env.db().await, 1000, 100, 20, 0xc1_0057)
 }
 
 fn isolation(effectively_once: bool) -> &'static str {
@@ -82,10 +69,9 @@ async fn leader_kill_and_rolling_restart_under_load(effectively_once: bool) {
     let _one = ONE_CLUSTER.lock().await;
     let kafka = blocking(Kafka::three_nodes).await;
     let brokers = kafka.brokers();
-    let env = KafkaEnv::start(&brokers, &settings(effectively_once)).await;
+    let env = SinkEnv::kafka(&brokers, &settings(effectively_once)).await;
     let mut outboxd = env.run();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(env.db().await, stop.clone());
+    let load = writer(&env).await;
     wait_for_events(&brokers, effectively_once, 1000).await;
     let mut kafka = kafka;
     let mut topics = vec![TOPIC];
@@ -131,8 +117,7 @@ async fn leader_kill_and_rolling_restart_under_load(effectively_once: bool) {
     })
     .await;
     let rolling = rolling.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let total = writer.await.unwrap();
+    let total = load.stop().await;
     assert!(
         outboxd.is_running(),
         "outboxd stopped:\n{}",
@@ -147,7 +132,7 @@ async fn leader_kill_and_rolling_restart_under_load(effectively_once: bool) {
         move |m| has_all(m, 0..total),
     )
     .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..total);
+    let duplicates = check_complete_and_ordered(&messages, 0..total);
     let mode = if effectively_once {
         "effectively-once, read_committed"
     } else {
@@ -191,11 +176,10 @@ async fn brokers_down_under_load_hold_the_slot_keep_memory_flat_and_lose_nothing
     let _one = ONE_CLUSTER.lock().await;
     let kafka = blocking(Kafka::three_nodes).await;
     let brokers = kafka.brokers();
-    let env = KafkaEnv::start(&brokers, &settings(false)).await;
+    let env = SinkEnv::kafka(&brokers, &settings(false)).await;
     let outboxd = env.run();
     let db = env.db().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(env.db().await, stop.clone());
+    let load = writer(&env).await;
     wait_for_events(&brokers, false, 1000).await;
     let mut kafka = kafka;
     let before = outboxd.rss_kib().unwrap();
@@ -229,7 +213,7 @@ async fn brokers_down_under_load_hold_the_slot_keep_memory_flat_and_lose_nothing
     let second = (0..3).find(|&i| i != down).unwrap();
     kafka.kill_node(second);
     // Requests already answered may still be acknowledged: half a second later, everything
-    // committed is unacknowledged (the writer commits every 50 ms).
+    // committed is unacknowledged (the writer commits every 50 ms on average).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let first_unacked = wal_insert_lsn(&db).await;
     let held = Instant::now();
@@ -268,13 +252,12 @@ async fn brokers_down_under_load_hold_the_slot_keep_memory_flat_and_lose_nothing
     })
     .await;
     let back = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    let total = writer.await.unwrap();
+    let total = load.stop().await;
     let messages = read_topic(&brokers, TOPIC, Duration::from_secs(180), move |m| {
         has_all(m, 0..total)
     })
     .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..total);
+    let duplicates = check_complete_and_ordered(&messages, 0..total);
     println!(
         "3 nodes, at-least-once, 1,000 events/s: one broker down 60 s (events kept flowing, slot {confirmed_at_start:X} -> {confirmed_after_minute:X}), then two down 60 s (slot held below {first_unacked:X}); all {total} arrived {:.1} s after both were back, in order per key, {duplicates} duplicates; RSS before {} KiB; one broker down: first 20 s {rss_early} KiB, last 40 s {rss_late} KiB; two down: first 20 s {rss_held_early} KiB, last 40 s {rss_held_late} KiB",
         back.elapsed().as_secs_f64(),

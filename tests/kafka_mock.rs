@@ -2,8 +2,8 @@
 //! librdkafka's mock cluster running in the test process (a Kafka protocol server on 127.0.0.1
 //! that can inject produce errors, refused topics, outages and fencing answers). outboxd is the
 //! real binary, configured with `sink.kind = "kafka"`. Everything that needs no injected error
-//! runs against real Apache Kafka instead (`kafka_e2e`, `kafka_effectively_once`,
-//! `kafka_cluster`, `kafka_security`).
+//! runs against real Apache Kafka instead (`conformance_kafka`, an outage among them,
+//! `kafka_e2e`, `kafka_effectively_once`, `kafka_cluster`, `kafka_security`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod support;
@@ -43,7 +43,7 @@ async fn injected_produce_errors_lose_nothing_and_reorder_nothing() {
             .into(),
         ..KafkaSettings::default()
     };
-    let env = KafkaEnv::start(&brokers, &settings).await;
+    let env = SinkEnv::kafka(&brokers, &settings).await;
     let outboxd = env.run();
     let db = env.db().await;
 
@@ -60,7 +60,7 @@ async fn injected_produce_errors_lose_nothing_and_reorder_nothing() {
     let errors: Vec<RDKafkaRespErr> = retriable.iter().copied().cycle().take(30).collect();
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
     let started = Instant::now();
-    emit_many(&db, 0, 1000, 25).await;
+    write_events(&db, 0, 1000, 200, 25, 1).await;
     let first = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
         has_all(m, 0..1000)
     })
@@ -72,12 +72,12 @@ async fn injected_produce_errors_lose_nothing_and_reorder_nothing() {
 
     // Again while events are flowing.
     mock.request_errors(RDKafkaApiKey::Produce, &errors);
-    emit_many(&db, 1000, 1000, 25).await;
+    write_events(&db, 1000, 1000, 200, 25, 1).await;
     let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
         has_all(m, 0..2000)
     })
     .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..2000);
+    let duplicates = check_complete_and_ordered(&messages, 0..2000);
     println!(
         "60 injected produce errors (6 kinds): 2,000 events complete and in order in {:.1} s, {duplicates} duplicates",
         started.elapsed().as_secs_f64()
@@ -90,99 +90,6 @@ async fn injected_produce_errors_lose_nothing_and_reorder_nothing() {
         "{duplicates} duplicates: more than one resend of everything"
     );
     drop(outboxd);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_outage_holds_the_slot_and_nothing_is_lost_or_reordered() {
-    let mock = mock(3);
-    mock.create_topic("outbox.order", 3, 3).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let settings = KafkaSettings {
-        kafka: "delivery_timeout_ms = 2000".into(),
-        ..KafkaSettings::default()
-    };
-    let env = KafkaEnv::start(&brokers, &settings).await;
-    let mut outboxd = env.run();
-    let db = env.db().await;
-
-    emit_txn(&db, 0, 100, 5).await;
-    let before = read_topic(&brokers, "outbox.order", Duration::from_secs(30), |m| {
-        has_all(m, 0..100)
-    })
-    .await;
-    assert!(has_all(&before, 0..100));
-
-    mock.broker_down(-1).unwrap();
-    let down_at = Instant::now();
-    // Applications keep committing while Kafka is down.
-    emit_txn(&db, 100, 100, 5).await;
-    let first_unacked_commit_end = wal_insert_lsn(&db).await;
-    for i in 0..9 {
-        emit_txn(&db, 200 + i * 100, 100, 5).await;
-    }
-    assert!(
-        down_at.elapsed() < Duration::from_secs(5),
-        "commits were held up by the outage"
-    );
-
-    // Other tables keep writing, so keepalives keep coming; the slot must not move past the
-    // first event Kafka has not acknowledged.
-    db.batch_execute("CREATE TABLE noise (id serial, pad text)")
-        .await
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until {
-        db.batch_execute(
-            "INSERT INTO noise (pad) SELECT repeat('n', 500) FROM generate_series(1, 200)",
-        )
-        .await
-        .unwrap();
-        let confirmed = confirmed_flush(&db, SLOT).await;
-        assert!(
-            confirmed < first_unacked_commit_end,
-            "slot confirmed {confirmed:X} past an unacknowledged event (commit ends at or before {first_unacked_commit_end:X})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        outboxd.is_running(),
-        "outboxd gave up during the outage:\n{}",
-        outboxd.log_text()
-    );
-
-    mock.broker_up(-1).unwrap();
-    let up_at = Instant::now();
-    let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(90), |m| {
-        has_all(m, 0..1100)
-    })
-    .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..1100);
-    println!(
-        "kafka outage of {:.1} s: 1,000 events committed during it, all arrived {:.1} s after the brokers came back, in order per key; {duplicates} duplicates",
-        up_at.duration_since(down_at).as_secs_f64(),
-        up_at.elapsed().as_secs_f64()
-    );
-    let log = outboxd.log_text();
-    assert!(
-        log.contains("broker unavailable"),
-        "no log line about the outage:\n{log}"
-    );
-    assert!(
-        log.contains("broker is back"),
-        "no log line about the recovery:\n{log}"
-    );
-
-    // And the slot catches up once they are acknowledged.
-    let last = wal_insert_lsn(&db).await;
-    wait_until(
-        "the slot to confirm the backlog",
-        Duration::from_secs(20),
-        || {
-            let db = &db;
-            async move { confirmed_flush(db, SLOT).await >= first_unacked_commit_end.max(last - 1) }
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +106,7 @@ async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() 
         options: "\"message.max.bytes\" = \"20000\"".into(),
         ..KafkaSettings::default()
     };
-    let env = KafkaEnv::start(&brokers, &settings).await;
+    let env = SinkEnv::kafka(&brokers, &settings).await;
     let mut outboxd = env.run();
     let db = env.db().await;
 
@@ -220,7 +127,7 @@ async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() 
     )
     .await
     .unwrap();
-    emit_many(&db, 3, 200, 1).await;
+    write_events(&db, 3, 200, 200, 1, 1).await;
 
     let dead = read_topic(&brokers, "outboxd.dlq", Duration::from_secs(60), |m| {
         m.len() >= 2
@@ -273,11 +180,11 @@ async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_producer_options_stop_outboxd_with_one_clear_line() {
     let mock = mock(1);
-    let env = KafkaEnv::start(&mock.bootstrap_servers(), &KafkaSettings::default()).await;
+    let env = SinkEnv::kafka(&mock.bootstrap_servers(), &KafkaSettings::default()).await;
     let base = std::fs::read_to_string(&env.config).unwrap();
     let run_with = |options: &str| {
         std::fs::write(&env.config, format!("{base}{options}\n")).unwrap();
-        let out = env_command(&env, &["run"]);
+        let out = env.command_with(&["run"], &[("OUTBOXD_LOG", "info")]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         (out.status.code(), err)
     };
@@ -298,80 +205,6 @@ async fn bad_producer_options_stop_outboxd_with_one_clear_line() {
     assert!(
         last.contains("outboxd stopped") && last.contains("no.such.option"),
         "{err}"
-    );
-}
-
-fn env_command(env: &KafkaEnv, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(outboxd_bin())
-        .args(args)
-        .arg("--config")
-        .arg(&env.config)
-        .env("OUTBOXD_LOG", "info")
-        .output()
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_30_second_kafka_outage_under_load_loses_nothing_and_memory_stays_flat() {
-    let mock = mock(3);
-    mock.create_topic("outbox.order", 3, 3).unwrap();
-    let brokers = mock.bootstrap_servers();
-    let settings = KafkaSettings {
-        kafka: "delivery_timeout_ms = 5000".into(),
-        ..KafkaSettings::default()
-    };
-    let env = KafkaEnv::start(&brokers, &settings).await;
-    let outboxd = env.run();
-    let db = env.db().await;
-
-    // Load: 1,000 events a second for 40 s, in transactions of 50.
-    let writer_db = env.db().await;
-    let writer = tokio::spawn(async move {
-        let started = Instant::now();
-        for i in 0..800u64 {
-            emit_txn(&writer_db, i * 50, 50, 20).await;
-            let due = started + Duration::from_millis(50 * (i + 1));
-            tokio::time::sleep_until(due.into()).await;
-        }
-    });
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = outboxd.rss_kib().unwrap();
-    mock.broker_down(-1).unwrap();
-    // Requests the mock was already answering may still be acknowledged: the outage has
-    // surely begun half a second later, and the writer commits every 50 ms, so events
-    // committed after this point are unacknowledged.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let first_unacked = wal_insert_lsn(&db).await;
-    let outage = Instant::now();
-    let (mut rss_early, mut rss_late) = (0, 0);
-    while outage.elapsed() < Duration::from_secs(30) {
-        let confirmed = confirmed_flush(&db, SLOT).await;
-        assert!(
-            confirmed < first_unacked,
-            "the slot moved to {confirmed:X}, past events Kafka never acknowledged ({first_unacked:X})"
-        );
-        let (rss, _) = outboxd.rss_kib().unwrap();
-        if outage.elapsed() < Duration::from_secs(10) {
-            rss_early = rss_early.max(rss);
-        } else {
-            rss_late = rss_late.max(rss);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    mock.broker_up(-1).unwrap();
-    writer.await.unwrap();
-    let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(180), |m| {
-        has_all(m, 0..40_000)
-    })
-    .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..40_000);
-    println!(
-        "30 s Kafka outage under 1,000 events/s: none lost, {duplicates} duplicates; RSS before {} KiB, first 10 s of the outage {rss_early} KiB, last 20 s {rss_late} KiB",
-        before.0
-    );
-    assert!(
-        rss_late <= rss_early + 8 * 1024,
-        "memory grew during the outage: {rss_early} KiB then {rss_late} KiB"
     );
 }
 
@@ -418,7 +251,7 @@ async fn read_committed(brokers: &str, count: usize) -> Vec<KafkaMessage> {
 async fn a_fenced_producer_stops_and_the_next_instance_delivers_the_rest_once() {
     let mock = effectively_once_mock();
     let brokers = mock.bootstrap_servers();
-    let env = KafkaEnv::start(&brokers, &effectively_once_settings()).await;
+    let env = SinkEnv::kafka(&brokers, &effectively_once_settings()).await;
     let db = env.db().await;
     let mut first = env.run();
     emit_txn(&db, 0, 50, 5).await;
@@ -447,7 +280,7 @@ async fn a_fenced_producer_stops_and_the_next_instance_delivers_the_rest_once() 
     // and delivers the rest.
     let _next = env.run();
     let messages = read_committed(&brokers, 100).await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..100);
+    let duplicates = check_complete_and_ordered(&messages, 0..100);
     println!(
         "fenced: the first instance stopped with a message; the next delivered the rest ({duplicates} duplicates visible on the mock, which keeps the fenced batch's messages)"
     );

@@ -170,7 +170,7 @@ async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password
     // go through SASL_SSL.
     // The password from a secret file (sink.kafka.sasl_password_file).
     let secret = scratch_dir("kafka-secret").join("sasl_password");
-    let env = KafkaEnv::start(
+    let env = SinkEnv::kafka(
         &kafka.secure_brokers(),
         &settings(&ca, PASSWORD, Some(&secret), "effectively-once"),
     )
@@ -178,7 +178,7 @@ async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password
     let mut outboxd = env.run_with(&[DEBUG_LOG]);
     let db = env.db().await;
     let started = Instant::now();
-    emit_many(&db, 0, 2000, 20).await;
+    write_events(&db, 0, 2000, 200, 20, 1).await;
     let messages = read_topic_isolated(
         &kafka.brokers(),
         TOPIC,
@@ -187,7 +187,7 @@ async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password
         |m| has_all(m, 0..2000),
     )
     .await;
-    let duplicates = check_partitions_complete_and_ordered(&messages, 0..2000);
+    let duplicates = check_complete_and_ordered(&messages, 0..2000);
     assert_eq!(duplicates, 0);
     let elapsed = started.elapsed();
 
@@ -224,7 +224,7 @@ async fn events_flow_over_sasl_ssl_with_scram_and_no_log_line_holds_the_password
 async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
     let (kafka, ca) = secure_kafka();
     let wrong = "not-the-Secr3t";
-    let env = KafkaEnv::start(
+    let env = SinkEnv::kafka(
         &kafka.secure_brokers(),
         &settings(&ca, wrong, None, "at-least-once"),
     )

@@ -19,14 +19,6 @@ use support::*;
 
 const ADMIN_PASSWORD: &str = "admin-pw";
 
-fn output_text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_that_is_not_a_superuser_sets_up_and_outboxd_forwards_as_its_role() {
     let pg = Postgres::start();
@@ -118,13 +110,8 @@ async fn an_admin_that_is_not_a_superuser_sets_up_and_outboxd_forwards_as_its_ro
             outboxd = env.run();
         }
     }
-    let mut redis = env.redis.connect().await;
-    wait_until("2,000 events", Duration::from_secs(60), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, "outbox.order").await >= 2000 }
-    })
-    .await;
-    let entries = read_stream(&mut redis, "outbox.order").await;
+    let redis = env.redis.connect().await;
+    let entries = wait_stream_len(&redis, "outbox.order", 2000, Duration::from_secs(60)).await;
     let duplicates = check_complete_and_ordered(&entries, 0..2000);
     println!(
         "PostgreSQL {version}: admin without superuser, outboxd as its role: 2,000 events \

@@ -4,18 +4,10 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use support::*;
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 // ---------------------------------------------------------------- slot status
 
@@ -26,15 +18,11 @@ async fn slot_status_json_matches_pg_replication_slots() {
     let mut outboxd = env.run();
     let redis = env.redis.connect().await;
     emit_txn(&db, 0, 50, 2).await;
-    wait_until("the events", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 50 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 50, Duration::from_secs(20)).await;
 
     // While streaming: active, with the walsender's pid.
     let out = env.command(&["slot", "status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let pid: i32 = db
         .query_one(
@@ -75,7 +63,7 @@ async fn slot_status_json_matches_pg_replication_slots() {
 
     // The human form says the same.
     let out = env.command(&["slot", "status"]);
-    let human = text(&out);
+    let human = output_text(&out);
     assert!(
         human.contains(&format!("confirmed_flush_lsn  {}", row.get::<_, String>(3))),
         "{human}"
@@ -89,9 +77,9 @@ async fn slot_status_of_a_missing_slot_says_so() {
     let out = env.command(&["slot", "status", "--json"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains("does not exist: run `outboxd setup`"),
+        output_text(&out).contains("does not exist: run `outboxd setup`"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -100,7 +88,7 @@ async fn slot_status_of_a_missing_slot_says_so() {
 /// Runs `check`; returns (exit code, output).
 fn check(env: &Env) -> (Option<i32>, String) {
     let out = env.command(&["check"]);
-    (out.status.code(), text(&out))
+    (out.status.code(), output_text(&out))
 }
 
 fn assert_fails(report: &(Option<i32>, String), subject: &str, needle: &str) {
@@ -152,7 +140,7 @@ async fn check_reports_an_unreachable_postgres() {
         .env("OUTBOXD_POSTGRES__URL", &url)
         .output()
         .unwrap();
-    let report = (out.status.code(), text(&out));
+    let report = (out.status.code(), output_text(&out));
     assert_fails(&report, "postgres", "cannot connect to Postgres");
     // The broker is still checked.
     assert!(
@@ -254,45 +242,9 @@ async fn check_reports_a_slot_of_another_plugin() {
     assert_fails(&check(&env), "slot", "plugin test_decoding");
 }
 
-/// Writes WAL to another table (switching segments and checkpointing) while nobody streams
-/// the slot, until its `wal_status` is `status`.
-async fn write_wal_until_the_slot_is(db: &tokio_postgres::Client, status: &'static str) {
-    db.batch_execute("CREATE TABLE filler (pad text)")
-        .await
-        .unwrap();
-    wait_until(
-        &format!("the slot's wal_status to be {status}"),
-        Duration::from_secs(60),
-        || async move {
-            db.batch_execute(
-                "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
-                 SELECT pg_switch_wal(); CHECKPOINT;",
-            )
-            .await
-            .unwrap();
-            db.query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'", &[])
-                .await
-                .unwrap()
-                .get::<_, Option<String>>(0)
-                .as_deref()
-                == Some(status)
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_an_invalidated_slot() {
-    let env = Env::new(
-        Postgres::start_with(&[
-            "wal_level = logical",
-            "max_slot_wal_keep_size = 1MB",
-            "max_wal_size = 32MB",
-            "min_wal_size = 32MB",
-        ]),
-        "",
-    )
-    .await;
+    let env = Env::new(Postgres::start_slot_limited(), "").await;
     env.setup();
     let db = env.db().await;
     // Nobody streams the slot; the WAL it needs is written past its limit and a checkpoint
@@ -605,11 +557,7 @@ async fn no_log_line_or_error_message_contains_a_password() {
     );
     let mut redis = env.redis.connect().await;
     emit_txn(&db, 0, 20, 2).await;
-    wait_until("events", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 20 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 20, Duration::from_secs(20)).await;
     db.batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots")
         .await
         .unwrap();
@@ -618,11 +566,7 @@ async fn no_log_line_or_error_message_contains_a_password() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.redis.start_again();
     redis = env.redis.connect().await;
-    wait_until("events after the outage", Duration::from_secs(30), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 20 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 20, Duration::from_secs(30)).await;
     outboxd.sigterm();
     outboxd.wait(Duration::from_secs(30));
     outputs.push(outboxd.log_text());
@@ -678,11 +622,11 @@ async fn no_log_line_or_error_message_contains_a_password() {
                 .env("OUTBOXD_LOG", "trace")
                 .output()
                 .unwrap();
-            outputs.push(text(&out));
+            outputs.push(output_text(&out));
         }
     }
     for cmd in [&["check"][..], &["slot", "status", "--json"], &["setup"]] {
-        outputs.push(text(&env.command(cmd)));
+        outputs.push(output_text(&env.command(cmd)));
     }
 
     for out in &outputs {
@@ -740,7 +684,7 @@ async fn no_log_line_contains_a_kafka_password() {
     );
     outputs.push(log);
     for cmd in [&["check"][..], &["slot", "status"]] {
-        outputs.push(text(&env.command(cmd)));
+        outputs.push(output_text(&env.command(cmd)));
     }
     for out in &outputs {
         assert!(
@@ -788,11 +732,7 @@ async fn a_long_catch_up_shows_progress_on_a_terminal_only() {
         .spawn()
         .expect("script(1) from util-linux");
     let redis = env.redis.connect().await;
-    wait_until("the backlog to drain", Duration::from_secs(120), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 60_000 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 60_000, Duration::from_secs(120)).await;
     let transcript_text = || std::fs::read_to_string(&transcript).unwrap_or_default();
     wait_until("the caught-up line", Duration::from_secs(10), || {
         let t = transcript_text();
@@ -817,11 +757,7 @@ async fn a_long_catch_up_shows_progress_on_a_terminal_only() {
     let db2 = env.db().await;
     emit_txn(&db2, 60_000, 1, 1).await;
     let piped = env.run();
-    wait_until("the next event", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 60_001 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 60_001, Duration::from_secs(20)).await;
     let log = piped.log_text();
     assert!(
         !log.contains("catching up:") && !log.contains('\r'),

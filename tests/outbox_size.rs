@@ -12,14 +12,6 @@ use support::*;
 
 const STREAM: &str = "outbox.order";
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Configuration with pruning of rows older than `after`, every 200 ms.
 async fn pruning_env(after: &str) -> Env {
     let env = Env::new(Postgres::start(), "").await;
@@ -86,8 +78,12 @@ async fn wait_table_len(db: &tokio_postgres::Client, what: &str, n: i64) {
 async fn pruning_deletes_nothing_while_the_broker_is_down_and_only_confirmed_rows_after() {
     let mut env = pruning_env("0s").await;
     let out = env.command(&["check"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("ok    prune"), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("ok    prune"),
+        "{}",
+        output_text(&out)
+    );
     let mut outboxd = env.run();
     let db = env.db().await;
     for t in 0..3 {
@@ -174,11 +170,16 @@ async fn prune_once_waits_for_confirmation_and_needs_delete_rights() {
     // Without DELETE: one line with the grant.
     let out = env.command(&["prune", "--older-than", "0s"]);
     assert!(!out.status.success());
-    assert_eq!(text(&out).lines().count(), 1, "{}", text(&out));
-    assert!(
-        text(&out).contains("GRANT DELETE ON \"public\".\"outbox\" TO \"outboxd\""),
+    assert_eq!(
+        output_text(&out).lines().count(),
+        1,
         "{}",
-        text(&out)
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("GRANT DELETE ON \"public\".\"outbox\" TO \"outboxd\""),
+        "{}",
+        output_text(&out)
     );
     db.batch_execute("GRANT DELETE ON outbox TO outboxd")
         .await
@@ -187,31 +188,35 @@ async fn prune_once_waits_for_confirmation_and_needs_delete_rights() {
     // Nothing streams the slot: the rows are not confirmed, so nothing goes.
     let out = env.command(&["prune", "--older-than", "0s", "--wait", "2"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("never pruned"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("never pruned"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(seqs_in_table(&db).await.len(), 50);
 
     let mut outboxd = env.run();
     let mut redis = env.redis.connect().await;
-    wait_until("50 events", Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, STREAM).await >= 50 }
-    })
-    .await;
+    wait_stream_len(&redis, STREAM, 50, Duration::from_secs(30)).await;
     let out = env.command(&["prune", "--older-than", "1h", "--dry-run"]);
     assert!(
-        text(&out).contains("prune (dry run): 0 rows"),
+        output_text(&out).contains("prune (dry run): 0 rows"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let out = env.command(&["prune", "--older-than", "0s", "--dry-run"]);
     assert!(
-        text(&out).contains("prune (dry run): 50 rows"),
+        output_text(&out).contains("prune (dry run): 50 rows"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert_eq!(seqs_in_table(&db).await.len(), 50);
     let out = env.command(&["prune", "--older-than", "0s"]);
-    assert!(text(&out).contains("deleted 50 rows"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("deleted 50 rows"),
+        "{}",
+        output_text(&out)
+    );
     assert!(seqs_in_table(&db).await.is_empty());
     assert_eq!(read_stream(&mut redis, STREAM).await.len(), 50);
     outboxd.sigterm();
@@ -254,9 +259,9 @@ async fn a_partitioned_outbox_loses_nothing_when_a_partition_is_dropped() {
     let out = env.command(&["setup"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("publish_via_partition_root = true"),
+        output_text(&out).contains("publish_via_partition_root = true"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     db.batch_execute(
         "ALTER PUBLICATION outboxd SET (publish = 'insert', publish_via_partition_root = true)",
@@ -292,11 +297,7 @@ async fn a_partitioned_outbox_loses_nothing_when_a_partition_is_dropped() {
     db.batch_execute("DROP TABLE outbox_old").await.unwrap();
     writer.await.unwrap();
     let mut redis = env.redis.connect().await;
-    wait_until("400 events", Duration::from_secs(60), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, STREAM).await >= 400 }
-    })
-    .await;
+    wait_stream_len(&redis, STREAM, 400, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let entries = read_stream(&mut redis, STREAM).await;
     assert_eq!(check_complete_and_ordered(&entries, 0..400), 0);

@@ -1,4 +1,7 @@
-//! End to end: Postgres (wal_level = logical) → outboxd → Redis Streams, real servers.
+//! End to end: Postgres (wal_level = logical) → outboxd → Redis Streams, real servers: the
+//! documented fields, transactions large and small, rollbacks, a graceful stop, a walsender
+//! kill, an idle outbox. An outage and kill -9 are in the conformance suite
+//! (tests/conformance_redis.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod support;
@@ -71,18 +74,13 @@ async fn a_thousand_row_transaction_and_many_one_row_transactions() {
     let env = Env::start().await;
     let _outboxd = env.run();
     let db = env.db().await;
-    let mut redis = env.redis.connect().await;
+    let redis = env.redis.connect().await;
 
     emit_txn(&db, 0, 1000, 7).await;
     for seq in 1000..1500 {
         emit_txn(&db, seq, 1, 7).await;
     }
-    wait_until("1,500 events", Duration::from_secs(60), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 1500 }
-    })
-    .await;
-    let entries = read_stream(&mut redis, "outbox.order").await;
+    let entries = wait_stream_len(&redis, "outbox.order", 1500, Duration::from_secs(60)).await;
     let duplicates = check_complete_and_ordered(&entries, 0..1500);
     assert_eq!(duplicates, 0, "no crash, so no duplicates");
     assert_eq!(entries.len(), 1500);
@@ -114,11 +112,7 @@ async fn rolled_back_rows_never_arrive() {
     emit_txn(&tx, 200, 1, 3).await;
     tx.commit().await.unwrap();
 
-    wait_until("the committed events", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 2 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 2, Duration::from_secs(20)).await;
     // Give a wrongly forwarded row time to show up.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let seqs: Vec<u64> = read_stream(&mut redis, "outbox.order")
@@ -127,153 +121,6 @@ async fn rolled_back_rows_never_arrive() {
         .map(Entry::seq)
         .collect();
     assert_eq!(seqs, [100, 200]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_holds_the_slot_and_every_event_arrives_after() {
-    let mut env = Env::start().await;
-    let mut outboxd = env.run();
-    let db = env.db().await;
-    let redis = env.redis.connect().await;
-
-    emit_txn(&db, 0, 100, 5).await;
-    wait_until("events before the outage", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 100 }
-    })
-    .await;
-
-    env.redis.stop();
-    // Applications keep committing while Redis is down.
-    let started = Instant::now();
-    emit_txn(&db, 100, 100, 5).await;
-    let first_unacked_commit_end = wal_insert_lsn(&db).await;
-    for i in 0..9 {
-        emit_txn(&db, 200 + i * 100, 100, 5).await;
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "commits were held up by the outage"
-    );
-
-    // Other tables keep writing, so keepalives keep coming; the slot must not move past the
-    // first event Redis has not acknowledged.
-    db.batch_execute("CREATE TABLE noise (id serial, pad text)")
-        .await
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(6);
-    while Instant::now() < until {
-        db.batch_execute(
-            "INSERT INTO noise (pad) SELECT repeat('n', 500) FROM generate_series(1, 200)",
-        )
-        .await
-        .unwrap();
-        let confirmed = confirmed_flush(&db, SLOT).await;
-        assert!(
-            confirmed < first_unacked_commit_end,
-            "slot confirmed {confirmed:X} past an unacknowledged event (commit ends at or before {first_unacked_commit_end:X})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        outboxd.is_running(),
-        "outboxd gave up during the outage:\n{}",
-        outboxd.log_text()
-    );
-
-    // Redis comes back (empty: it had no persistence); every event since the outage arrives.
-    env.redis.start_again();
-    let mut redis = env.redis.connect().await;
-    wait_until("events after the outage", Duration::from_secs(60), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 1000 }
-    })
-    .await;
-    let entries = read_stream(&mut redis, "outbox.order").await;
-    let duplicates = check_complete_and_ordered(&entries, 100..1100);
-    println!(
-        "redis outage: 1,000 events committed during the outage, all arrived; {duplicates} duplicates"
-    );
-    let log = outboxd.log_text();
-    assert!(
-        log.contains("broker unavailable"),
-        "no log line about the outage:\n{log}"
-    );
-    assert!(
-        log.contains("broker is back"),
-        "no log line about the recovery:\n{log}"
-    );
-
-    // And the slot catches up once they are acknowledged.
-    let last = wal_insert_lsn(&db).await;
-    wait_until(
-        "the slot to confirm the backlog",
-        Duration::from_secs(20),
-        || {
-            let db = &db;
-            async move { confirmed_flush(db, SLOT).await >= first_unacked_commit_end.max(last - 1) }
-        },
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_in_the_middle_of_10000_events_loses_nothing() {
-    let env = Env::start().await;
-    let mut outboxd = env.run();
-    let db = env.db().await;
-    let mut redis = env.redis.connect().await;
-
-    // 10,000 events: transactions of 1 to 200 rows, written while outboxd streams.
-    let writer_db = env.db().await;
-    let writer = tokio::spawn(async move {
-        let mut seq = 0u64;
-        let mut size = 1u64;
-        while seq < 10_000 {
-            let n = size.min(10_000 - seq);
-            emit_txn(&writer_db, seq, n, 50).await;
-            seq += n;
-            size = size % 200 + 37;
-        }
-    });
-
-    wait_until("a part of the stream", Duration::from_secs(60), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 2500 }
-    })
-    .await;
-    outboxd.kill9();
-    let at_kill = stream_len(&mut redis, "outbox.order").await;
-    assert!(
-        at_kill < 10_000,
-        "the kill must land in the middle of the stream ({at_kill} entries had arrived)"
-    );
-
-    let _restarted = env.run();
-    writer.await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let entries = loop {
-        if stream_len(&mut redis, "outbox.order").await >= 10_000 {
-            let entries = read_stream(&mut redis, "outbox.order").await;
-            let mut seqs: Vec<u64> = entries.iter().map(Entry::seq).collect();
-            seqs.sort_unstable();
-            seqs.dedup();
-            if seqs.len() == 10_000 {
-                break entries;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not all 10,000 events arrived after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let duplicates = check_complete_and_ordered(&entries, 0..10_000);
-    println!(
-        "kill -9 after {at_kill} of 10,000 events: none lost, {duplicates} duplicates ({} entries)",
-        entries.len()
-    );
-    drop(db);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,11 +133,7 @@ async fn sigterm_drains_confirms_and_exits_0() {
     emit_txn(&db, 0, 300, 4).await;
     let before_last_commit = wal_insert_lsn(&db).await;
     emit_txn(&db, 300, 200, 4).await;
-    wait_until("500 events", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 500 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 500, Duration::from_secs(20)).await;
 
     outboxd.sigterm();
     let status = outboxd.wait(Duration::from_secs(30));
@@ -308,15 +151,7 @@ async fn sigterm_drains_confirms_and_exits_0() {
     // A restart sends nothing twice.
     let _again = env.run();
     emit_txn(&db, 500, 1, 4).await;
-    wait_until(
-        "the event after the restart",
-        Duration::from_secs(20),
-        || {
-            let mut r = redis.clone();
-            async move { stream_len(&mut r, "outbox.order").await >= 501 }
-        },
-    )
-    .await;
+    wait_stream_len(&redis, "outbox.order", 501, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let entries = read_stream(&mut redis, "outbox.order").await;
     assert_eq!(check_complete_and_ordered(&entries, 0..501), 0);
@@ -331,11 +166,7 @@ async fn a_terminated_walsender_is_reconnected_and_nothing_is_lost() {
     let mut redis = env.redis.connect().await;
 
     emit_txn(&db, 0, 100, 3).await;
-    wait_until("the first events", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 100 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 100, Duration::from_secs(20)).await;
     let mut pid: Option<i32> = None;
     let deadline = Instant::now() + Duration::from_secs(20);
     while pid.is_none() {
@@ -390,11 +221,7 @@ async fn an_idle_outbox_keeps_little_wal_while_other_tables_write() {
     let redis = env.redis.connect().await;
 
     emit_txn(&db, 0, 1, 1).await;
-    wait_until("the first event", Duration::from_secs(20), || {
-        let mut r = redis.clone();
-        async move { stream_len(&mut r, "outbox.order").await >= 1 }
-    })
-    .await;
+    wait_stream_len(&redis, "outbox.order", 1, Duration::from_secs(20)).await;
 
     db.batch_execute("CREATE TABLE filler (id bigserial, pad text)")
         .await

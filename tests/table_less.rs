@@ -17,18 +17,7 @@ const STREAM: &str = "outbox.order";
 
 /// Emits `count` table-less events from seq `first` in one transaction, keys `k<n % keys>`.
 async fn emit_messages(db: &impl tokio_postgres::GenericClient, first: u64, count: u64, keys: u64) {
-    db.execute(
-        "SELECT outbox_emit_message('order', 'k' || (g % $3), 'order.created', \
-                jsonb_build_object('seq', g), jsonb_build_object('source', 'test')) \
-         FROM generate_series($1::bigint, $2::bigint) AS g",
-        &[
-            &(first as i64),
-            &((first + count - 1) as i64),
-            &(keys as i64),
-        ],
-    )
-    .await
-    .expect("emit messages");
+    emit_txn_through(db, "outbox_emit_message", first, count, keys).await;
 }
 
 /// A configuration for table-less events (`extra`: more sections), with the outbox table
@@ -158,13 +147,8 @@ async fn a_message_that_is_not_an_event_is_dead_lettered_and_later_events_flow()
     emit_messages(&db, 0, 20, 3).await;
     let entries = wait_len(&env, STREAM, 20).await;
     assert_eq!(check_complete_and_ordered(&entries, 0..20), 0);
-    let mut redis = env.redis.connect().await;
-    wait_until("the dead letter", Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, "outboxd.dlq").await >= 1 }
-    })
-    .await;
-    let dead = read_stream(&mut redis, "outboxd.dlq").await;
+    let redis = env.redis.connect().await;
+    let dead = wait_stream_len(&redis, "outboxd.dlq", 1, Duration::from_secs(30)).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].get("reason"), Some("invalid_message"), "{dead:?}");
     assert_eq!(dead[0].get("payload"), Some("not json"));

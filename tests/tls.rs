@@ -52,14 +52,6 @@ fn use_url(env: &Env, url: &str) {
     env.write_config_with(&format!("url = {url:?}"), "");
 }
 
-fn output_text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// `check` passes; returns its report.
 fn check_passes(env: &Env) -> String {
     let out = env.command(&["check"]);
@@ -79,11 +71,7 @@ async fn stream_events(env: &Env, first: u64, count: u64) -> String {
     emit_txn(&db, first, count, 7).await;
     let redis = env.redis.connect().await;
     let want = first + count;
-    wait_until("the events in Redis", Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        async move { stream_len(&mut redis, STREAM).await >= want }
-    })
-    .await;
+    wait_stream_len(&redis, STREAM, want, Duration::from_secs(30)).await;
     outboxd.sigterm();
     let status = outboxd.wait(Duration::from_secs(30));
     let log = outboxd.log_text();

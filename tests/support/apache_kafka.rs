@@ -570,16 +570,7 @@ pub fn watermarks(brokers: &str, topic: &str) -> Vec<(i64, i64)> {
     else {
         return Vec::new();
     };
-    let Some(partitions) = uncommitted
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .ok()
-        .and_then(|m| {
-            m.topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none())
-                .map(|t| t.partitions().len() as i32)
-        })
-    else {
+    let Some(partitions) = super::kafka::partitions(&uncommitted, topic) else {
         return Vec::new();
     };
     (0..partitions)
@@ -601,58 +592,6 @@ pub fn transaction_open(brokers: &str, topic: &str) -> bool {
     watermarks(brokers, topic)
         .iter()
         .any(|(high, stable)| stable < high)
-}
-
-/// How many records a consumer with `isolation` (`read_committed` or `read_uncommitted`)
-/// reads from `topic`, every partition from its beginning to its end as of now (the last
-/// stable offset for read_committed, the high watermark otherwise).
-pub fn count_to_end(brokers: &str, topic: &str, isolation: &str) -> usize {
-    use rdkafka::error::KafkaError;
-    use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "outboxd-test-count")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
-        .set("log_level", "2")
-        .create()
-        .expect("create consumer");
-    let partitions = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .ok()
-        .and_then(|m| {
-            m.topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none())
-                .map(|t| t.partitions().len() as i32)
-        })
-        .unwrap_or(0);
-    if partitions == 0 {
-        return 0;
-    }
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .expect("assign");
-    }
-    consumer.assign(&assignment).expect("assign partitions");
-    let mut at_end = std::collections::HashSet::new();
-    let mut count = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while at_end.len() < partitions as usize {
-        assert!(Instant::now() < deadline, "did not read {topic} to its end");
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => count += 1,
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => eprintln!("consumer: {e}"),
-            None => {}
-        }
-    }
-    count
 }
 
 /// Creates `topic` with `partitions` and topic-level `configs` through the Admin API.

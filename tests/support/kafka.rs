@@ -10,21 +10,17 @@
 //!   `outboxd` connects to it like to any broker, and the test can inject errors (kept for
 //!   those: `tests/kafka_mock.rs`).
 
-use std::collections::HashMap;
-use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{Offset, TopicPartitionList};
-use tokio_postgres::Client;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::{Outboxd, Postgres, create_outbox_db, outboxd_bin, scratch_dir};
+use super::{Delivered, SinkEnv, last_header};
 
 static GROUPS: AtomicU32 = AtomicU32::new(0);
 
@@ -40,84 +36,15 @@ pub struct KafkaSettings {
     pub options: String,
 }
 
-/// Postgres with the outbox schema and role, a configuration for Kafka at `brokers`, and
-/// `outboxd setup` done.
-pub struct KafkaEnv {
-    /// The Postgres cluster; the outbox is in database `app`.
-    pub pg: Postgres,
-    /// This test's scratch directory.
-    pub dir: PathBuf,
-    /// The configuration file.
-    pub config: PathBuf,
-    runs: AtomicU32,
-}
-
-impl KafkaEnv {
-    /// Everything ready for `outboxd run` against `brokers`.
-    pub async fn start(brokers: &str, settings: &KafkaSettings) -> KafkaEnv {
-        let pg = Postgres::start();
-        create_outbox_db(&pg).await;
-        let dir = scratch_dir("kafka-env");
-        let config = dir.join("outboxd.toml");
-        let text = format!(
-            "[postgres]\nurl = \"{}\"\n\n[http]\nlisten = \"\"\n\n[sink]\nkind = \"kafka\"\n{}\n\n\
-             [sink.kafka]\nbrokers = \"{brokers}\"\n{}\n\n[sink.kafka.options]\n{}\n",
-            pg.outboxd_url("app"),
-            settings.sink,
-            settings.kafka,
-            settings.options
-        );
-        fs::write(&config, text).expect("write config");
-        let env = KafkaEnv {
-            pg,
-            dir,
-            config,
-            runs: AtomicU32::new(0),
-        };
-        let out = Command::new(outboxd_bin())
-            .arg("setup")
-            .arg("--config")
-            .arg(&env.config)
-            .output()
-            .expect("run outboxd setup");
-        assert!(
-            out.status.success(),
-            "outboxd setup failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        env
-    }
-
-    /// Starts `outboxd run`.
-    pub fn run(&self) -> Outboxd {
-        self.run_with(&[])
-    }
-
-    /// Starts `outboxd run` with extra environment variables.
-    pub fn run_with(&self, env: &[(&str, &str)]) -> Outboxd {
-        let n = self.runs.fetch_add(1, Ordering::Relaxed);
-        Outboxd::spawn(
-            &["run", "--config", &self.config.to_string_lossy()],
-            self.dir.join(format!("outboxd-{n}.log")),
-            env,
-        )
-    }
-
-    /// Runs an outboxd command to completion with extra environment variables.
-    pub fn command_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-        Command::new(outboxd_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run outboxd")
-    }
-
-    /// A superuser connection to the outbox database.
-    pub async fn db(&self) -> Client {
-        self.pg.connect("app").await
+impl SinkEnv {
+    /// Everything ready for `outboxd run` against Kafka at `brokers`.
+    pub async fn kafka(brokers: &str, settings: &KafkaSettings) -> SinkEnv {
+        SinkEnv::start(&format!(
+            "[sink]\nkind = \"kafka\"\n{}\n\n[sink.kafka]\nbrokers = \"{brokers}\"\n{}\n\n\
+             [sink.kafka.options]\n{}\n",
+            settings.sink, settings.kafka, settings.options
+        ))
+        .await
     }
 }
 
@@ -141,17 +68,45 @@ pub struct KafkaMessage {
 impl KafkaMessage {
     /// The last header named `name` (the dead-letter context comes after the row's headers).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        last_header(&self.headers, name)
     }
 
-    /// The `seq` of the payload of a test event.
-    pub fn seq(&self) -> u64 {
+    fn from_message(m: &BorrowedMessage<'_>) -> KafkaMessage {
+        KafkaMessage {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers: m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Delivered for KafkaMessage {
+    fn seq(&self) -> u64 {
         let payload: serde_json::Value = serde_json::from_str(&self.value).expect("payload JSON");
         payload["seq"].as_u64().expect("seq")
+    }
+
+    fn key(&self) -> &str {
+        self.key.as_deref().expect("a key")
+    }
+
+    fn shard(&self) -> Option<i32> {
+        Some(self.partition)
     }
 }
 
@@ -208,17 +163,7 @@ fn read_topic_blocking(
     let deadline = Instant::now() + timeout;
     // The topic may not exist yet: wait for its partitions.
     let partitions = loop {
-        let found = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|m| {
-                m.topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map(|t| t.partitions().len())
-            })
-            .filter(|&n| n > 0);
-        if let Some(n) = found {
+        if let Some(n) = partitions(&consumer, topic) {
             break n;
         }
         if Instant::now() >= deadline {
@@ -226,39 +171,13 @@ fn read_topic_blocking(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p as i32, Offset::Beginning)
-            .expect("assign");
-    }
-    consumer.assign(&assignment).expect("assign partitions");
+    assign_from_beginning(&consumer, topic, partitions);
     let mut read: Vec<KafkaMessage> = Vec::new();
     let mut since_check = 0usize;
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                read.push(KafkaMessage {
-                    topic: m.topic().to_owned(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
+                read.push(KafkaMessage::from_message(&m));
                 // While messages keep coming, check every 50 of them, fewer as they add up (a
                 // check may look at every message read so far).
                 since_check += 1;
@@ -281,65 +200,71 @@ fn read_topic_blocking(
     read
 }
 
-/// Emits `count` events from seq `first` in transactions of 1 to 200 rows (sizes cycling),
-/// keys `k<seq % keys>`.
-pub async fn emit_many(db: &Client, first: u64, count: u64, keys: u64) {
-    let mut seq = first;
-    let mut size = 1u64;
-    while seq < first + count {
-        let n = size.min(first + count - seq);
-        super::emit_txn(db, seq, n, keys).await;
-        seq += n;
-        size = size % 200 + 37;
-    }
+/// How many partitions `topic` has, per the metadata `client` fetches; `None` while it does
+/// not exist.
+pub fn partitions(client: &BaseConsumer, topic: &str) -> Option<i32> {
+    client
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .filter(|&n| n > 0)
 }
 
-/// Whether every seq of `expected` is among `messages`.
-pub fn has_all(messages: &[KafkaMessage], expected: std::ops::Range<u64>) -> bool {
-    let seen: std::collections::HashSet<u64> = messages.iter().map(KafkaMessage::seq).collect();
-    expected.into_iter().all(|s| seen.contains(&s))
+/// Assigns `consumer` every partition of `topic`, each from its beginning.
+fn assign_from_beginning(consumer: &BaseConsumer, topic: &str, partitions: i32) {
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assign");
+    }
+    consumer.assign(&assignment).expect("assign partitions");
 }
 
-/// Checks that every seq in `expected` arrived, that each key stayed in one partition, and
-/// that the first deliveries of each key are in commit (seq) order; returns how many
-/// messages were duplicates.
-pub fn check_partitions_complete_and_ordered(
-    messages: &[KafkaMessage],
-    expected: impl Iterator<Item = u64>,
-) -> u64 {
-    let mut ordered: Vec<&KafkaMessage> = messages.iter().collect();
-    ordered.sort_by_key(|m| (m.partition, m.offset));
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    let mut last_by_key: HashMap<String, u64> = HashMap::new();
-    let mut partition_of_key: HashMap<String, i32> = HashMap::new();
-    for m in ordered {
-        let key = m.key.clone().expect("a key");
-        let partition = *partition_of_key.entry(key.clone()).or_insert(m.partition);
-        assert_eq!(
-            partition, m.partition,
-            "key {key} is in partitions {partition} and {}",
-            m.partition
-        );
-        let seq = m.seq();
-        let count = seen.entry(seq).or_default();
-        *count += 1;
-        if *count > 1 {
-            continue;
-        }
-        if let Some(prev) = last_by_key.insert(key.clone(), seq) {
-            assert!(
-                prev < seq,
-                "key {key}: event {seq} (offset {}) arrived after {prev} (first deliveries out of commit order)",
-                m.offset
-            );
+/// Every message of `topic` that a consumer with `isolation` (`read_committed` or
+/// `read_uncommitted`) reads now, from the beginning of every partition to its end (the last
+/// stable offset for read_committed, the high watermark otherwise), ordered by partition and
+/// offset. Empty when the topic does not exist. Blocking.
+pub fn read_to_end(brokers: &str, topic: &str, isolation: &str) -> Vec<KafkaMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outboxd-test-read-to-end")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .set("log_level", "2")
+        .create()
+        .expect("create consumer");
+    let Some(partitions) = partitions(&consumer, topic) else {
+        return Vec::new();
+    };
+    assign_from_beginning(&consumer, topic, partitions);
+    let mut at_end = HashSet::new();
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_end.len() < partitions as usize {
+        assert!(Instant::now() < deadline, "did not read {topic} to its end");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => read.push(KafkaMessage::from_message(&m)),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("consumer: {e}"),
+            None => {}
         }
     }
-    let missing: Vec<u64> = expected.filter(|s| !seen.contains_key(s)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} events missing, first: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    seen.values().map(|&c| u64::from(c - 1)).sum()
+    read.sort_by_key(|m| (m.partition, m.offset));
+    read
+}
+
+/// How many records a consumer with `isolation` reads from `topic` now, from the beginning
+/// of every partition to its end (see [`read_to_end`]).
+pub async fn count_to_end(brokers: &str, topic: &str, isolation: &'static str) -> usize {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_to_end(&brokers, &topic, isolation).len())
+        .await
+        .expect("consumer thread")
 }

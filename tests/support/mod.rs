@@ -7,14 +7,26 @@
 //!
 //! Postgres binaries: `OUTBOXD_TEST_PG_BIN` (a `bin` directory), else the newest
 //! `/usr/lib/postgresql/*/bin`. Redis: `redis-server` on the PATH. Kafka: see [`kafka`].
+//!
+//! Every file of tests/ is a test of its own (cargo finds it through the
+//! `crates/outboxd/tests` link) and includes this module with `mod support;`. Here: the
+//! servers and outboxd ([`Postgres`], [`Redis`], [`Outboxd`], [`Env`], [`SinkEnv`]); writing
+//! test events ([`events`]); checking what arrived ([`delivered`]); the conformance suite
+//! every sink runs ([`conformance`]); Kafka ([`kafka`], [`apache_kafka`]), a TCP proxy
+//! ([`proxy`]) and certificates ([`tls`]).
 #![allow(dead_code)]
 
 pub mod apache_kafka;
+pub mod conformance;
+pub mod delivered;
+pub mod events;
 pub mod kafka;
 pub mod proxy;
 pub mod tls;
 
-use std::collections::HashMap;
+pub use delivered::*;
+pub use events::*;
+
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
@@ -193,6 +205,18 @@ impl Postgres {
     /// Starts a cluster with these postgresql.conf lines.
     pub fn start_with(conf: &[&str]) -> Postgres {
         Self::start_configured(conf, None)
+    }
+
+    /// Starts a logical-replication-ready cluster whose slots may keep 1 MB of WAL at most
+    /// (`max_slot_wal_keep_size`), with WAL segments recycled soon: a slot nobody confirms is
+    /// invalidated within seconds of writing (see [`write_wal_until_the_slot_is`]).
+    pub fn start_slot_limited() -> Postgres {
+        Self::start_with(&[
+            "wal_level = logical",
+            "max_slot_wal_keep_size = 1MB",
+            "max_wal_size = 32MB",
+            "min_wal_size = 32MB",
+        ])
     }
 
     /// Starts a logical-replication-ready cluster that takes TCP connections only over TLS.
@@ -626,11 +650,16 @@ impl Outboxd {
 
     /// SIGTERM.
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends `signal` (`TERM`, `STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{signal}"), &self.pid().to_string()])
             .status()
-            .expect("kill -TERM");
-        assert!(status.success());
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
     }
 
     /// Waits for the process to exit.
@@ -704,13 +733,7 @@ impl Env {
 
     /// Runs `outboxd setup` and insists that it succeeds.
     pub fn setup(&self) {
-        let out = self.command(&["setup"]);
-        assert!(
-            out.status.success(),
-            "outboxd setup failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        setup(&self.config);
     }
 
     /// Servers, schema and configuration on a given cluster, with extra configuration lines;
@@ -759,12 +782,7 @@ impl Env {
 
     /// Runs an outboxd command to completion.
     pub fn command(&self, args: &[&str]) -> Output {
-        Command::new(outboxd_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run outboxd")
+        command(&self.config, args, &[])
     }
 
     /// Starts `outboxd run`.
@@ -774,18 +792,104 @@ impl Env {
 
     /// Starts `outboxd run` with extra environment variables.
     pub fn run_with(&self, env: &[(&str, &str)]) -> Outboxd {
-        let n = self.runs.fetch_add(1, Ordering::Relaxed);
-        Outboxd::spawn(
-            &["run", "--config", &self.config.to_string_lossy()],
-            self.dir.join(format!("outboxd-{n}.log")),
-            env,
-        )
+        run(&self.config, &self.dir, &self.runs, env)
     }
 
     /// A superuser connection to the outbox database.
     pub async fn db(&self) -> Client {
         self.pg.connect("app").await
     }
+}
+
+/// Postgres with the outbox schema and role, a configuration for a broker the test starts
+/// itself (its `[sink]` sections given whole), and `outboxd setup` done.
+pub struct SinkEnv {
+    /// The Postgres cluster; the outbox is in database `app`.
+    pub pg: Postgres,
+    /// This test's scratch directory.
+    pub dir: PathBuf,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The port of outboxd's HTTP endpoints.
+    pub http_port: u16,
+    runs: AtomicU32,
+}
+
+impl SinkEnv {
+    /// Everything ready for `outboxd run`, with `sink`: the `[sink]` section and the
+    /// broker's own (`[sink.kafka]`, ...), as TOML.
+    pub async fn start(sink: &str) -> SinkEnv {
+        let pg = Postgres::start();
+        create_outbox_db(&pg).await;
+        let dir = scratch_dir("sink-env");
+        let config = dir.join("outboxd.toml");
+        let http_port = free_port();
+        let text = format!(
+            "[postgres]\nurl = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{sink}\n",
+            pg.outboxd_url("app"),
+        );
+        fs::write(&config, text).expect("write config");
+        setup(&config);
+        SinkEnv {
+            pg,
+            dir,
+            config,
+            http_port,
+            runs: AtomicU32::new(0),
+        }
+    }
+
+    /// Starts `outboxd run`.
+    pub fn run(&self) -> Outboxd {
+        self.run_with(&[])
+    }
+
+    /// Starts `outboxd run` with extra environment variables.
+    pub fn run_with(&self, env: &[(&str, &str)]) -> Outboxd {
+        run(&self.config, &self.dir, &self.runs, env)
+    }
+
+    /// Runs an outboxd command to completion with extra environment variables.
+    pub fn command_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        command(&self.config, args, env)
+    }
+
+    /// A superuser connection to the outbox database.
+    pub async fn db(&self) -> Client {
+        self.pg.connect("app").await
+    }
+}
+
+/// Runs `outboxd setup` with `config` and insists that it succeeds.
+fn setup(config: &Path) {
+    let out = command(config, &["setup"], &[]);
+    assert!(
+        out.status.success(),
+        "outboxd setup failed: {}",
+        output_text(&out)
+    );
+}
+
+/// Runs `outboxd <args> --config <config>` to completion.
+fn command(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(outboxd_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run outboxd")
+}
+
+/// Starts `outboxd run --config <config>`, logging to `dir`/outboxd-<n>.log, n counting the
+/// runs of one test from 0.
+fn run(config: &Path, dir: &Path, runs: &AtomicU32, env: &[(&str, &str)]) -> Outboxd {
+    let n = runs.fetch_add(1, Ordering::Relaxed);
+    Outboxd::spawn(
+        &["run", "--config", &config.to_string_lossy()],
+        dir.join(format!("outboxd-{n}.log")),
+        env,
+    )
 }
 
 /// `GET path` on 127.0.0.1:`port`: the status code and the body, or `None` when nothing
@@ -818,6 +922,22 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The value of `series` on outboxd's `/metrics` at 127.0.0.1:`port`, if it answers and has
+/// that series.
+pub async fn metric_value(port: u16, series: &str) -> Option<f64> {
+    let (_, text) = http_get(port, "/metrics").await?;
+    metric(&text, series)
+}
+
+/// A finished command's stdout and stderr, for messages and searches.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Waits until a session streams the `outboxd` slot.
 pub async fn wait_slot_active(db: &Client) {
     wait_until(
@@ -831,6 +951,37 @@ pub async fn wait_slot_active(db: &Client) {
             .await
             .map(|r| r.get::<_, bool>(0))
             .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
+/// Writes WAL to another table (switching segments and checkpointing) while the `outboxd`
+/// slot is not confirmed, until its `wal_status` is `status` (`extended`, `lost`).
+pub async fn write_wal_until_the_slot_is(db: &Client, status: &'static str) {
+    db.batch_execute("CREATE TABLE IF NOT EXISTS filler (pad text)")
+        .await
+        .expect("create filler");
+    wait_until(
+        &format!("the slot's wal_status to be {status}"),
+        Duration::from_secs(60),
+        || async move {
+            // Errors are possible while a slot is being invalidated under outboxd: try again.
+            let _ = db
+                .batch_execute(
+                    "INSERT INTO filler SELECT repeat(md5(g::text), 60) FROM generate_series(1, 3000) g; \
+                     SELECT pg_switch_wal(); CHECKPOINT;",
+                )
+                .await;
+            db.query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .as_deref()
+                == Some(status)
         },
     )
     .await;
@@ -882,23 +1033,6 @@ where
     }
 }
 
-/// Emits `count` events in one transaction through `outbox_emit`, with payload
-/// `{"seq": n}` for n in `first..first+count`, keys `k<n % keys>`, aggregate type `order`.
-pub async fn emit_txn(db: &impl tokio_postgres::GenericClient, first: u64, count: u64, keys: u64) {
-    db.execute(
-        "SELECT outbox_emit('order', 'k' || (g % $3), 'order.created', \
-                jsonb_build_object('seq', g), jsonb_build_object('source', 'test')) \
-         FROM generate_series($1::bigint, $2::bigint) AS g",
-        &[
-            &(first as i64),
-            &((first + count - 1) as i64),
-            &(keys as i64),
-        ],
-    )
-    .await
-    .expect("emit events");
-}
-
 /// One stream entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -917,11 +1051,30 @@ impl Entry {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The `seq` of the payload of a test event.
-    pub fn seq(&self) -> u64 {
+    /// An entry of an `XRANGE` reply: its id and its flat field/value list.
+    fn from_reply(entry_id: String, flat: Vec<Vec<u8>>) -> Entry {
+        let fields = flat
+            .chunks(2)
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv[0]).into_owned(),
+                    String::from_utf8_lossy(&kv[1]).into_owned(),
+                )
+            })
+            .collect();
+        Entry { entry_id, fields }
+    }
+}
+
+impl Delivered for Entry {
+    fn seq(&self) -> u64 {
         let payload: serde_json::Value =
             serde_json::from_str(self.get("payload").expect("payload")).expect("payload JSON");
         payload["seq"].as_u64().expect("seq")
+    }
+
+    fn key(&self) -> &str {
+        self.get("key").expect("key")
     }
 }
 
@@ -941,22 +1094,53 @@ pub async fn read_stream(conn: &mut MultiplexedConnection, stream: &str) -> Vec<
             .expect("XRANGE");
         let n = reply.len();
         for (entry_id, flat) in reply {
-            let fields = flat
-                .chunks(2)
-                .map(|kv| {
-                    (
-                        String::from_utf8_lossy(&kv[0]).into_owned(),
-                        String::from_utf8_lossy(&kv[1]).into_owned(),
-                    )
-                })
-                .collect();
             start = format!("({entry_id}");
-            out.push(Entry { entry_id, fields });
+            out.push(Entry::from_reply(entry_id, flat));
         }
         if n < 5000 {
             return out;
         }
     }
+}
+
+/// `count` entries of `stream` from `start` towards `end` (`XRANGE`, or `XREVRANGE` when
+/// `start` is `+`).
+pub async fn read_range(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> Vec<Entry> {
+    let command = if start == "+" { "XREVRANGE" } else { "XRANGE" };
+    let reply: Vec<(String, Vec<Vec<u8>>)> = redis::cmd(command)
+        .arg(stream)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .expect(command);
+    reply
+        .into_iter()
+        .map(|(entry_id, flat)| Entry::from_reply(entry_id, flat))
+        .collect()
+}
+
+/// Waits until `stream` holds at least `n` entries; returns them.
+pub async fn wait_stream_len(
+    redis: &MultiplexedConnection,
+    stream: &str,
+    n: u64,
+    timeout: Duration,
+) -> Vec<Entry> {
+    wait_until(&format!("{n} entries in {stream}"), timeout, || {
+        let mut redis = redis.clone();
+        async move { stream_len(&mut redis, stream).await >= n }
+    })
+    .await;
+    read_stream(&mut redis.clone(), stream).await
 }
 
 /// Waits until every seq of `expected` is in `stream` (duplicates after a crash do not
@@ -972,15 +1156,8 @@ pub async fn wait_complete(
         let mut redis = redis.clone();
         let expected = expected.clone();
         async move {
-            if stream_len(&mut redis, stream).await < want {
-                return false;
-            }
-            let seen: std::collections::HashSet<u64> = read_stream(&mut redis, stream)
-                .await
-                .iter()
-                .map(Entry::seq)
-                .collect();
-            expected.into_iter().all(|s| seen.contains(&s))
+            stream_len(&mut redis, stream).await >= want
+                && has_all(&read_stream(&mut redis, stream).await, expected)
         }
     })
     .await;
@@ -994,41 +1171,6 @@ pub async fn stream_len(conn: &mut MultiplexedConnection, stream: &str) -> u64 {
         .query_async(conn)
         .await
         .expect("XLEN")
-}
-
-/// Checks that every seq in `expected` arrived, that events of each key arrived in commit
-/// (seq) order, and returns how many entries were duplicates.
-pub fn check_complete_and_ordered(entries: &[Entry], expected: impl Iterator<Item = u64>) -> u64 {
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    let mut last_by_key: HashMap<String, u64> = HashMap::new();
-    for e in entries {
-        let seq = e.seq();
-        let count = seen.entry(seq).or_default();
-        *count += 1;
-        if *count > 1 {
-            continue;
-        }
-        let key = e.get("key").expect("key").to_owned();
-        if let Some(prev) = last_by_key.insert(key.clone(), seq) {
-            assert!(
-                prev < seq,
-                "key {key}: event {seq} arrived after {prev} (first deliveries out of commit order)"
-            );
-        }
-    }
-    let mut missing = Vec::new();
-    for seq in expected {
-        if !seen.contains_key(&seq) {
-            missing.push(seq);
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "{} events missing, first: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    seen.values().map(|&c| u64::from(c - 1)).sum()
 }
 
 /// A slot's `confirmed_flush_lsn` as a number.

@@ -1,0 +1,449 @@
+//! The scenarios every sink runs (see [`super`]). Each takes the broker a test started, sets
+//! up its own Postgres and outboxd, and asserts exactly.
+//!
+//! Sizes are chosen to prove the point on a loaded two-core machine: a few thousand events,
+//! a 20-second outage, five kills.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::{
+    Arrived, BrokerUnderTest, DEAD_LETTER, Delivery, Refusal, SLOT, TOPIC, assert_rows_carried,
+    settle, start_env, wait_arrived, wait_count,
+};
+use crate::support::{
+    Delivered, Load, Outboxd, Rng, SinkEnv, assert_each_once, check_complete_and_ordered,
+    confirmed_flush, emit_txn, metric_value, wait_slot_active, wait_until, wal_insert_lsn,
+    write_events,
+};
+
+/// How long a wait for events may take: long for a loaded machine, still a bound.
+const ARRIVAL: Duration = Duration::from_secs(120);
+
+/// The seq of the event committed first while the broker is down (beyond any other).
+const MARKER: u64 = 1 << 40;
+
+/// 5,000 events in transactions of 1 to 200, 50 keys, written while outboxd streams: each
+/// arrives once (no failure, so no duplicate), the first of each key in commit order and
+/// each key in one shard, each with its row's id, type and headers.
+pub async fn per_key_order_under_load<B: BrokerUnderTest>(broker: B) {
+    const EVENTS: u64 = 5000;
+    const KEYS: u64 = 50;
+    let env = start_env(&broker, Delivery::AtLeastOnce, "max_batch_events = 200").await;
+    let mut outboxd = env.run();
+    let db = env.db().await;
+    wait_slot_active(&db).await;
+    let started = Instant::now();
+    write_events(&db, 0, EVENTS, 200, KEYS, 0x0de7).await;
+    let (arrived, all) = settle(&broker, &db, EVENTS, KEYS, ARRIVAL).await;
+    let elapsed = started.elapsed();
+    assert_each_once(&arrived, all.clone());
+    assert_rows_carried(&db, &arrived).await;
+    assert!(outboxd.is_running(), "{}", outboxd.log_text());
+    let shards: std::collections::HashSet<Option<i32>> =
+        arrived.iter().map(Delivered::shard).collect();
+    println!(
+        "{}: {} events, {KEYS} keys in {} shard(s), read back complete, once each and in order per key {:.1} s after the first commit",
+        B::KIND,
+        all.end,
+        shards.len(),
+        elapsed.as_secs_f64()
+    );
+}
+
+/// The broker down for 20 s while applications commit 500 events a second: commits go on,
+/// the slot's `confirmed_flush_lsn` never passes an event the broker did not acknowledge,
+/// outboxd's memory stays flat, and once the broker is back every event arrives, in order
+/// per key, with at most one in-flight window of duplicates.
+pub async fn outage_under_load<B: BrokerUnderTest>(mut broker: B) {
+    const RATE: u64 = 500;
+    const KEYS: u64 = 20;
+    const OUTAGE: Duration = Duration::from_secs(20);
+    const MAX_INFLIGHT: u64 = 2000;
+    const MAX_BATCH: u64 = 200;
+    let env = start_env(
+        &broker,
+        Delivery::AtLeastOnce,
+        &format!("max_inflight_events = {MAX_INFLIGHT}\nmax_batch_events = {MAX_BATCH}"),
+    )
+    .await;
+    let mut outboxd = env.run();
+    let mut db = env.db().await;
+    let load = Load::start(env.db().await, RATE, 50, KEYS, 0x0a7a9e);
+    wait_count(&broker, TOPIC, 500, ARRIVAL).await;
+    let (rss_before, _) = outboxd.rss_kib().expect("outboxd runs");
+
+    broker.down().await;
+    let written_at_down = load.written();
+    let first_unacked = commit_marker(&mut db).await;
+    let (rss_early, rss_late) = hold_down::<B>(&db, &outboxd, first_unacked, OUTAGE).await;
+    let written_during = load.written() - written_at_down;
+    assert!(
+        outboxd.is_running(),
+        "outboxd gave up during the outage:\n{}",
+        outboxd.log_text()
+    );
+    broker.up().await;
+    let up_at = Instant::now();
+    let written = load.stop().await;
+    let (arrived, all) = settle(&broker, &db, written, KEYS, ARRIVAL).await;
+    let caught_up = up_at.elapsed();
+    let duplicates = check_complete_and_ordered(&arrived, all.clone().chain([MARKER]));
+    println!(
+        "{}: down {:.0} s under {RATE} events/s ({written_during} committed meanwhile): all {} arrived {:.1} s after it came back, in order per key; {duplicates} duplicates; RSS before {rss_before} KiB, first third of the outage {rss_early} KiB, rest {rss_late} KiB",
+        B::KIND,
+        OUTAGE.as_secs_f64(),
+        all.end,
+        caught_up.as_secs_f64()
+    );
+    assert!(
+        written_during >= RATE * OUTAGE.as_secs() / 2,
+        "commits were held up by the outage: {written_during} events in {OUTAGE:?}"
+    );
+    assert!(
+        duplicates <= MAX_INFLIGHT + MAX_BATCH,
+        "{duplicates} duplicates: more than one in-flight window"
+    );
+    assert!(
+        rss_late <= rss_early + 8 * 1024,
+        "memory grew during the outage: {rss_early} KiB then {rss_late} KiB"
+    );
+    let log = outboxd.log_text();
+    assert!(
+        log.contains("broker unavailable") && log.contains("broker is back"),
+        "no log lines about the outage and the recovery:\n{log}"
+    );
+    // And the slot catches up once everything is acknowledged.
+    let last = wal_insert_lsn(&db).await;
+    wait_until(
+        "the slot to confirm the backlog",
+        Duration::from_secs(30),
+        || {
+            let db = &db;
+            async move { confirmed_flush(db, SLOT).await >= last - 1 }
+        },
+    )
+    .await;
+}
+
+/// Commits the event [`MARKER`] (under a key of its own) and returns the WAL position just
+/// before its commit. With the broker down, this transaction cannot be acknowledged: the slot
+/// may reach that position (when everything before was acknowledged and a keepalive confirmed
+/// the WAL's end), never pass it.
+async fn commit_marker(db: &mut Client) -> u64 {
+    let tx = db.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT outbox_emit('order', 'marker', 'order.created', \
+                jsonb_build_object('seq', $1::bigint), '{\"source\": \"test\"}')",
+        &[&(MARKER as i64)],
+    )
+    .await
+    .expect("emit the marker");
+    let lsn: i64 = tx
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("read the WAL position")
+        .get(0);
+    tx.commit().await.expect("commit");
+    lsn as u64
+}
+
+/// For [`outage_under_load`], while the broker is down and other tables write (so that
+/// keepalives with later WAL positions keep coming): checks twice a second that the slot stays
+/// at or below `first_unacked`, and samples outboxd's memory; returns its peak in the first
+/// third of the outage and in the rest, in KiB.
+async fn hold_down<B: BrokerUnderTest>(
+    db: &Client,
+    outboxd: &Outboxd,
+    first_unacked: u64,
+    outage: Duration,
+) -> (u64, u64) {
+    let started = Instant::now();
+    db.batch_execute("CREATE TABLE noise (id serial, pad text)")
+        .await
+        .expect("create noise");
+    let (mut early, mut late) = (0, 0);
+    while started.elapsed() < outage {
+        db.batch_execute(
+            "INSERT INTO noise (pad) SELECT repeat('n', 500) FROM generate_series(1, 100)",
+        )
+        .await
+        .expect("write noise");
+        let confirmed = confirmed_flush(db, SLOT).await;
+        assert!(
+            confirmed <= first_unacked,
+            "the slot moved to {confirmed:X}, past events {} never acknowledged ({first_unacked:X})",
+            B::KIND
+        );
+        let (rss, _) = outboxd.rss_kib().expect("outboxd runs");
+        if started.elapsed() < outage / 3 {
+            early = early.max(rss);
+        } else {
+            late = late.max(rss);
+        }
+        // The pace of the samples, not a wait for something.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (early, late)
+}
+
+/// Poison in one transaction between good events: rows that cannot be routed (a NULL key,
+/// an empty key, headers that are not a JSON object) and, where the broker can be made to,
+/// an event the broker itself refuses. Each goes to the dead letter with its reason, its
+/// context and (for a routing failure) its payload, is counted by reason, and every other
+/// event arrives once, also the later ones. In effectively-once mode (where the sink has it)
+/// the same, through the sink's transactional path.
+pub async fn poison<B: BrokerUnderTest>(broker: B, delivery: Delivery) {
+    if delivery == Delivery::EffectivelyOnce && !B::EFFECTIVELY_ONCE {
+        println!("{}: no effectively-once mode, nothing to test", B::KIND);
+        return;
+    }
+    let env = start_env(&broker, delivery, "").await;
+    let mut db = env.db().await;
+    db.batch_execute(
+        "ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL; \
+         ALTER TABLE outbox DROP CONSTRAINT outbox_headers_is_object",
+    )
+    .await
+    .expect("loosen the outbox table");
+    let refusal = broker.refuse("outbox.refused").await;
+    let mut outboxd = env.run();
+    emit_txn(&db, 0, 10, 2).await;
+    let poison = poison_rows(refusal.as_ref());
+    // One transaction: a good event before each poison one and after the last.
+    let tx = db.transaction().await.expect("begin");
+    let mut seq = 10;
+    for p in &poison {
+        emit_txn(&tx, seq, 1, 2).await;
+        seq += 1;
+        tx.batch_execute(&p.sql).await.expect("poison");
+    }
+    emit_txn(&tx, seq, 1, 2).await;
+    tx.commit().await.expect("commit");
+    emit_txn(&db, seq + 1, 10, 2).await;
+
+    let (arrived, all) = settle(&broker, &db, seq + 11, 2, ARRIVAL).await;
+    assert_each_once(&arrived, all);
+    assert_rows_carried(&db, &arrived).await;
+    wait_count(&broker, DEAD_LETTER, poison.len(), ARRIVAL).await;
+    let dead = broker.read(DEAD_LETTER).await;
+    assert_eq!(
+        dead.len(),
+        poison.len(),
+        "each poison event once: {dead:#?}"
+    );
+    for Poison { reason, detail, .. } in &poison {
+        let letter = dead_letter(&dead, reason);
+        assert!(
+            letter.header("detail").is_some_and(|d| d.contains(detail)),
+            "the detail says {detail:?}: {letter:#?}"
+        );
+        assert!(
+            letter.header("lsn").is_some_and(|l| l.contains('/')),
+            "{letter:#?}"
+        );
+        assert!(
+            letter.header("id").is_some_and(|id| !id.is_empty()),
+            "{letter:#?}"
+        );
+        let series = format!("outboxd_events_dead_lettered_total{{reason=\"{reason}\"}}");
+        let port = env.http_port;
+        wait_until(&series, Duration::from_secs(20), || {
+            let series = series.clone();
+            async move { metric_value(port, &series).await == Some(1.0) }
+        })
+        .await;
+    }
+    assert_eq!(
+        dead_letter(&dead, "null_field").payload,
+        "{\"poison\": \"null key\"}",
+        "the payload is kept"
+    );
+    if let Some(r) = &refusal {
+        assert_eq!(
+            dead_letter(&dead, r.reason).header("topic"),
+            Some("outbox.refused")
+        );
+    }
+    let log = outboxd.log_text();
+    assert!(log.contains("event dead-lettered"), "{log}");
+    assert!(outboxd.is_running(), "{log}");
+    println!(
+        "{} ({}): {} poison events dead-lettered once each with their reasons ({}), {} good events around them once each",
+        B::KIND,
+        delivery.as_str(),
+        poison.len(),
+        poison
+            .iter()
+            .map(|p| p.reason)
+            .collect::<Vec<_>>()
+            .join(", "),
+        arrived.len()
+    );
+}
+
+/// A poison event: the SQL that writes it, the dead letter's `reason` and what its `detail`
+/// says.
+struct Poison {
+    sql: String,
+    reason: &'static str,
+    detail: &'static str,
+}
+
+/// The poison of the scenario: rows that cannot be routed, and an event the broker refuses
+/// when it can be made to.
+fn poison_rows(refusal: Option<&Refusal>) -> Vec<Poison> {
+    let mut poison = vec![
+        Poison {
+            sql: "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                  VALUES ('order', NULL, 'order.created', '{\"poison\": \"null key\"}')"
+                .into(),
+            reason: "null_field",
+            detail: "aggregate_id",
+        },
+        Poison {
+            sql: "SELECT outbox_emit('order', '', 'order.created', '{\"poison\": \"empty key\"}')"
+                .into(),
+            reason: "empty_field",
+            detail: "key",
+        },
+        Poison {
+            sql: "SELECT outbox_emit('order', 'k1', 'order.created', \
+                  '{\"poison\": \"headers\"}', '[1, 2]')"
+                .into(),
+            reason: "invalid_headers",
+            detail: "not a JSON object",
+        },
+    ];
+    if let Some(r) = refusal {
+        poison.push(Poison {
+            sql: format!(
+                "SELECT outbox_emit('refused', 'k1', 'refused.created', \
+                        jsonb_build_object('poison', 'refused', 'pad', repeat('x', {})))",
+                r.pad
+            ),
+            reason: r.reason,
+            detail: r.detail,
+        });
+    }
+    poison
+}
+
+/// The dead letter with `reason`.
+fn dead_letter<'a>(dead: &'a [Arrived], reason: &str) -> &'a Arrived {
+    dead.iter()
+        .find(|d| d.header("reason") == Some(reason))
+        .unwrap_or_else(|| panic!("no {reason} dead letter in {dead:#?}"))
+}
+
+/// Applications write 1,000 events a second while outboxd is killed with SIGKILL at 5 random
+/// moments: after a last restart every event arrives, in order per key, and the duplicates
+/// stay within what may be in flight per crash.
+pub async fn kill_9_while_streaming<B: BrokerUnderTest>(broker: B) {
+    const KILLS: u64 = 5;
+    let (env, _outboxd, written) = crash_loop(&broker, Delivery::AtLeastOnce, KILLS, 0x5eed).await;
+    let db = env.db().await;
+    let (arrived, all) = settle(&broker, &db, written, CRASH_KEYS, ARRIVAL).await;
+    let duplicates = check_complete_and_ordered(&arrived, all.clone());
+    // What may repeat after a crash: the events in flight (the budget and the batch being
+    // sent), the part of a transaction sent before its commit, and what was acknowledged
+    // within the last status interval, before Postgres was told.
+    let per_crash = CRASH_MAX_INFLIGHT
+        + CRASH_MAX_BATCH
+        + CRASH_MAX_TXN
+        + CRASH_RATE * CRASH_STATUS_INTERVAL_MS / 1000;
+    println!(
+        "{}: {} events, {KILLS} SIGKILLs while written: none lost, in order per key, {duplicates} duplicates ({:.0} per crash; bound {per_crash})",
+        B::KIND,
+        all.end,
+        duplicates as f64 / KILLS as f64
+    );
+    assert!(
+        duplicates <= KILLS * per_crash,
+        "{duplicates} duplicates for {KILLS} crashes: more than in flight could explain"
+    );
+}
+
+/// Effectively-once: SIGKILLs at 5 random moments while applications write, then a Postgres
+/// restart (on 16 and older the slot can fall back to its last saved position, so forwarded
+/// events come again) and a walsender kill while more are written. A consumer reads each
+/// event exactly once, in order per key.
+pub async fn effectively_once_through_crashes<B: BrokerUnderTest>(broker: B) {
+    const KILLS: u64 = 5;
+    const MORE: u64 = 2000;
+    if !B::EFFECTIVELY_ONCE {
+        println!("{}: no effectively-once mode, nothing to test", B::KIND);
+        return;
+    }
+    let (env, _outboxd, written) =
+        crash_loop(&broker, Delivery::EffectivelyOnce, KILLS, 0xe0_5eed).await;
+    wait_arrived(&broker, TOPIC, 0..written, ARRIVAL).await;
+
+    env.pg.stop();
+    env.pg.start_again();
+    let db = env.db().await;
+    let writer = tokio::spawn({
+        let db = env.db().await;
+        async move { write_events(&db, written, MORE, 100, CRASH_KEYS, 0xd0d0).await }
+    });
+    wait_slot_active(&db).await;
+    db.batch_execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active",
+    )
+    .await
+    .expect("terminate the walsender");
+    writer.await.expect("writer");
+    let (arrived, all) = settle(&broker, &db, written + MORE, CRASH_KEYS, ARRIVAL).await;
+    println!(
+        "{} effectively-once: {} events through {KILLS} SIGKILLs, a Postgres restart and a walsender kill: each read exactly once, in order per key",
+        B::KIND,
+        all.end
+    );
+    assert_each_once(&arrived, all);
+}
+
+const CRASH_RATE: u64 = 1000;
+const CRASH_KEYS: u64 = 50;
+const CRASH_MAX_TXN: u64 = 100;
+const CRASH_MAX_INFLIGHT: u64 = 2000;
+const CRASH_MAX_BATCH: u64 = 500;
+const CRASH_STATUS_INTERVAL_MS: u64 = 100;
+
+/// Applications write [`CRASH_RATE`] events a second while outboxd runs and is killed with
+/// SIGKILL `kills` times, each 1 to 2.5 s into its run (random moments, seeded); then a last
+/// outboxd runs and the writing stops. Returns the environment, that outboxd and how many
+/// events were written.
+async fn crash_loop<B: BrokerUnderTest>(
+    broker: &B,
+    delivery: Delivery,
+    kills: u64,
+    seed: u64,
+) -> (SinkEnv, Outboxd, u64) {
+    let env = start_env(
+        broker,
+        delivery,
+        &format!(
+            "max_inflight_events = {CRASH_MAX_INFLIGHT}\nmax_batch_events = {CRASH_MAX_BATCH}"
+        ),
+    )
+    .await;
+    let load = Load::start(env.db().await, CRASH_RATE, CRASH_MAX_TXN, CRASH_KEYS, seed);
+    let status_interval = CRASH_STATUS_INTERVAL_MS.to_string();
+    let mut rng = Rng::new(seed);
+    for kill in 0..kills {
+        let mut outboxd =
+            env.run_with(&[("OUTBOXD_POSTGRES__STATUS_INTERVAL_MS", &status_interval)]);
+        if kill == 0 {
+            // The first run streams before the first kill (creating topics may take a while).
+            wait_count(broker, TOPIC, 1, ARRIVAL).await;
+        }
+        // A random moment of the run: what the kill interrupts.
+        tokio::time::sleep(rng.between(Duration::from_millis(1000), Duration::from_millis(2500)))
+            .await;
+        outboxd.kill9();
+    }
+    let outboxd = env.run();
+    let written = load.stop().await;
+    (env, outboxd, written)
+}
