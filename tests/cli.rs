@@ -1,6 +1,9 @@
 //! The command line against real services: bad input gets one clear line and a non-zero
 //! exit; `setup` refuses what it cannot use and is idempotent; every command has help.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// test code: a panic is a failed test
+// Runs Redis and Kafka: a build with both sinks (the default).
+#![cfg(all(feature = "redis", feature = "kafka"))]
 
 mod support;
 

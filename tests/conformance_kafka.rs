@@ -8,6 +8,7 @@
 //! timeout makes an outage reach outboxd (failed batches, sent again) rather than only
 //! librdkafka's queue. The outage is a SIGKILL of the broker's JVM; its log stays on disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

@@ -4,6 +4,7 @@
 //! Each test starts its own `redis-server` with an append-only file fsynced at every write, so
 //! that the server stopped for an outage (SIGKILL) keeps what it acknowledged.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

@@ -6,6 +6,7 @@
 //! effectively-once mode, are in the conformance suite (tests/conformance_redis.rs). Real
 //! Postgres, real Redis, the real binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

@@ -6,6 +6,7 @@
 //! The tests of this file take a lock each: three JVMs, Postgres and outboxd already share the
 //! machine's two cores.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

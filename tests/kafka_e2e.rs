@@ -7,6 +7,7 @@
 //! What every sink must do (per-key order, an outage, poison, kill -9, effectively-once) is in
 //! the conformance suite (tests/conformance_kafka.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

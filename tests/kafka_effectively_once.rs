@@ -9,6 +9,7 @@
 //! (tests/conformance_kafka.rs); here the crash windows and what is particular to Kafka's
 //! transactions.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

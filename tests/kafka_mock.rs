@@ -5,6 +5,7 @@
 //! runs against real Apache Kafka instead (`conformance_kafka`, an outage among them,
 //! `kafka_e2e`, `kafka_effectively_once`, `kafka_cluster`, `kafka_security`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

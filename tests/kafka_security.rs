@@ -3,6 +3,7 @@
 //! SASL are in every build (librdkafka with OpenSSL), configured through
 //! `[sink.kafka.options]` alone. The test's own consumers read through a plaintext listener.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

@@ -10,6 +10,7 @@
 //! - With logical decoding off, `setup` and `check` name the provider's setting, recognised
 //!   by the settings and roles each provider adds (made here as placeholders).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

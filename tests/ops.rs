@@ -1,6 +1,9 @@
 //! Operating outboxd: slot status, the preflight check, metrics, health, logs. Real Postgres,
 //! real Redis, the real binary.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// test code: a panic is a failed test
+// Runs Redis and Kafka: a build with both sinks (the default).
+#![cfg(all(feature = "redis", feature = "kafka"))]
 
 mod support;
 

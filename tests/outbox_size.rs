@@ -2,6 +2,7 @@
 //! `outboxd prune`), and a partitioned outbox whose old partitions are dropped while
 //! outboxd streams.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

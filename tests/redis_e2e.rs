@@ -3,6 +3,7 @@
 //! kill, an idle outbox. An outage and kill -9 are in the conformance suite
 //! (tests/conformance_redis.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

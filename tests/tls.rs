@@ -8,6 +8,7 @@
 //! missing client certificate) stops `run` and fails `check` with one line that says what to
 //! change, and leaves the slot where it was: nothing is lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "redis")] // the sink this file tests: built in, or nothing to run
 
 mod support;
 

@@ -908,7 +908,6 @@ listen = "127.0.0.1:9187"
     /// docs/configuration.md documents every key with its default and its environment
     /// variable, and nothing else.
     #[test]
-    #[cfg(all(feature = "redis", feature = "kafka", feature = "nats"))]
     fn the_configuration_reference_matches_the_keys() {
         let doc = include_str!("../../../docs/configuration.md");
         let documented = documented_keys(doc);
@@ -923,9 +922,13 @@ listen = "127.0.0.1:9187"
                 env.starts_with(&format!("`{want_env}")),
                 "`{key}`: documented environment {env}, expected {want_env}"
             );
+            // `[sink] kind` defaults to the first sink of the build: the documented one,
+            // redis, in the default build.
+            let build_dependent = key == "sink.kind" && !cfg!(feature = "redis");
             if let Some(shown) = doc_default
                 .strip_prefix('`')
                 .and_then(|d| d.strip_suffix('`'))
+                && !build_dependent
             {
                 assert_eq!(
                     &shown_default(default),
@@ -934,7 +937,13 @@ listen = "127.0.0.1:9187"
                 );
             }
         }
-        for key in documented.keys() {
+        // A sink this build was made without is documented too.
+        let not_built = |key: &str| {
+            outboxd_sinks::SINKS
+                .iter()
+                .any(|(name, built)| !built && key.starts_with(&format!("sink.{name}.")))
+        };
+        for key in documented.keys().filter(|k| !not_built(k)) {
             assert!(
                 keys.iter().any(|(k, _)| k == key),
                 "docs/configuration.md documents `{key}`, which is not a configuration key"

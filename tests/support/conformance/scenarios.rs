@@ -342,7 +342,8 @@ fn dead_letter<'a>(dead: &'a [Arrived], reason: &str) -> &'a Arrived {
 /// stay within what may be in flight per crash.
 pub async fn kill_9_while_streaming<B: BrokerUnderTest>(broker: B) {
     const KILLS: u64 = 5;
-    let (env, _outboxd, written) = crash_loop(&broker, Delivery::AtLeastOnce, KILLS, 0x5eed).await;
+    let (env, _outboxd, written) =
+        crash_loop(&broker, Delivery::AtLeastOnce, KILLS, 0x5eed, (1000, 2500)).await;
     let db = env.db().await;
     let (arrived, all) = settle(&broker, &db, written, CRASH_KEYS, ARRIVAL).await;
     let duplicates = check_complete_and_ordered(&arrived, all.clone());
@@ -365,27 +366,36 @@ pub async fn kill_9_while_streaming<B: BrokerUnderTest>(broker: B) {
     );
 }
 
-/// Effectively-once: SIGKILLs at 5 random moments while applications write, then a Postgres
+/// Effectively-once: SIGKILLs at 6 random moments while applications write, then a Postgres
 /// restart (on 16 and older the slot can fall back to its last saved position, so forwarded
-/// events come again) and a walsender kill while more are written. A consumer reads each
-/// event exactly once, in order per key.
+/// events come again) and a walsender kill while more are written, 20,000 events or more in
+/// all. A consumer reads each event exactly once, in order per key.
 pub async fn effectively_once_through_crashes<B: BrokerUnderTest>(broker: B) {
-    const KILLS: u64 = 5;
-    const MORE: u64 = 2000;
+    const KILLS: u64 = 6;
+    const AT_LEAST: u64 = 20_000;
     if !B::EFFECTIVELY_ONCE {
         println!("{}: no effectively-once mode, nothing to test", B::KIND);
         return;
     }
-    let (env, _outboxd, written) =
-        crash_loop(&broker, Delivery::EffectivelyOnce, KILLS, 0xe0_5eed).await;
+    let (env, _outboxd, written) = crash_loop(
+        &broker,
+        Delivery::EffectivelyOnce,
+        KILLS,
+        0xe0_5eed,
+        (2500, 4000),
+    )
+    .await;
     wait_arrived(&broker, TOPIC, 0..written, ARRIVAL).await;
+    // Written across the restart and the walsender kill: at least 2,000, and enough for the
+    // whole run to reach AT_LEAST.
+    let more = AT_LEAST.saturating_sub(written).max(2000);
 
     env.pg.stop();
     env.pg.start_again();
     let db = env.db().await;
     let writer = tokio::spawn({
         let db = env.db().await;
-        async move { write_events(&db, written, MORE, 100, CRASH_KEYS, 0xd0d0).await }
+        async move { write_events(&db, written, more, 100, CRASH_KEYS, 0xd0d0).await }
     });
     wait_slot_active(&db).await;
     db.batch_execute(
@@ -394,7 +404,8 @@ pub async fn effectively_once_through_crashes<B: BrokerUnderTest>(broker: B) {
     .await
     .expect("terminate the walsender");
     writer.await.expect("writer");
-    let (arrived, all) = settle(&broker, &db, written + MORE, CRASH_KEYS, ARRIVAL).await;
+    let (arrived, all) = settle(&broker, &db, written + more, CRASH_KEYS, ARRIVAL).await;
+    assert!(all.end >= AT_LEAST, "only {} events written", all.end);
     println!(
         "{} effectively-once: {} events through {KILLS} SIGKILLs, a Postgres restart and a walsender kill: each read exactly once, in order per key",
         B::KIND,
@@ -411,14 +422,15 @@ const CRASH_MAX_BATCH: u64 = 500;
 const CRASH_STATUS_INTERVAL_MS: u64 = 100;
 
 /// Applications write [`CRASH_RATE`] events a second while outboxd runs and is killed with
-/// SIGKILL `kills` times, each 1 to 2.5 s into its run (random moments, seeded); then a last
-/// outboxd runs and the writing stops. Returns the environment, that outboxd and how many
-/// events were written.
+/// SIGKILL `kills` times, each a random moment (seeded) of `window` milliseconds into its
+/// run; then a last outboxd runs and the writing stops. Returns the environment, that
+/// outboxd and how many events were written.
 async fn crash_loop<B: BrokerUnderTest>(
     broker: &B,
     delivery: Delivery,
     kills: u64,
     seed: u64,
+    window: (u64, u64),
 ) -> (SinkEnv, Outboxd, u64) {
     let env = start_env(
         broker,
@@ -439,7 +451,8 @@ async fn crash_loop<B: BrokerUnderTest>(
             wait_count(broker, TOPIC, 1, ARRIVAL).await;
         }
         // A random moment of the run: what the kill interrupts.
-        tokio::time::sleep(rng.between(Duration::from_millis(1000), Duration::from_millis(2500)))
+        let (from, to) = window;
+        tokio::time::sleep(rng.between(Duration::from_millis(from), Duration::from_millis(to)))
             .await;
         outboxd.kill9();
     }

@@ -315,28 +315,38 @@ impl Sink for NatsSink {
     }
 
     async fn ping(&mut self) -> Result<(), SinkError> {
-        let js = self.jetstream().await?;
-        match tokio::time::timeout(self.config.timeout, js.query_account()).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::context::AccountErrorKind::JetStreamUnavailable
-                ) {
-                    Err(SinkError::permanent(
-                        "the NATS server has no JetStream: start it with JetStream on (-js)",
-                        e,
-                    ))
-                } else {
-                    Err(SinkError::transient(
-                        "asking NATS JetStream for the account",
-                        e,
-                    ))
-                }
+        // JetStream's account information, read as plain JSON: it answers for any server
+        // version, and an error in it (JetStream off for this account) is the server's own.
+        let client = self.jetstream().await?.client();
+        let what = "asking NATS JetStream for the account ($JS.API.INFO)";
+        let reply = match tokio::time::timeout(
+            self.config.timeout,
+            client.request("$JS.API.INFO", bytes::Bytes::new()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(SinkError::transient(
+                    what,
+                    format!("no answer within {:?}", self.config.timeout),
+                ));
             }
-            Err(_) => Err(SinkError::transient(
-                "asking NATS JetStream for the account",
-                format!("no answer within {:?}", self.config.timeout),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(SinkError::transient(
+                    what,
+                    format!("{e}: is JetStream on (nats-server -js)?"),
+                ));
+            }
+            Ok(Err(e)) => return Err(SinkError::transient(what, e)),
+            Ok(Ok(reply)) => reply,
+        };
+        let info: serde_json::Value =
+            serde_json::from_slice(&reply.payload).map_err(|e| SinkError::transient(what, e))?;
+        match info.get("error") {
+            None => Ok(()),
+            Some(error) => Err(SinkError::permanent(
+                "NATS JetStream refused outboxd's account: enable JetStream for it",
+                error.to_string(),
             )),
         }
     }

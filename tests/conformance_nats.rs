@@ -1,0 +1,223 @@
+//! The conformance suite (`support::conformance`) against a real NATS server with JetStream
+//! (`nats-server -js`, from Debian's packages): per-key order, an outage, poison, kill -9 and
+//! effectively-once (JetStream's duplicate window on `Nats-Msg-Id`).
+//!
+//! Each test starts its own server on a free port, with its JetStream store in the test's
+//! scratch directory, so that the server killed for an outage (SIGKILL) keeps what it stored.
+//! outboxd creates the stream of the test topic and the dead-letter subject
+//! (`create_stream`); the topic the broker refuses has a stream of its own whose
+//! `max_msg_size` is 2,000 bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+#![cfg(feature = "nats")] // the sink this file tests: built in, or nothing to run
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use support::conformance::{Arrived, BrokerUnderTest, Refusal, conformance_tests};
+use support::{free_port, scratch_dir, wait_until};
+
+/// A NATS server of one test.
+struct NatsServer {
+    port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    fn start() -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            store: scratch_dir("nats-js"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.join("nats-server.log"))
+            .unwrap();
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (apt-get install nats-server)");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.url())
+            .await
+            .expect("connect to NATS");
+        jetstream::new(client)
+    }
+
+    /// Waits until the server takes clients and its JetStream answers.
+    async fn ready(&self) {
+        let url = self.url();
+        wait_until("NATS JetStream to answer", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                // JetStream's account information (read as JSON: every server version).
+                match async_nats::connect(url).await {
+                    Ok(client) => client
+                        .request("$JS.API.INFO", bytes::Bytes::new())
+                        .await
+                        .is_ok_and(|reply| !reply.payload.is_empty()),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl BrokerUnderTest for NatsServer {
+    const KIND: &'static str = "nats";
+    const EFFECTIVELY_ONCE: bool = true;
+
+    fn section(&self) -> String {
+        format!(
+            "[sink.nats]\nurl = \"{}\"\ncreate_stream = true\nstream = \"outbox\"\n\
+             subjects = [\"outbox.order\", \"outboxd.>\"]\ntimeout_ms = 5000\n",
+            self.url()
+        )
+    }
+
+    async fn down(&mut self) {
+        self.kill();
+    }
+
+    async fn up(&mut self) {
+        self.spawn();
+        self.ready().await;
+    }
+
+    async fn read(&self, topic: &str) -> Vec<Arrived> {
+        let js = self.jetstream().await;
+        let Ok(name) = js.stream_by_subject(topic).await else {
+            return Vec::new();
+        };
+        let stream = js.get_stream(&name).await.unwrap();
+        let mut reader: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: topic.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = reader.info().await.unwrap().num_pending;
+        let mut out = Vec::new();
+        while (out.len() as u64) < pending {
+            let want = usize::try_from(pending).unwrap() - out.len();
+            let mut batch = reader
+                .fetch()
+                .max_messages(want.min(5000))
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .unwrap();
+            while let Some(message) = batch.next().await {
+                out.push(arrived(&message.unwrap()));
+            }
+        }
+        let consumer_name = reader.cached_info().name.clone();
+        let _ = stream.delete_consumer(&consumer_name).await;
+        out
+    }
+
+    async fn refuse(&self, topic: &str) -> Option<Refusal> {
+        // A stream of its own for the topic, taking messages of 2,000 bytes at most, which
+        // outboxd cannot know: JetStream refuses larger ones when it acknowledges them.
+        self.jetstream()
+            .await
+            .create_stream(stream::Config {
+                name: "refusing".into(),
+                subjects: vec![topic.to_owned()],
+                max_message_size: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        Some(Refusal {
+            pad: 5000,
+            reason: "too_large",
+            detail: "maximum",
+        })
+    }
+}
+
+/// A message as the suite sees events: `key` and the payload apart; the `headers` header of a
+/// dead letter (the row's headers as one JSON object) becomes one header per member; every
+/// other header as it is.
+fn arrived(message: &jetstream::Message) -> Arrived {
+    let mut out = Arrived {
+        key: String::new(),
+        payload: String::from_utf8_lossy(&message.payload).into_owned(),
+        headers: Vec::new(),
+        shard: None,
+    };
+    let Some(headers) = &message.headers else {
+        return out;
+    };
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        for value in values {
+            let value = value.as_str().to_owned();
+            match name {
+                "key" => out.key = value,
+                "headers" => match serde_json::from_str::<serde_json::Map<_, _>>(&value) {
+                    Ok(members) => out.headers.extend(members.into_iter().map(|(n, v)| {
+                        let text = match v {
+                            serde_json::Value::String(s) => s,
+                            other => other.to_string(),
+                        };
+                        (n, text)
+                    })),
+                    Err(_) => out.headers.push((name.to_owned(), value)),
+                },
+                _ => out.headers.push((name.to_owned(), value)),
+            }
+        }
+    }
+    out
+}
+
+conformance_tests!(NatsServer::start());
