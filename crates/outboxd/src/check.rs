@@ -123,6 +123,38 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             return None;
         }
     };
+    check_connections(config, &conn, &client, &found, report).await;
+    let problems = found.problems(spec);
+    for p in &problems {
+        report.add(Status::Fail, p.subject(), one_line(p));
+    }
+    let failed = |subject: &str| problems.iter().any(|p| p.subject() == subject);
+    if !failed("wal_level") {
+        report.add(Status::Ok, "wal_level", "logical");
+    }
+    check_source(config, &found, &failed, report);
+    if !config.postgres.prune_after.trim().is_empty() {
+        check_pruning(config, &client, report).await;
+    }
+    if let (Some(s), false) = (&found.slot, failed("slot")) {
+        check_slot(&client, s, found.server.version_num, report).await;
+    }
+    client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .ok()
+        .and_then(|row| row.try_get::<_, i64>(0).ok())
+        .map(|raw| Lsn::new(raw as u64))
+}
+
+/// The server, and how both connections (SQL and replication) are secured.
+async fn check_connections(
+    config: &Config,
+    conn: &ConnInfo,
+    client: &tokio_postgres::Client,
+    found: &slot::Inspection,
+    report: &mut Report,
+) {
     let server = &found.server;
     report.add(
         Status::Ok,
@@ -136,9 +168,9 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
                 .map_or_else(String::new, |p| format!(", on {}", p.name()))
         ),
     );
-    match catalog::tls_state(&client).await {
+    match catalog::tls_state(client).await {
         Ok(state) => {
-            let (status, message) = tls_finding(&conn, &state);
+            let (status, message) = tls_finding(conn, &state);
             report.add(status, "tls", format!("SQL connection: {message}"));
         }
         Err(e) => report.add(
@@ -147,9 +179,9 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             format!("could not read pg_stat_ssl: {}", one_line(&e)),
         ),
     }
-    match probe_replication(&conn, &config.postgres.slot, &config.postgres.publication).await {
+    match probe_replication(conn, &config.postgres.slot, &config.postgres.publication).await {
         Ok(state) => {
-            let (status, message) = tls_finding(&conn, &state);
+            let (status, message) = tls_finding(conn, &state);
             report.add(
                 status,
                 "replication",
@@ -165,19 +197,20 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
             ),
         ),
     }
-    let problems = found.problems(spec);
-    for p in &problems {
-        report.add(Status::Fail, p.subject(), one_line(p));
-    }
-    let failed = |subject: &str| problems.iter().any(|p| p.subject() == subject);
-    if !failed("wal_level") {
-        report.add(Status::Ok, "wal_level", "logical");
-    }
+}
+
+/// What the events come from: the table (its columns, the route, the publication) or
+/// table-less messages.
+fn check_source(
+    config: &Config,
+    found: &slot::Inspection,
+    failed: &dyn Fn(&str) -> bool,
+    report: &mut Report,
+) {
+    let publication = &config.postgres.publication;
     if config.postgres.source == SourceKind::Messages {
-        match Router::bind(
-            &config.route.spec(),
-            &outboxd_postgres::message::event_columns(),
-        ) {
+        let columns = outboxd_postgres::message::event_columns();
+        match Router::bind(&config.route.spec(), &columns) {
             Ok(_) => report.add(
                 Status::Ok,
                 "route",
@@ -190,112 +223,120 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
                 Status::Ok,
                 "publication",
                 format!(
-                    "{:?} exists (table-less: messages with prefix \"outboxd\" are streamed)",
-                    config.postgres.publication
+                    "{publication:?} exists (table-less: messages with prefix \"outboxd\" are \
+                     streamed)"
                 ),
             );
         }
-    } else if let Some(table) = &found.table {
-        if !failed("table") && !failed("rights") {
-            report.add(
-                Status::Ok,
-                "table",
-                format!(
-                    "{}.{} ({} columns); role may read it and stream replication",
-                    table.schema,
-                    table.name,
-                    table.columns.len()
-                ),
-            );
-        }
-        match Router::bind(&config.route.spec(), &table.columns) {
-            Ok(_) => report.add(
-                Status::Ok,
-                "route",
-                "every routed column exists in the table",
-            ),
-            Err(e) => report.add(Status::Fail, "route", one_line(&e)),
-        }
-        if !failed("publication") {
-            report.add(
-                Status::Ok,
-                "publication",
-                format!(
-                    "{:?} publishes inserts of the table",
-                    config.postgres.publication
-                ),
-            );
-        }
+        return;
     }
-    if !config.postgres.prune_after.trim().is_empty() {
-        match crate::prune::prepare(&client, config, &config.postgres.prune_after).await {
-            Ok(p) => report.add(
-                Status::Ok,
-                "prune",
-                format!(
-                    "rows of {} older than {} are deleted once the slot has confirmed them",
-                    p.table.quoted(),
-                    config.postgres.prune_after
-                ),
-            ),
-            Err(e) => report.add(Status::Fail, "prune", one_line(e.as_ref())),
-        }
-    }
-    if let (Some(s), false) = (&found.slot, failed("slot")) {
-        let lsn = |l: Option<outboxd_core::Lsn>| l.map_or_else(|| "-".into(), |l| l.to_string());
+    let Some(table) = &found.table else {
+        return;
+    };
+    if !failed("table") && !failed("rights") {
         report.add(
             Status::Ok,
-            "slot",
+            "table",
             format!(
-                "{:?}: {}, confirmed_flush_lsn {}, retained WAL {} bytes, wal_status {}",
-                s.name,
-                if s.active {
-                    format!("streamed by pid {}", s.active_pid.unwrap_or_default())
-                } else {
-                    "not streamed now".to_owned()
-                },
-                lsn(s.confirmed_flush_lsn),
-                s.retained_wal_bytes().unwrap_or_default(),
-                s.wal_status.as_deref().unwrap_or("-")
+                "{}.{} ({} columns); role may read it and stream replication",
+                table.schema,
+                table.name,
+                table.columns.len()
             ),
         );
-        match s.wal_status.as_deref() {
-            Some("extended") => report.add(
-                Status::Warn,
-                "slot",
-                "wal_status is \"extended\": the slot retains more WAL than max_wal_size; is outboxd running and keeping up?",
-            ),
-            Some("unreserved") => report.add(
-                Status::Warn,
-                "slot",
-                "wal_status is \"unreserved\": the slot will be invalidated at the next checkpoint unless outboxd catches up (max_slot_wal_keep_size)",
-            ),
-            _ => {}
-        }
-        match catalog::failover_state(&client, &s.name, server.version_num).await {
-            Ok((standbys, Some(false))) if standbys > 0 => report.add(
-                Status::Warn,
-                "failover",
-                format!(
-                    "{standbys} standby(s) stream from this server but the slot has failover = false: after a promotion the slot is gone. Set postgres.failover_slot = true and recreate the slot (PostgreSQL 17+), with sync_replication_slots on the standbys"
-                ),
-            ),
-            Ok((standbys, None)) if standbys > 0 => report.add(
-                Status::Warn,
-                "failover",
-                format!(
-                    "{standbys} standby(s) stream from this server; before PostgreSQL 17 logical slots are not synchronised to standbys, so a promotion loses the slot"
-                ),
-            ),
-            _ => {}
-        }
     }
-    client
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
-        .await
-        .ok()
-        .and_then(|row| row.try_get::<_, i64>(0).ok())
-        .map(|raw| Lsn::new(raw as u64))
+    match Router::bind(&config.route.spec(), &table.columns) {
+        Ok(_) => report.add(
+            Status::Ok,
+            "route",
+            "every routed column exists in the table",
+        ),
+        Err(e) => report.add(Status::Fail, "route", one_line(&e)),
+    }
+    if !failed("publication") {
+        report.add(
+            Status::Ok,
+            "publication",
+            format!("{publication:?} publishes inserts of the table"),
+        );
+    }
+}
+
+/// `[postgres] prune_after`: the rights and the column pruning needs.
+async fn check_pruning(config: &Config, client: &tokio_postgres::Client, report: &mut Report) {
+    match crate::prune::prepare(client, config, &config.postgres.prune_after).await {
+        Ok(p) => report.add(
+            Status::Ok,
+            "prune",
+            format!(
+                "rows of {} older than {} are deleted once the slot has confirmed them",
+                p.table.quoted(),
+                config.postgres.prune_after
+            ),
+        ),
+        Err(e) => report.add(Status::Fail, "prune", one_line(e.as_ref())),
+    }
+}
+
+/// The slot's state, its retained WAL, and whether it survives a failover.
+async fn check_slot(
+    client: &tokio_postgres::Client,
+    s: &catalog::Slot,
+    version_num: i32,
+    report: &mut Report,
+) {
+    let lsn = |l: Option<Lsn>| l.map_or_else(|| "-".into(), |l| l.to_string());
+    report.add(
+        Status::Ok,
+        "slot",
+        format!(
+            "{:?}: {}, confirmed_flush_lsn {}, retained WAL {} bytes, wal_status {}",
+            s.name,
+            if s.active {
+                format!("streamed by pid {}", s.active_pid.unwrap_or_default())
+            } else {
+                "not streamed now".to_owned()
+            },
+            lsn(s.confirmed_flush_lsn),
+            s.retained_wal_bytes().unwrap_or_default(),
+            s.wal_status.as_deref().unwrap_or("-")
+        ),
+    );
+    match s.wal_status.as_deref() {
+        Some("extended") => report.add(
+            Status::Warn,
+            "slot",
+            "wal_status is \"extended\": the slot retains more WAL than max_wal_size; is \
+             outboxd running and keeping up?",
+        ),
+        Some("unreserved") => report.add(
+            Status::Warn,
+            "slot",
+            "wal_status is \"unreserved\": the slot will be invalidated at the next checkpoint \
+             unless outboxd catches up (max_slot_wal_keep_size)",
+        ),
+        _ => {}
+    }
+    match catalog::failover_state(client, &s.name, version_num).await {
+        Ok((standbys, Some(false))) if standbys > 0 => report.add(
+            Status::Warn,
+            "failover",
+            format!(
+                "{standbys} standby(s) stream from this server but the slot has failover = \
+                 false: after a promotion the slot is gone. Set postgres.failover_slot = true and \
+                 recreate the slot (PostgreSQL 17+), with sync_replication_slots on the standbys"
+            ),
+        ),
+        Ok((standbys, None)) if standbys > 0 => report.add(
+            Status::Warn,
+            "failover",
+            format!(
+                "{standbys} standby(s) stream from this server; before PostgreSQL 17 logical \
+                 slots are not synchronised to standbys, so a promotion loses the slot"
+            ),
+        ),
+        _ => {}
+    }
 }
 
 /// How a connection's TLS came out: verified is fine; unencrypted or unverified is fine on
