@@ -60,6 +60,9 @@ async fn run_through_faults(env: &Env) -> Vec<Entry> {
         match t {
             10 => {
                 outboxd.kill9();
+                // The next outboxd streams before Postgres restarts: a startup that cannot
+                // connect stops outboxd.
+                wait_slot_released(&db).await;
                 outboxd = env.run();
                 wait_slot_active(&db).await;
             }

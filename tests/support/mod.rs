@@ -956,6 +956,26 @@ pub async fn wait_slot_active(db: &Client) {
     .await;
 }
 
+/// Waits until no process streams the `outboxd` slot: after a kill -9, the killed outboxd's
+/// walsender may still hold it for a moment, and a check for an active slot would see that
+/// one instead of its successor.
+pub async fn wait_slot_released(db: &Client) {
+    wait_until(
+        "the killed outboxd's walsender to release the slot",
+        Duration::from_secs(20),
+        || async move {
+            db.query_one(
+                "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
 /// Writes WAL to another table (switching segments and checkpointing) while the `outboxd`
 /// slot is not confirmed, until its `wal_status` is `status` (`extended`, `lost`).
 pub async fn write_wal_until_the_slot_is(db: &Client, status: &'static str) {

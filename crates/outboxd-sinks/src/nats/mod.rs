@@ -24,7 +24,7 @@
 //! | a subject or header NATS cannot carry; a message over the server's `max_payload` or the stream's `max_msg_size` | the record is dead-lettered (`rejected`, `too_large`) |
 //! | no stream captures the subject ("no responders"), an acknowledgement that does not come, a lost connection, a stream that is full | transient: the batch is sent again |
 //! | a refused authorization, a server without JetStream | permanent: outboxd stops with a message |
-//! | a dead letter refused | permanent: nothing is dropped |
+//! | a dead letter the dead-letter subject's stream refuses, or one over the server's `max_payload` | permanent: nothing is dropped |
 //!
 //! No stream for a subject is transient, not poison: a stream that is being created, or a
 //! JetStream that is still starting after a restart, answers the same way, and dead-lettering
@@ -387,13 +387,19 @@ fn acked(
     let code = std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<jetstream::Error>())
         .map(|j| j.error_code().0);
-    if code == Some(MESSAGE_TOO_LARGE) && !dead_letter {
-        return Ok(Acked::Refused(Poison::new(
+    match code {
+        // JetStream's own refusal of a dead letter: nothing may be dropped, so outboxd stops.
+        Some(code) if dead_letter => Err(SinkError::permanent(
+            "the stream of the dead-letter subject refused a dead letter (check sink.dead_letter \
+             and that stream's limits)",
+            format!("subject {subject:?}: JetStream error {code}: {e}"),
+        )),
+        Some(MESSAGE_TOO_LARGE) => Ok(Acked::Refused(Poison::new(
             PoisonKind::TooLarge,
             format!("nats refused the message: {e}"),
-        )));
+        ))),
+        _ => Err(publish_error(subject, e, dead_letter)),
     }
-    Err(publish_error(subject, e, dead_letter))
 }
 
 /// A failed publish of a message to `subject`, as a batch failure.
