@@ -113,14 +113,11 @@ async fn everything_else(
         prune,
     };
     let json = report::json(args, &results, started);
-    let table = format!(
-        "{}\n{}",
-        report::render_table(args, &results),
-        outbox_size::render_outbox_size(&results.writes, &results.prune)
-    );
-    println!("\n{table}");
+    let table = report::render_table(args, &results);
+    let outbox_size = outbox_size::render_outbox_size(&results.writes, &results.prune);
+    println!("\n{table}\n{outbox_size}");
     if let Some(dir) = &args.out {
-        report::write_results(dir, &json, &table)?;
+        report::write_results(dir, &json, &table, &outbox_size)?;
     }
     Ok(())
 }

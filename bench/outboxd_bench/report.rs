@@ -234,17 +234,17 @@ fn render_live(l: &Live, lives: &[Live]) -> String {
 /// Writes the table into `dir/benchmarks.md` (between the result markers), the raw results
 /// into `dir/benchmarks.json`, and the chart into `dir/benchmarks.png` (via
 /// scripts/bench_chart.py).
-pub fn write_results(dir: &Path, results: &serde_json::Value, table: &str) -> anyhow::Result<()> {
+pub fn write_results(
+    dir: &Path,
+    results: &serde_json::Value,
+    table: &str,
+    outbox_size: &str,
+) -> anyhow::Result<()> {
     let json_path = dir.join("benchmarks.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(results)? + "\n")?;
     let doc_path = dir.join("benchmarks.md");
-    let doc = std::fs::read_to_string(&doc_path).unwrap_or_default();
-    let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
-    let updated = match (doc.find(begin), doc.find(end)) {
-        (Some(a), Some(b)) if a < b => format!("{}{begin}\n{table}{}", &doc[..a], &doc[b..]),
-        _ => format!("{doc}\n{begin}\n{table}{end}\n"),
-    };
-    std::fs::write(&doc_path, updated)?;
+    replace_block(&doc_path, "results", &format!("{table}\n{outbox_size}"))?;
+    replace_block(&dir.join("outbox-size.md"), "outbox-size", outbox_size)?;
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench_chart.py");
     let status = std::process::Command::new("python3")
         .arg(chart)
@@ -261,5 +261,21 @@ pub fn write_results(dir: &Path, results: &serde_json::Value, table: &str) -> an
         doc_path.display(),
         json_path.display()
     );
+    Ok(())
+}
+
+/// Replaces what lies between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in the file at
+/// `path` with `text` (appending the block when the markers are missing).
+fn replace_block(path: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(path).unwrap_or_default();
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let updated = match (doc.find(&begin), doc.find(&end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{begin}\n{text}{}", &doc[..a], &doc[b..]),
+        _ => format!("{doc}\n{begin}\n{text}{end}\n"),
+    };
+    std::fs::write(path, updated)?;
     Ok(())
 }
