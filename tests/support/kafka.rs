@@ -61,6 +61,10 @@ pub struct KafkaMessage {
     pub key: Option<String>,
     /// Its value, as text.
     pub value: String,
+    /// Its value as sent; `None` for a null value (a tombstone).
+    pub raw_value: Option<Vec<u8>>,
+    /// Its timestamp in milliseconds since the epoch, when it has one.
+    pub timestamp: Option<i64>,
     /// Its headers in order, values as text.
     pub headers: Vec<(String, String)>,
 }
@@ -78,6 +82,8 @@ impl KafkaMessage {
             offset: m.offset(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            raw_value: m.payload().map(<[u8]>::to_vec),
+            timestamp: m.timestamp().to_millis(),
             headers: m
                 .headers()
                 .map(|hs| {

@@ -785,6 +785,11 @@ impl Env {
         command(&self.config, args, &[])
     }
 
+    /// Runs an outboxd command to completion with extra environment variables.
+    pub fn command_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        command(&self.config, args, env)
+    }
+
     /// Starts `outboxd run`.
     pub fn run(&self) -> Outboxd {
         self.run_with(&[])

@@ -74,8 +74,13 @@ pub struct Event {
     pub key: Bytes,
     /// The event type, e.g. `order.paid`.
     pub event_type: Bytes,
-    /// The payload, as the JSON text Postgres produced.
+    /// The message value: the payload column's bytes (a `bytea` payload decoded from its
+    /// text form), shaped as the route's [`PayloadEncoding`](crate::route::PayloadEncoding)
+    /// says. Empty for a tombstone.
     pub payload: Bytes,
+    /// The payload column was NULL and the route makes such rows tombstones (a message
+    /// without a value, for compacted Kafka topics) rather than dead letters.
+    pub tombstone: bool,
     /// The row's headers.
     pub headers: Headers,
     /// Where the row sits in the WAL.
@@ -83,6 +88,21 @@ pub struct Event {
     /// The commit time of the transaction, in microseconds since the Unix epoch, for the
     /// commit-to-ack latency.
     pub commit_time_micros: i64,
+    /// `[route] timestamp`, when set: the event's time in milliseconds since the epoch (the
+    /// commit time, or a column's), written as a Redis field `time`.
+    pub time_millis: Option<i64>,
+    /// `[route.headers]`, rendered for this row in name order: extra headers (Kafka, NATS) or
+    /// fields (Redis). A header whose template reads a NULL column is left out.
+    pub attributes: Vec<(String, Bytes)>,
+}
+
+impl Event {
+    /// The event's timestamp in milliseconds since the epoch, for brokers that carry one
+    /// (Kafka): [`Event::time_millis`], or else the commit time.
+    pub fn timestamp_millis(&self) -> i64 {
+        self.time_millis
+            .unwrap_or(self.commit_time_micros.div_euclid(1000))
+    }
 }
 
 /// Why an event cannot be published; written to the dead-letter destination with it.
@@ -101,6 +121,10 @@ pub enum PoisonKind {
     /// A logical decoding message with one of outboxd's prefixes whose content is not what
     /// the prefix promises.
     InvalidMessage,
+    /// The route's timestamp column holds something that is not a timestamp.
+    InvalidTimestamp,
+    /// A `bytea` payload whose text form could not be decoded.
+    InvalidPayload,
 }
 
 impl PoisonKind {
@@ -113,6 +137,8 @@ impl PoisonKind {
             PoisonKind::TooLarge => "too_large",
             PoisonKind::Rejected => "rejected",
             PoisonKind::InvalidMessage => "invalid_message",
+            PoisonKind::InvalidTimestamp => "invalid_timestamp",
+            PoisonKind::InvalidPayload => "invalid_payload",
         }
     }
 }
@@ -178,6 +204,10 @@ impl Record {
             + e.event_type.len()
             + e.payload.len()
             + e.headers.json.len()
+            + e.attributes
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
             + headers
             + self.poison.as_ref().map_or(0, |p| p.detail.len())
             + 128

@@ -21,6 +21,8 @@ pub mod sink;
 pub use checkpoint::Checkpoint;
 pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
 pub use lsn::{Lsn, WalHorizon};
-pub use route::{RouteError, RouteSpec, Router, Template, glob_escape};
+pub use route::{
+    PayloadEncoding, RouteError, RouteSpec, Router, Template, TimestampSource, glob_escape,
+};
 pub use secret::{Secret, SecretFileError, mask_url, read_secret_file};
 pub use sink::{Delivery, Ledger, Sink, SinkError};

@@ -239,6 +239,9 @@ mod tests {
                         index: u32::try_from(i).unwrap_or(u32::MAX),
                     },
                     commit_time_micros: 0,
+                    tombstone: false,
+                    time_millis: None,
+                    attributes: Vec::new(),
                 })
             })
             .collect()

@@ -395,6 +395,7 @@ mod tests {
             schema: "public".into(),
             name: "outbox".into(),
             columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+            types: Vec::new(),
             can_select: true,
             partitioned: false,
         }

@@ -183,6 +183,8 @@ pub struct Table {
     pub name: String,
     /// Its columns in table order.
     pub columns: Vec<String>,
+    /// The columns' type OIDs, in the same order.
+    pub types: Vec<u32>,
     /// Whether the connected role may SELECT from it (logical replication requires it).
     pub can_select: bool,
     /// Whether it is a partitioned table (its rows live in partitions).
@@ -211,21 +213,21 @@ pub async fn table(client: &Client, name: &str) -> Result<Option<Table>, tokio_p
         return Ok(None);
     };
     let oid: u32 = row.get(0);
-    let columns = client
+    let rows = client
         .query(
-            "SELECT attname::text FROM pg_attribute \
+            "SELECT attname::text, atttypid FROM pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await?;
+    let columns = rows.iter().map(|r| r.get(0)).collect();
+    let types = rows.iter().map(|r| r.get(1)).collect();
     Ok(Some(Table {
         oid,
         schema: row.get(1),
         name: row.get(2),
         columns,
+        types,
         can_select: row.get(3),
         partitioned: row.get(4),
     }))

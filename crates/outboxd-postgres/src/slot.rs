@@ -593,6 +593,7 @@ mod tests {
                 schema: "public".to_owned(),
                 name: "outbox".to_owned(),
                 columns: vec!["id".to_owned(), "topic".to_owned(), "payload".to_owned()],
+                types: Vec::new(),
                 can_select: true,
                 partitioned: false,
             }),

@@ -25,6 +25,8 @@ pub struct SinkContext<'a> {
     pub effectively_once: bool,
     /// The replication slot's name: an identity that every instance on the slot shares.
     pub slot: &'a str,
+    /// Whether events carry their type as a `type` header (Kafka; off under `[route] preset = "debezium"`, whose consumers expect the `id` header only).
+    pub type_header: bool,
     /// How far the server's WAL is known to reach (no event outboxd wrote is beyond it).
     pub wal_horizon: &'a WalHorizon,
 }
@@ -152,6 +154,14 @@ pub trait SinkPlugin {
 
     /// Builds the client; connections are made on first use.
     fn build(config: &Self::Config, ctx: &SinkContext<'_>) -> Result<Self::Sink, SinkError>;
+
+    /// Whether the route makes a NULL payload a tombstone (an event without a value) instead
+    /// of a dead letter: for brokers where a missing value means something (Kafka's compacted
+    /// topics). No by default.
+    fn tombstone_on_null(config: &Self::Config) -> bool {
+        let _ = config;
+        false
+    }
 
     /// More checks for `outboxd check`, once the broker answered (none by default).
     fn preflight(

@@ -36,6 +36,8 @@ macro_rules! sinks {
 
         /// The configured broker: one of the sinks this build has.
         #[derive(Debug)]
+        // One per process, built once: the sinks' sizes differ, and boxing would buy nothing.
+        #[allow(clippy::large_enum_variant)]
         pub enum AnySink {
             $(
                 #[doc = concat!("The `", $feature, "` sink.")]
@@ -155,6 +157,10 @@ macro_rules! sinks {
             }
 
             /// Checks every section without connecting.
+            pub fn tombstone_on_null(&self, kind: &str) -> bool {
+                self.with(kind, |s| s.tombstone_on_null()).unwrap_or(false)
+            }
+
             pub fn validate(&self) -> Result<(), $crate::SinkConfigError> {
                 $(
                     #[cfg(feature = $feature)]
@@ -233,6 +239,8 @@ pub trait Section {
     fn target(&self) -> String;
     /// [`SinkPlugin::security`].
     fn security(&self) -> (CheckLevel, String);
+    /// [`SinkPlugin::tombstone_on_null`].
+    fn tombstone_on_null(&self) -> bool;
 }
 
 /// The section of plugin `P`.
@@ -251,6 +259,10 @@ impl<P: SinkPlugin> Section for Of<'_, P> {
 
     fn security(&self) -> (CheckLevel, String) {
         P::security(self.0)
+    }
+
+    fn tombstone_on_null(&self) -> bool {
+        P::tombstone_on_null(self.0)
     }
 }
 

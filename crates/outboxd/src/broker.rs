@@ -57,6 +57,7 @@ impl Broker {
             dead_letter: &config.sink.dead_letter,
             effectively_once: config.sink.delivery == DeliveryMode::EffectivelyOnce,
             slot: &config.postgres.slot,
+            type_header: config.route.type_header(),
             wal_horizon: horizon,
         };
         config.sink.sections.build(&config.sink.kind, &ctx)

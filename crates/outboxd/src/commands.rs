@@ -366,7 +366,7 @@ fn run_settings(config: &Config) -> anyhow::Result<RunSettings> {
         publication: config.postgres.publication.clone(),
         table: config.postgres.table.clone(),
         source: config.postgres.source.stream_source(),
-        route: config.route.spec(),
+        route: config.route_spec(),
         status_interval: Duration::from_millis(config.postgres.status_interval_ms),
         max_batch_events: config.sink.max_batch_events,
         linger: Duration::from_millis(config.sink.linger_ms),

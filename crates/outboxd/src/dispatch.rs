@@ -242,6 +242,9 @@ mod tests {
                     index,
                 },
                 commit_time_micros: 0,
+                tombstone: false,
+                time_millis: None,
+                attributes: Vec::new(),
             }),
             permits: 1,
         }

@@ -140,6 +140,9 @@ pub fn record(id: u32, topic: &str, payload_bytes: usize) -> Record {
             index: id,
         },
         commit_time_micros: 0,
+        tombstone: false,
+        time_millis: None,
+        attributes: Vec::new(),
     })
 }
 

@@ -108,12 +108,13 @@ where
     S: Sink + 'static,
     F: FnMut() -> Result<S, SinkError>,
 {
-    let (prepared, columns, sink) = preflight(&settings, &mut make_sink).await?;
+    let (prepared, (columns, column_types), sink) = preflight(&settings, &mut make_sink).await?;
     let options = stream_options(&settings, &prepared);
     let session = Session {
         settings: &settings,
         options: &options,
         columns: &columns,
+        column_types: &column_types,
         metrics: &metrics,
         status: &status,
         shutdown: &shutdown,
@@ -150,7 +151,7 @@ where
 async fn preflight<S, F>(
     settings: &RunSettings,
     make_sink: &mut F,
-) -> Result<(Prepared, Vec<String>, S), RunError>
+) -> Result<(Prepared, (Vec<String>, Vec<u32>), S), RunError>
 where
     S: Sink,
     F: FnMut() -> Result<S, SinkError>,
@@ -170,11 +171,11 @@ where
     let prepared = slot::prepare(&client, spec, Mode::Check).await?;
     drop(client);
     // The columns routes read: the table's, or the fields of table-less messages.
-    let columns = match (&prepared.table, settings.source) {
-        (Some(table), Source::Table) => table.columns.clone(),
-        _ => message::event_columns(),
+    let (columns, types) = match (&prepared.table, settings.source) {
+        (Some(table), Source::Table) => (table.columns.clone(), table.types.clone()),
+        _ => (message::event_columns(), Vec::new()),
     };
-    Router::bind(&settings.route, &columns)?;
+    Router::bind_typed(&settings.route, &columns, &types)?;
     let mut sink = make_sink().map_err(|source| RunError::Sink {
         broker: settings.broker,
         source,
@@ -195,7 +196,7 @@ where
         http = %settings.http,
         "outboxd starting"
     );
-    Ok((prepared, columns, sink))
+    Ok((prepared, (columns, types), sink))
 }
 
 /// What every session streams.

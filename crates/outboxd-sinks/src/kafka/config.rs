@@ -35,6 +35,9 @@ pub struct KafkaSection {
     pub timeout_ms: u64,
     /// A file holding the SASL password (`sasl.password`), for Kubernetes and Docker secrets.
     pub sasl_password_file: String,
+    /// A NULL payload becomes a tombstone (a message with a null value, which deletes its key
+    /// from a compacted topic) instead of a dead letter.
+    pub tombstone_on_null: bool,
     /// Passed to librdkafka as is.
     pub options: BTreeMap<String, String>,
 }
@@ -51,6 +54,7 @@ impl Default for KafkaSection {
             delivery_timeout_ms: 60_000,
             timeout_ms: 10_000,
             sasl_password_file: String::new(),
+            tombstone_on_null: false,
             options: BTreeMap::new(),
         }
     }
@@ -101,6 +105,7 @@ impl fmt::Debug for KafkaSection {
             .field("delivery_timeout_ms", &self.delivery_timeout_ms)
             .field("timeout_ms", &self.timeout_ms)
             .field("sasl_password_file", &self.sasl_password_file)
+            .field("tombstone_on_null", &self.tombstone_on_null)
             .field("options", &self.redacted_options())
             .finish()
     }
@@ -284,6 +289,10 @@ impl SinkPlugin for Kafka {
         )
     }
 
+    fn tombstone_on_null(config: &KafkaSection) -> bool {
+        config.tombstone_on_null
+    }
+
     fn build(config: &KafkaSection, ctx: &SinkContext<'_>) -> Result<KafkaSink, SinkError> {
         KafkaSink::new(KafkaConfig {
             brokers: config.brokers.clone(),
@@ -299,6 +308,7 @@ impl SinkPlugin for Kafka {
                 offsets_topic: config.offsets_topic.clone(),
                 slot: ctx.slot.to_owned(),
             }),
+            type_header: ctx.type_header,
         })
     }
 }

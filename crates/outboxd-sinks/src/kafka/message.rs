@@ -1,8 +1,10 @@
 //! The wire form of what the sink produces ([`Outgoing`]), and its size.
 //!
 //! Each event becomes one message: topic = the routed topic, key = the route key (none when
-//! empty), value = the payload, headers `id`, `type`, then the row's headers in their order. A
-//! dead-letter message is the same message in the dead-letter topic, followed by the context
+//! empty), value = the payload (none for a tombstone), timestamp = the event's
+//! ([`Event::timestamp_millis`]: the commit time unless the route names a column), headers
+//! `id`, `type` (left out under the Debezium preset), the row's headers in their order, then
+//! the route's `[route.headers]`. A dead-letter message is the same message in the dead-letter topic, followed by the context
 //! headers of [`dead_letter::context`] (the original topic, the reason, the WAL position…).
 //!
 //! [`Outgoing::wire_size`] is an upper bound of the size librdkafka checks against the
@@ -31,21 +33,31 @@ pub(super) struct Outgoing {
     pub(super) partition: Option<i32>,
     pub(super) key: Option<Bytes>,
     pub(super) value: Bytes,
+    /// No value at all (a tombstone), rather than an empty one.
+    pub(super) tombstone: bool,
+    /// The message timestamp, in milliseconds since the epoch; `None`: librdkafka's clock.
+    pub(super) timestamp: Option<i64>,
     pub(super) headers: Vec<(String, Bytes)>,
 }
 
 impl Outgoing {
-    /// The event in its topic.
-    pub(super) fn event(event: &Event) -> Outgoing {
-        let mut headers = Vec::with_capacity(event.headers.pairs.len() + 2);
+    /// The event in its topic; `type_header`: with the `type` header.
+    pub(super) fn event(event: &Event, type_header: bool) -> Outgoing {
+        let mut headers =
+            Vec::with_capacity(event.headers.pairs.len() + event.attributes.len() + 2);
         headers.push(("id".to_owned(), event.id.clone()));
-        headers.push(("type".to_owned(), event.event_type.clone()));
+        if type_header {
+            headers.push(("type".to_owned(), event.event_type.clone()));
+        }
         headers.extend(event.headers.pairs.iter().cloned());
+        headers.extend(event.attributes.iter().cloned());
         Outgoing {
             topic: event.topic.clone(),
             partition: None,
             key: (!event.key.is_empty()).then(|| event.key.clone()),
             value: event.payload.clone(),
+            tombstone: event.tombstone,
+            timestamp: Some(event.timestamp_millis()),
             headers,
         }
     }
@@ -58,12 +70,13 @@ impl Outgoing {
         poison: &Poison,
         topic: &str,
         max_bytes: usize,
+        type_header: bool,
     ) -> Outgoing {
         let build = |poison: &Poison, payload: bool, row_headers: bool| {
-            let mut m = Outgoing::event(event);
+            let mut m = Outgoing::event(event, type_header);
             m.topic = topic.to_owned();
             if !row_headers {
-                m.headers.truncate(2);
+                m.headers.truncate(1 + usize::from(type_header));
             }
             if !payload {
                 m.value = Bytes::new();
@@ -112,9 +125,13 @@ impl Outgoing {
                 value: Some(value.as_ref()),
             });
         }
-        let mut record = FutureRecord::to(&self.topic)
-            .payload(self.value.as_ref())
-            .headers(headers);
+        let mut record = FutureRecord::to(&self.topic).headers(headers);
+        if !self.tombstone {
+            record = record.payload(self.value.as_ref());
+        }
+        if let Some(timestamp) = self.timestamp {
+            record = record.timestamp(timestamp);
+        }
         if let Some(partition) = self.partition {
             record = record.partition(partition);
         }
@@ -156,6 +173,9 @@ mod tests {
                 index: 3,
             },
             commit_time_micros: 1_700_000_000_000_000,
+            tombstone: false,
+            time_millis: None,
+            attributes: Vec::new(),
         }
     }
 
@@ -169,7 +189,7 @@ mod tests {
 
     #[test]
     fn an_event_is_key_value_and_headers() {
-        let m = Outgoing::event(&event(r#"{"amount":42}"#));
+        let m = Outgoing::event(&event(r#"{"amount":42}"#), true);
         assert_eq!(m.topic, "outbox.order");
         assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
         assert_eq!(m.value.as_ref(), br#"{"amount":42}"#);
@@ -179,13 +199,42 @@ mod tests {
 
         let mut keyless = event("{}");
         keyless.key = Bytes::new();
-        assert_eq!(Outgoing::event(&keyless).key, None);
+        assert_eq!(Outgoing::event(&keyless, true).key, None);
+    }
+
+    #[test]
+    fn route_headers_the_time_and_tombstones_shape_the_message() {
+        let mut e = event("{}");
+        e.attributes = vec![("tenant".into(), Bytes::from_static(b"acme"))];
+        e.time_millis = Some(1_556_890_294_484);
+        let m = Outgoing::event(&e, false);
+        let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["id", "traceparent", "tenant"], "no type header");
+        assert_eq!(m.timestamp, Some(1_556_890_294_484));
+        assert!(m.record().payload.is_some());
+
+        e.time_millis = None;
+        e.tombstone = true;
+        e.payload = Bytes::new();
+        let m = Outgoing::event(&e, true);
+        assert_eq!(m.timestamp, Some(1_700_000_000_000), "the commit time");
+        assert!(m.record().payload.is_none(), "a tombstone has no value");
+        assert_eq!(m.record().key, Some(&b"123"[..]));
+
+        // A dead letter without the type header keeps only the id when it sheds headers.
+        let big = "x".repeat(50_000);
+        let mut e = event(&big);
+        e.headers.pairs = vec![("blob".into(), Bytes::from("h".repeat(20_000)))];
+        let poison = Poison::new(PoisonKind::TooLarge, "over the limit");
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, false);
+        assert_eq!(m.headers[0].0, "id");
+        assert_ne!(m.headers[1].0, "blob");
     }
 
     #[test]
     fn a_dead_letter_message_carries_the_context() {
         let poison = Poison::new(PoisonKind::Rejected, "kafka refused the message: x");
-        let m = Outgoing::dead_letter(&event("{}"), &poison, "outboxd.dlq", 1_000_000);
+        let m = Outgoing::dead_letter(&event("{}"), &poison, "outboxd.dlq", 1_000_000, true);
         assert_eq!(m.topic, "outboxd.dlq");
         assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
         assert_eq!(m.value.as_ref(), b"{}");
@@ -214,7 +263,7 @@ mod tests {
     fn a_too_large_dead_letter_message_drops_its_payload_and_says_so() {
         let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(50_000));
         let poison = Poison::new(PoisonKind::TooLarge, "over the limit");
-        let m = Outgoing::dead_letter(&event(&big), &poison, "outboxd.dlq", 10_000);
+        let m = Outgoing::dead_letter(&event(&big), &poison, "outboxd.dlq", 10_000, true);
         assert!(m.wire_size() <= 10_000);
         assert!(m.value.is_empty());
         assert_eq!(header(&m, "traceparent"), Some(&b"00-abc-01"[..]));
@@ -225,7 +274,7 @@ mod tests {
         // Headers too large as well: they go too, and the detail says so.
         let mut e = event(&big);
         e.headers.pairs = vec![("blob".into(), Bytes::from("h".repeat(20_000)))];
-        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000);
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, true);
         assert!(m.wire_size() <= 10_000);
         assert_eq!(header(&m, "blob"), None);
         let detail = String::from_utf8(header(&m, "detail").unwrap().to_vec()).unwrap();
@@ -236,7 +285,7 @@ mod tests {
     fn the_size_estimate_is_not_below_librdkafkas() {
         // librdkafka: 36 bytes of record overhead + key + value + serialized headers (two
         // varints and the bytes per header).
-        let m = Outgoing::event(&event("{}"));
+        let m = Outgoing::event(&event("{}"), true);
         let librdkafka = 36
             + 3
             + 2

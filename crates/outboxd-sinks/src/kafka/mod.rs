@@ -110,6 +110,8 @@ pub struct KafkaConfig {
     pub timeout: Duration,
     /// Effectively-once delivery through transactions; `None` for at-least-once.
     pub transactions: Option<TransactionsConfig>,
+    /// Send each event's type as a `type` header.
+    pub type_header: bool,
 }
 
 /// Settings of the transactional (effectively-once) mode.
@@ -198,10 +200,16 @@ impl KafkaSink {
         for (i, record) in ledger.batch().iter().enumerate() {
             let event = &record.event;
             if let Some(poison) = &record.poison {
-                first.push(Some(Outgoing::dead_letter(event, poison, dead_letter, max)));
+                first.push(Some(Outgoing::dead_letter(
+                    event,
+                    poison,
+                    dead_letter,
+                    max,
+                    self.config.type_header,
+                )));
                 continue;
             }
-            let message = Outgoing::event(event);
+            let message = Outgoing::event(event, self.config.type_header);
             let size = message.wire_size();
             if size > max {
                 ledger.reject(i, too_large(size, max));
@@ -251,6 +259,7 @@ impl KafkaSink {
                     poison,
                     &dead_letter,
                     self.max_message_bytes,
+                    self.config.type_header,
                 ))
             })
             .collect();

@@ -193,6 +193,7 @@ mod tests {
             delivery_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             transactions: None,
+            type_header: true,
         };
         let err = KafkaSink::new(config(&[("acks", "1")])).unwrap_err();
         assert!(!err.is_transient());

@@ -4,7 +4,7 @@
 //!   subject (dot-separated tokens, no spaces, no wildcards), or the event is dead-lettered
 //!   as `rejected`;
 //! - headers: `Nats-Msg-Id` (below), `id`, `type`, `key`, then the row's headers in their
-//!   order; a header NATS cannot carry (a name with `:` or control characters, a value with a
+//!   order, then the route's `[route.headers]`; a header NATS cannot carry (a name with `:` or control characters, a value with a
 //!   line break) dead-letters the event as `rejected`, rather than being altered;
 //! - payload = the event's payload, byte for byte.
 //!
@@ -57,7 +57,7 @@ impl Outgoing {
         ] {
             headers.insert(name, value_of(name, value)?);
         }
-        for (name, value) in &event.headers.pairs {
+        for (name, value) in event.headers.pairs.iter().chain(&event.attributes) {
             let name = HeaderName::try_from(name.as_str()).map_err(|_| {
                 refused(format!(
                     "header name {name:?} cannot be a NATS header (no ':', control characters \
@@ -167,6 +167,9 @@ mod tests {
                 index: 2,
             },
             commit_time_micros: 0,
+            tombstone: false,
+            time_millis: None,
+            attributes: Vec::new(),
         }
     }
 

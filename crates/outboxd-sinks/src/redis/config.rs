@@ -36,6 +36,76 @@ pub struct RedisSection {
     pub timeout_ms: u64,
     /// Largest event published; a larger one is dead-lettered as `too_large`.
     pub max_event_bytes: u64,
+    /// The entry's field names, for consumers that read another relay's names.
+    pub fields: RedisFields,
+}
+
+/// `[sink.redis.fields]`: the name of each field of an entry; `""` leaves the field out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisFields {
+    /// The event id.
+    pub id: String,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The ordering key.
+    pub key: String,
+    /// The payload.
+    pub payload: String,
+    /// The row's headers object.
+    pub headers: String,
+    /// The event's time in milliseconds since the epoch, when `[route] timestamp` is set.
+    pub time: String,
+}
+
+impl RedisFields {
+    /// The names in entry order, with their standard names.
+    pub(super) fn names(&self) -> [(&'static str, &str); 6] {
+        [
+            ("id", &self.id),
+            ("type", &self.event_type),
+            ("key", &self.key),
+            ("payload", &self.payload),
+            ("headers", &self.headers),
+            ("time", &self.time),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), SinkConfigError> {
+        let names = self.names();
+        if names[..5].iter().all(|(_, name)| name.is_empty()) {
+            return Err(SinkConfigError::invalid(
+                "sink.redis.fields",
+                "leaves every field out: an entry needs at least one (keep payload)",
+            ));
+        }
+        for (i, (field, name)) in names.iter().enumerate() {
+            if let Some((other, _)) = names[..i]
+                .iter()
+                .find(|(_, n)| !name.is_empty() && n == name)
+            {
+                return Err(SinkConfigError::invalid(
+                    format!("sink.redis.fields.{field}"),
+                    format!("names the same field as sink.redis.fields.{other} ({name:?})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for RedisFields {
+    fn default() -> Self {
+        RedisFields {
+            id: "id".into(),
+            event_type: "type".into(),
+            key: "key".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            time: "time".into(),
+        }
+    }
 }
 
 impl Default for RedisSection {
@@ -52,6 +122,7 @@ impl Default for RedisSection {
             wait_timeout_ms: 1000,
             timeout_ms: 10_000,
             max_event_bytes: 16 * 1024 * 1024,
+            fields: RedisFields::default(),
         }
     }
 }
@@ -84,6 +155,8 @@ pub struct RedisConfig {
     pub effectively_once: bool,
     /// How far the server's WAL is known to reach: no id outboxd wrote can be beyond it.
     pub wal_horizon: WalHorizon,
+    /// The entry's field names; empty ones are left out.
+    pub fields: RedisFields,
 }
 
 /// The TLS files of a `rediss://` connection (PEM).
@@ -170,7 +243,7 @@ impl SinkPlugin for Redis {
                  set: they are for TLS",
             ));
         }
-        Ok(())
+        config.fields.validate()
     }
 
     fn redact(config: &mut RedisSection) {
@@ -218,6 +291,7 @@ impl SinkPlugin for Redis {
             max_event_bytes: usize::try_from(config.max_event_bytes).unwrap_or(usize::MAX),
             effectively_once: ctx.effectively_once,
             wal_horizon: ctx.wal_horizon.clone(),
+            fields: config.fields.clone(),
         })
     }
 

@@ -63,7 +63,7 @@ mod effectively_once;
 mod reply;
 mod transaction;
 
-pub use config::{Redis, RedisConfig, RedisSection, RedisTls};
+pub use config::{Redis, RedisConfig, RedisFields, RedisSection, RedisTls};
 pub use effectively_once::{SCRIPT as EFFECTIVELY_ONCE_SCRIPT, entry_id};
 
 use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
@@ -163,17 +163,26 @@ impl RedisSink {
             } else {
                 &event.headers.json
             };
-        cmd.arg("id")
-            .arg(event.id.as_ref())
-            .arg("type")
-            .arg(event.event_type.as_ref())
-            .arg("key")
-            .arg(event.key.as_ref())
-            .arg("payload")
-            .arg(payload)
-            .arg("headers")
-            .arg(headers);
-        let mut pairs = 5;
+        let time = event.time_millis.map(|ms| ms.to_string());
+        let values: [Option<&[u8]>; 6] = [
+            Some(&event.id),
+            Some(&event.event_type),
+            Some(&event.key),
+            Some(payload),
+            Some(headers),
+            time.as_ref().map(String::as_bytes),
+        ];
+        let mut pairs = 0;
+        for ((_, name), value) in self.config.fields.names().into_iter().zip(values) {
+            if let Some(value) = value.filter(|_| !name.is_empty()) {
+                cmd.arg(name).arg(value);
+                pairs += 1;
+            }
+        }
+        for (name, value) in &event.attributes {
+            cmd.arg(name.as_str()).arg(value.as_ref());
+            pairs += 1;
+        }
         if let Some(poison) = poison {
             for (name, value) in dead_letter::context(event, poison) {
                 cmd.arg(name).arg(value.as_ref());
@@ -235,4 +244,9 @@ fn entry_bytes(event: &outboxd_core::Event) -> usize {
         + event.key.len()
         + event.event_type.len()
         + event.topic.len()
+        + event
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }

@@ -55,7 +55,7 @@ pub(super) fn check_keys(
         } else {
             format!("{prefix}.{key}")
         };
-        if SinkSections::open_tables().contains(&dotted) {
+        if open_tables().contains(&dotted) {
             continue;
         }
         match (defaults.get(key), value) {
@@ -95,7 +95,7 @@ pub(super) fn apply_env(
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
         .collect();
     vars.sort();
-    let open = SinkSections::open_tables();
+    let open = open_tables();
     for (var, raw) in vars {
         let path: Vec<String> = var[ENV_PREFIX.len()..]
             .split("__")
@@ -161,4 +161,11 @@ pub(super) fn apply_env(
         at.insert(last.clone(), value);
     }
     Ok(())
+}
+
+/// Tables whose keys are free names: the sinks' pass-through options and `[route.headers]`.
+pub(super) fn open_tables() -> Vec<String> {
+    let mut open = SinkSections::open_tables();
+    open.push("route.headers".into());
+    open
 }

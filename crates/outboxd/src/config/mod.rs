@@ -13,8 +13,10 @@ use outboxd_sinks::{SinkConfigError, SinkSections};
 use serde::{Deserialize, Serialize};
 
 mod keys;
+mod route;
 
 use keys::{apply_env, check_keys, defaults_table, given_keys, one_line};
+pub use route::{Preset, RouteConfig};
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "OUTBOXD_";
@@ -195,52 +197,6 @@ impl Default for PostgresConfig {
     }
 }
 
-/// `[route]`: templates over the row's columns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouteConfig {
-    /// Topic (Kafka) or stream (Redis) template.
-    pub topic: String,
-    /// Key template; empty for no key.
-    pub key: String,
-    /// Column with the event id; empty to use the WAL position.
-    pub id_column: String,
-    /// Column with the event type; empty for none.
-    pub type_column: String,
-    /// Column with the payload.
-    pub payload_column: String,
-    /// Column with the headers object; empty for none.
-    pub headers_column: String,
-}
-
-impl Default for RouteConfig {
-    fn default() -> Self {
-        let s = RouteSpec::standard();
-        RouteConfig {
-            topic: s.topic,
-            key: s.key,
-            id_column: s.id_column,
-            type_column: s.type_column,
-            payload_column: s.payload_column,
-            headers_column: s.headers_column,
-        }
-    }
-}
-
-impl RouteConfig {
-    /// The route for the core's router.
-    pub fn spec(&self) -> RouteSpec {
-        RouteSpec {
-            topic: self.topic.clone(),
-            key: self.key.clone(),
-            id_column: self.id_column.clone(),
-            type_column: self.type_column.clone(),
-            payload_column: self.payload_column.clone(),
-            headers_column: self.headers_column.clone(),
-        }
-    }
-}
-
 /// Delivery guarantee.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -354,9 +310,18 @@ impl Config {
                 origin: shown.clone(),
                 message: one_line(&e.to_string()),
             })?;
-        config.read_secret_files(&|key| given.iter().any(|g| g == key))?;
+        let is_set = |key: &str| given.iter().any(|g| g == key);
+        config.route.apply_preset(&is_set);
+        config.read_secret_files(&is_set)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The route for the core's router, with what the sink asks of it (tombstones).
+    pub fn route_spec(&self) -> RouteSpec {
+        let mut spec = self.route.spec();
+        spec.tombstone_on_null = self.sink.sections.tombstone_on_null(&self.sink.kind);
+        spec
     }
 
     /// Reads the `…_file` twins of secret keys into the keys. `is_set(dotted key)`: whether
@@ -421,6 +386,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: "configuration".into(),
                 message: "postgres.prune_interval_ms and postgres.prune_batch_rows must be greater than 0".into(),
+            });
+        }
+        if let Some(message) = self.route.problems() {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message,
             });
         }
         if self.sink.linger_ms > MAX_LINGER_MS {
@@ -612,6 +583,91 @@ listen = "127.0.0.1:9187"
         assert_eq!(c.sink.sections.redis.maxlen, 5000);
         assert!(c.postgres.failover_slot);
         assert_eq!(c.sink.sections.kafka.options["linger.ms"], "7");
+    }
+
+    #[test]
+    #[cfg(all(feature = "redis", feature = "kafka"))]
+    fn the_debezium_preset_changes_defaults_and_keys_set_still_win() {
+        let f = write(
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[route]\npreset = \"debezium\"\nkey = \"{id}\"\n",
+        );
+        let c = Config::load(f.path(), true, []).expect("loads");
+        let spec = c.route_spec();
+        assert_eq!(spec.topic, "outbox.event.{aggregatetype}");
+        assert_eq!(spec.key, "{id}", "set in the file");
+        assert_eq!(spec.type_column, "type");
+        assert_eq!(spec.headers_column, "");
+        assert_eq!(
+            spec.payload_encoding,
+            outboxd_core::PayloadEncoding::JsonString
+        );
+        assert!(!c.route.type_header());
+        let env = [
+            ("OUTBOXD_ROUTE__TOPIC", "events"),
+            ("OUTBOXD_ROUTE__EXPAND_JSON_PAYLOAD", "true"),
+            ("OUTBOXD_ROUTE__HEADERS__TENANT", "{tenant}"),
+            ("OUTBOXD_ROUTE__TIMESTAMP", "created"),
+            ("OUTBOXD_SINK__KIND", "kafka"),
+            ("OUTBOXD_SINK__KAFKA__TOMBSTONE_ON_NULL", "true"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let c = Config::load(f.path(), true, env).expect("loads");
+        let spec = c.route_spec();
+        assert_eq!(spec.topic, "events", "set in the environment");
+        assert_eq!(
+            spec.payload_encoding,
+            outboxd_core::PayloadEncoding::JsonDocument
+        );
+        assert_eq!(
+            spec.attributes,
+            [("tenant".to_owned(), "{tenant}".to_owned())]
+        );
+        assert_eq!(
+            spec.timestamp,
+            outboxd_core::TimestampSource::Column("created".into())
+        );
+        assert!(spec.tombstone_on_null);
+
+        // Without the preset: outboxd's defaults, the type header, no tombstones on Redis.
+        let f = write(
+            "[postgres]\nurl = \"postgres://u@h/db\"\n[sink.kafka]\ntombstone_on_null = true\n",
+        );
+        let c = Config::load(f.path(), true, []).expect("loads");
+        assert_eq!(c.route_spec().topic, "outbox.{aggregate_type}");
+        assert!(c.route.type_header());
+        assert!(
+            !c.route_spec().tombstone_on_null,
+            "the redis sink has no tombstones"
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "redis")]
+    fn format_settings_that_cannot_work_are_refused() {
+        let cases = [
+            (
+                "[route]\nexpand_json_payload = true",
+                "preset = \"debezium\"",
+            ),
+            ("[route]\npreset = \"avro\"", "preset"),
+            ("[route.headers]\n\"\" = \"x\"", "route.headers"),
+            (
+                "[sink.redis.fields]\npayload = \"id\"",
+                "sink.redis.fields.payload",
+            ),
+            (
+                "[sink.redis.fields]\nid = \"\"\ntype = \"\"\nkey = \"\"\npayload = \"\"\nheaders = \"\"",
+                "at least one",
+            ),
+            ("[sink.redis.fields]\nbody = \"data\"", "body"),
+        ];
+        for (text, expected) in cases {
+            let f = write(&format!(
+                "[postgres]\nurl = \"postgres://u@h/db\"\n{text}\n"
+            ));
+            let err = Config::load(f.path(), true, []).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 
     #[test]
@@ -831,7 +887,7 @@ listen = "127.0.0.1:9187"
 
     /// The keys of the defaults that take a value (free-form tables count as one key).
     fn leaf_keys(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
-        let open = SinkSections::open_tables();
+        let open = keys::open_tables();
         for (key, value) in table {
             let dotted = if prefix.is_empty() {
                 key.clone()

@@ -27,18 +27,23 @@ pub(super) struct Routing<'a> {
 }
 
 impl<'a> Routing<'a> {
-    /// `spec` bound to `columns`: those known at startup, until the first Relation.
-    pub(super) fn new(spec: &'a RouteSpec, columns: &[String]) -> Result<Self, RouteError> {
+    /// `spec` bound to `columns` (and their type OIDs, where known): those known at startup,
+    /// until the first Relation.
+    pub(super) fn new(
+        spec: &'a RouteSpec,
+        columns: &[String],
+        types: &[u32],
+    ) -> Result<Self, RouteError> {
         Ok(Routing {
             spec,
-            router: Router::bind(spec, columns)?,
+            router: Router::bind_typed(spec, columns, types)?,
             columns: columns.to_vec(),
         })
     }
 
     /// The table's shape, from a Relation message: later rows and messages have `columns`.
-    pub(super) fn rebind(&mut self, columns: Vec<String>) -> Result<(), RouteError> {
-        self.router = Router::bind(self.spec, &columns)?;
+    pub(super) fn rebind(&mut self, columns: Vec<String>, types: &[u32]) -> Result<(), RouteError> {
+        self.router = Router::bind_typed(self.spec, &columns, types)?;
         self.columns = columns;
         Ok(())
     }
@@ -96,6 +101,9 @@ fn invalid_message(
             headers: Headers::empty(),
             position,
             commit_time_micros,
+            tombstone: false,
+            time_millis: None,
+            attributes: Vec::new(),
         },
         Poison::new(PoisonKind::InvalidMessage, error.to_string()),
     )
@@ -130,7 +138,7 @@ mod tests {
     #[test]
     fn a_replayed_row_keeps_its_route_and_is_marked() {
         let spec = RouteSpec::standard();
-        let routing = Routing::new(&spec, &table_columns()).unwrap();
+        let routing = Routing::new(&spec, &table_columns(), &[]).unwrap();
         let content = Bytes::from_static(
             br#"{"row": {"id": "e1", "aggregate_type": "order", "aggregate_id": "7", "event_type": "paid", "payload": "{}", "headers": null}}"#,
         );
@@ -145,7 +153,7 @@ mod tests {
     #[test]
     fn a_replay_to_a_topic_of_its_own_goes_there() {
         let spec = RouteSpec::standard();
-        let routing = Routing::new(&spec, &table_columns()).unwrap();
+        let routing = Routing::new(&spec, &table_columns(), &[]).unwrap();
         let content = Bytes::from_static(
             br#"{"row": {"id": "e1", "aggregate_type": "order", "aggregate_id": "7", "payload": "{}"}, "topic": "repair"}"#,
         );
@@ -156,7 +164,7 @@ mod tests {
     #[test]
     fn a_message_that_cannot_be_decoded_is_dead_lettered_by_its_position() {
         let spec = RouteSpec::standard();
-        let routing = Routing::new(&spec, &message::event_columns()).unwrap();
+        let routing = Routing::new(&spec, &message::event_columns(), &[]).unwrap();
         let record = routing.message(
             MessageKind::Event,
             Bytes::from_static(b"not json"),
@@ -172,10 +180,10 @@ mod tests {
     #[test]
     fn a_relation_rebinds_the_route_and_a_shape_it_cannot_read_is_an_error() {
         let spec = RouteSpec::standard();
-        let mut routing = Routing::new(&spec, &table_columns()).unwrap();
+        let mut routing = Routing::new(&spec, &table_columns(), &[]).unwrap();
         let mut columns = table_columns();
         columns.swap(0, 4);
-        routing.rebind(columns).unwrap();
+        routing.rebind(columns, &[]).unwrap();
         let values: Vec<Option<Bytes>> = ["{}", "order", "7", "paid", "e1", "{}"]
             .map(|v| Some(Bytes::from(v)))
             .to_vec();
@@ -184,6 +192,6 @@ mod tests {
             (record.event.id.as_ref(), record.event.payload.as_ref()),
             (&b"e1"[..], &b"{}"[..])
         );
-        assert!(routing.rebind(vec!["id".into()]).is_err());
+        assert!(routing.rebind(vec!["id".into()], &[]).is_err());
     }
 }

@@ -58,6 +58,8 @@ pub(super) struct Session<'a> {
     /// The columns known at startup: messages read before the session's first Relation are
     /// routed with them.
     pub columns: &'a [String],
+    /// Their type OIDs (empty for table-less messages), until the first Relation.
+    pub column_types: &'a [u32],
     pub metrics: &'a Arc<Metrics>,
     pub status: &'a Arc<Status>,
     pub shutdown: &'a CancellationToken,
@@ -144,7 +146,7 @@ impl Session<'_> {
     ) -> Result<Streaming<'_>, RunError> {
         let settings = self.settings;
         // The only step that may fail, before any task is spawned.
-        let routing = Routing::new(&settings.route, self.columns)?;
+        let routing = Routing::new(&settings.route, self.columns, self.column_types)?;
         let tasks = Tasks::new();
         let ending = self.shutdown.child_token();
         let watch = retention::watch(
@@ -231,7 +233,8 @@ impl Session<'_> {
         match event {
             WalEvent::Relation(rel) => {
                 let columns = rel.columns.iter().map(|c| c.name.clone()).collect();
-                s.routing.rebind(columns)?;
+                let types: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+                s.routing.rebind(columns, &types)?;
             }
             WalEvent::Row {
                 values,

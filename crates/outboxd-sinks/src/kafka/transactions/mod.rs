@@ -116,6 +116,8 @@ impl KafkaSink {
             partition: Some(0),
             key: Some(t.slot.clone().into_bytes().into()),
             value: marker_value(last).into_bytes().into(),
+            tombstone: false,
+            timestamp: None,
             headers: Vec::new(),
         }
     }

@@ -117,20 +117,21 @@ impl KafkaSink {
         first_new: usize,
     ) -> Vec<Option<Outgoing>> {
         let (dead_letter, max) = (&self.config.dead_letter, self.max_message_bytes);
+        let shape = self.config.type_header;
         let batch = ledger.batch();
         let mut messages = Vec::with_capacity(batch.len() + 1);
         for (i, record) in batch.iter().enumerate().skip(first_new) {
             let message = match ledger.poison(i) {
-                Some(p) => Outgoing::dead_letter(&record.event, p, dead_letter, max),
+                Some(p) => Outgoing::dead_letter(&record.event, p, dead_letter, max, shape),
                 None => {
-                    let message = Outgoing::event(&record.event);
+                    let message = Outgoing::event(&record.event, shape);
                     let size = message.wire_size();
                     if size <= max {
                         message
                     } else {
                         let poison = too_large(size, max);
                         let letter =
-                            Outgoing::dead_letter(&record.event, &poison, dead_letter, max);
+                            Outgoing::dead_letter(&record.event, &poison, dead_letter, max, shape);
                         ledger.reject(i, poison);
                         letter
                     }

@@ -15,6 +15,13 @@ use bytes::Bytes;
 
 use crate::event::{Event, Headers, Poison, PoisonKind, Position, Record};
 
+mod template;
+mod value;
+
+use template::{BoundColumn, BoundTemplate};
+pub use template::{Template, TemplateError, glob_escape};
+pub use value::{PayloadEncoding, TimestampSource};
+
 /// The route as configured: templates and column names, not yet checked against a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteSpec {
@@ -30,6 +37,14 @@ pub struct RouteSpec {
     pub payload_column: String,
     /// Column holding the headers object. Empty: events have no headers.
     pub headers_column: String,
+    /// `[route.headers]`: extra headers (Kafka, NATS) or fields (Redis), name and template.
+    pub attributes: Vec<(String, String)>,
+    /// Where the event's timestamp comes from.
+    pub timestamp: TimestampSource,
+    /// How the payload becomes the message value.
+    pub payload_encoding: PayloadEncoding,
+    /// A NULL payload makes a tombstone (a message without a value) instead of a dead letter.
+    pub tombstone_on_null: bool,
 }
 
 impl RouteSpec {
@@ -42,31 +57,35 @@ impl RouteSpec {
             type_column: "event_type".into(),
             payload_column: "payload".into(),
             headers_column: "headers".into(),
+            attributes: Vec::new(),
+            timestamp: TimestampSource::CommitQuiet,
+            payload_encoding: PayloadEncoding::AsIs,
+            tombstone_on_null: false,
         }
     }
-}
 
-/// A template that could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
-    /// A `{` without its `}`.
-    #[error("unclosed '{{' at byte {at}")]
-    Unclosed {
-        /// Byte offset of the opening brace.
-        at: usize,
-    },
-    /// A `}` that closes nothing (write `}}` for a literal brace).
-    #[error("unmatched '}}' at byte {at} (write '}}}}' for a literal brace)")]
-    Unmatched {
-        /// Byte offset of the brace.
-        at: usize,
-    },
-    /// `{}` names no column.
-    #[error("empty placeholder '{{}}' at byte {at}")]
-    EmptyPlaceholder {
-        /// Byte offset of the opening brace.
-        at: usize,
-    },
+    /// The route of Debezium's Outbox Event Router with its defaults, for its outbox table
+    /// (`id`, `aggregatetype`, `aggregateid`, `type`, `payload`): topic
+    /// `outbox.event.<aggregatetype>`, key `aggregateid`, the payload as a JSON string, or as
+    /// the JSON document with `expand_json_payload` (its `table.expand.json.payload`).
+    pub fn debezium(expand_json_payload: bool) -> Self {
+        RouteSpec {
+            topic: "outbox.event.{aggregatetype}".into(),
+            key: "{aggregateid}".into(),
+            id_column: "id".into(),
+            type_column: "type".into(),
+            payload_column: "payload".into(),
+            headers_column: String::new(),
+            attributes: Vec::new(),
+            timestamp: TimestampSource::CommitQuiet,
+            payload_encoding: if expand_json_payload {
+                PayloadEncoding::JsonDocument
+            } else {
+                PayloadEncoding::JsonString
+            },
+            tombstone_on_null: false,
+        }
+    }
 }
 
 /// The route does not fit the table.
@@ -98,184 +117,20 @@ pub enum RouteError {
     /// `payload_column` is empty.
     #[error("route.payload_column is empty: name the column that holds the event payload")]
     NoPayloadColumn,
+    /// A `[route.headers]` template could not be parsed.
+    #[error("route.headers.{name} = {template:?}: {source}")]
+    AttributeTemplate {
+        /// The header's name.
+        name: String,
+        /// The template text.
+        template: String,
+        /// What is wrong with it.
+        #[source]
+        source: TemplateError,
+    },
     /// `topic` is empty.
     #[error("route.topic is empty: give a template such as \"outbox.{{aggregate_type}}\"")]
     NoTopic,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Part<C> {
-    Text(String),
-    Column(C),
-}
-
-/// A parsed template; column references are by name until bound to a table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Template {
-    parts: Vec<Part<String>>,
-}
-
-impl Template {
-    /// Parses `{column}` placeholders and `{{`/`}}` escapes.
-    pub fn parse(text: &str) -> Result<Self, TemplateError> {
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut chars = text.char_indices().peekable();
-        while let Some((at, c)) = chars.next() {
-            match c {
-                '{' if chars.peek().map(|&(_, c)| c) == Some('{') => {
-                    chars.next();
-                    literal.push('{');
-                }
-                '}' if chars.peek().map(|&(_, c)| c) == Some('}') => {
-                    chars.next();
-                    literal.push('}');
-                }
-                '{' => {
-                    let rest = &text[at + 1..];
-                    let end = rest.find('}').ok_or(TemplateError::Unclosed { at })?;
-                    let name = &rest[..end];
-                    if name.is_empty() {
-                        return Err(TemplateError::EmptyPlaceholder { at });
-                    }
-                    if name.contains('{') {
-                        return Err(TemplateError::Unclosed { at });
-                    }
-                    if !literal.is_empty() {
-                        parts.push(Part::Text(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Column(name.to_owned()));
-                    // Skip the name and the closing brace.
-                    for _ in 0..name.chars().count() + 1 {
-                        chars.next();
-                    }
-                }
-                '}' => return Err(TemplateError::Unmatched { at }),
-                c => literal.push(c),
-            }
-        }
-        if !literal.is_empty() {
-            parts.push(Part::Text(literal));
-        }
-        Ok(Template { parts })
-    }
-
-    /// The columns the template refers to, in order of appearance.
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().filter_map(|p| match p {
-            Part::Column(c) => Some(c.as_str()),
-            Part::Text(_) => None,
-        })
-    }
-
-    /// A Redis `SCAN MATCH` glob that matches every name the template can produce:
-    /// placeholders become `*`, glob characters of the literal text are escaped.
-    pub fn glob(&self) -> String {
-        self.parts
-            .iter()
-            .map(|part| match part {
-                Part::Column(_) => "*".to_owned(),
-                Part::Text(t) => glob_escape(t),
-            })
-            .collect()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    fn bind(&self, field: &'static str, columns: &[String]) -> Result<BoundTemplate, RouteError> {
-        let parts = self
-            .parts
-            .iter()
-            .map(|p| match p {
-                Part::Text(t) => Ok(Part::Text(t.clone())),
-                Part::Column(name) => Ok(Part::Column(BoundColumn {
-                    index: column_index(field, name, columns)?,
-                    name: name.clone(),
-                })),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(BoundTemplate { field, parts })
-    }
-}
-
-/// `text` as a Redis glob that matches only itself.
-pub fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn column_index(field: &'static str, name: &str, columns: &[String]) -> Result<usize, RouteError> {
-    columns
-        .iter()
-        .position(|c| c == name)
-        .ok_or_else(|| RouteError::UnknownColumn {
-            field,
-            column: name.to_owned(),
-            available: columns.join(", "),
-        })
-}
-
-#[derive(Clone, Debug)]
-struct BoundColumn {
-    index: usize,
-    name: String,
-}
-
-impl BoundColumn {
-    fn bind(
-        field: &'static str,
-        name: &str,
-        columns: &[String],
-    ) -> Result<Option<BoundColumn>, RouteError> {
-        if name.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(BoundColumn {
-            index: column_index(field, name, columns)?,
-            name: name.to_owned(),
-        }))
-    }
-
-    /// The column's value, or the poison reason when it is NULL.
-    fn value(&self, field: &str, values: &[Option<Bytes>]) -> Result<Bytes, Poison> {
-        values.get(self.index).cloned().flatten().ok_or_else(|| {
-            Poison::new(
-                PoisonKind::NullField,
-                format!("{field} column {:?} is NULL", self.name),
-            )
-        })
-    }
-}
-
-#[derive(Clone, Debug)]
-struct BoundTemplate {
-    field: &'static str,
-    parts: Vec<Part<BoundColumn>>,
-}
-
-impl BoundTemplate {
-    fn render(&self, values: &[Option<Bytes>]) -> Result<Bytes, Poison> {
-        // The common template `{column}` is the column's value itself: no copy.
-        if let [Part::Column(col)] = self.parts.as_slice() {
-            return col.value(self.field, values);
-        }
-        let mut out = Vec::new();
-        for part in &self.parts {
-            match part {
-                Part::Text(t) => out.extend_from_slice(t.as_bytes()),
-                Part::Column(col) => out.extend_from_slice(&col.value(self.field, values)?),
-            }
-        }
-        Ok(Bytes::from(out))
-    }
 }
 
 /// A route bound to the columns of one version of the outbox table.
@@ -289,11 +144,34 @@ pub struct Router {
     event_type: Option<BoundColumn>,
     payload: BoundColumn,
     headers: Option<BoundColumn>,
+    attributes: Vec<(String, BoundTemplate)>,
+    timestamp: BoundTimestamp,
+    encoding: PayloadEncoding,
+    /// The payload column is `bytea`: its text form is decoded to its bytes.
+    payload_bytea: bool,
+    tombstone_on_null: bool,
+}
+
+#[derive(Clone, Debug)]
+enum BoundTimestamp {
+    CommitQuiet,
+    Commit,
+    Column(BoundColumn),
 }
 
 impl Router {
     /// Checks `spec` against the table's `columns` (in table order) and binds it.
     pub fn bind(spec: &RouteSpec, columns: &[String]) -> Result<Router, RouteError> {
+        Router::bind_typed(spec, columns, &[])
+    }
+
+    /// [`Router::bind`], knowing the columns' type OIDs (in the same order; missing ones are
+    /// unknown): a `bytea` payload is forwarded as its bytes.
+    pub fn bind_typed(
+        spec: &RouteSpec,
+        columns: &[String],
+        types: &[u32],
+    ) -> Result<Router, RouteError> {
         let parse = |field, text: &str| {
             Template::parse(text).map_err(|source| RouteError::Template {
                 field,
@@ -309,7 +187,40 @@ impl Router {
         if spec.payload_column.is_empty() {
             return Err(RouteError::NoPayloadColumn);
         }
+        let payload = BoundColumn::bind("payload_column", &spec.payload_column, columns)?
+            .ok_or(RouteError::NoPayloadColumn)?;
+        let attributes = spec
+            .attributes
+            .iter()
+            .map(|(name, text)| {
+                let template =
+                    Template::parse(text).map_err(|source| RouteError::AttributeTemplate {
+                        name: name.clone(),
+                        template: text.clone(),
+                        source,
+                    })?;
+                Ok((name.clone(), template.bind("headers", columns)?))
+            })
+            .collect::<Result<_, RouteError>>()?;
+        let timestamp = match &spec.timestamp {
+            TimestampSource::CommitQuiet => BoundTimestamp::CommitQuiet,
+            TimestampSource::Commit => BoundTimestamp::Commit,
+            TimestampSource::Column(name) => {
+                BoundTimestamp::Column(BoundColumn::bind("timestamp", name, columns)?.ok_or_else(
+                    || RouteError::UnknownColumn {
+                        field: "timestamp",
+                        column: String::new(),
+                        available: columns.join(", "),
+                    },
+                )?)
+            }
+        };
         Ok(Router {
+            payload_bytea: types.get(payload.index) == Some(&value::BYTEA_OID),
+            attributes,
+            timestamp,
+            encoding: spec.payload_encoding,
+            tombstone_on_null: spec.tombstone_on_null,
             topic: topic.bind("topic", columns)?,
             key: if key.is_empty() {
                 None
@@ -318,8 +229,7 @@ impl Router {
             },
             id: BoundColumn::bind("id_column", &spec.id_column, columns)?,
             event_type: BoundColumn::bind("type_column", &spec.type_column, columns)?,
-            payload: BoundColumn::bind("payload_column", &spec.payload_column, columns)?
-                .ok_or(RouteError::NoPayloadColumn)?,
+            payload,
             headers: BoundColumn::bind("headers_column", &spec.headers_column, columns)?,
         })
     }
@@ -359,7 +269,25 @@ impl Router {
             Some(col) => take(col.value("type", values)),
             None => Bytes::new(),
         };
-        let payload = take(self.payload.value("payload", values));
+        let (payload, tombstone) = match self.payload(values) {
+            Ok(Some(payload)) => (payload, false),
+            Ok(None) => (Bytes::new(), true),
+            Err(p) => (take(Err(p)), false),
+        };
+        let time_millis = match &self.timestamp {
+            BoundTimestamp::CommitQuiet => None,
+            BoundTimestamp::Commit => Some(commit_time_micros.div_euclid(1000)),
+            BoundTimestamp::Column(col) => col
+                .value("timestamp", values)
+                .and_then(|text| value::timestamp_millis(&col.name, &text))
+                .map_err(|p| poison.get_or_insert(p))
+                .ok(),
+        };
+        let attributes = self
+            .attributes
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.render(values).ok()?)))
+            .collect();
         let headers = match self.headers.as_ref().and_then(|c| values.get(c.index)) {
             Some(Some(raw)) => parse_headers(raw.clone()).unwrap_or_else(|p| {
                 poison.get_or_insert(p);
@@ -378,14 +306,47 @@ impl Router {
             key,
             event_type,
             payload,
+            tombstone,
             headers,
             position,
             commit_time_micros,
+            time_millis,
+            attributes,
         };
         match poison {
             None => Record::publish(event),
             Some(p) => Record::dead_letter(event, p),
         }
+    }
+}
+
+impl Router {
+    /// The message value; `None` for a tombstone.
+    fn payload(&self, values: &[Option<Bytes>]) -> Result<Option<Bytes>, Poison> {
+        let raw = match self.payload.value("payload", values) {
+            Ok(raw) => raw,
+            Err(_) if self.tombstone_on_null => return Ok(None),
+            Err(p) => return Err(p),
+        };
+        if self.payload_bytea {
+            // Bytes are forwarded as they are, whatever the encoding (the Event Router's
+            // BinaryDataConverter does the same).
+            return value::bytea(&raw)
+                .map(|b| Some(Bytes::from(b)))
+                .map_err(|e| {
+                    Poison::new(
+                        PoisonKind::InvalidPayload,
+                        format!("bytea payload column {:?}: {e}", self.payload.name),
+                    )
+                });
+        }
+        Ok(Some(match self.encoding {
+            PayloadEncoding::AsIs => raw,
+            PayloadEncoding::JsonString => value::json_string(&raw),
+            PayloadEncoding::JsonDocument => {
+                value::compact_json(&raw).unwrap_or_else(|| value::json_string(&raw))
+            }
+        }))
     }
 }
 
@@ -431,6 +392,7 @@ fn parse_headers(json: Bytes) -> Result<Headers, Poison> {
 
 #[cfg(test)]
 mod tests {
+    use super::template::Part;
     use super::*;
     use crate::lsn::Lsn;
 
@@ -602,6 +564,7 @@ mod tests {
             type_column: "type".into(),
             payload_column: "payload".into(),
             headers_column: String::new(),
+            ..RouteSpec::standard()
         };
         let router = Router::bind(&spec, &columns).expect("binds");
         let values: Vec<Option<Bytes>> = ["e1", "customer", "7", "created", "{}"]
@@ -620,6 +583,7 @@ mod tests {
             type_column: String::new(),
             payload_column: "payload".into(),
             headers_column: String::new(),
+            ..RouteSpec::standard()
         };
         let router = Router::bind(&spec, &columns).expect("binds");
         let values = vec![Some(Bytes::from("jobs")), Some(Bytes::from("{}"))];
@@ -636,5 +600,151 @@ mod tests {
         let t = Template::parse("a*b?[{x}]-{y}").unwrap();
         assert_eq!(t.glob(), "a\\*b\\?\\[*\\]-*");
         assert_eq!(Template::parse("fixed").unwrap().glob(), "fixed");
+    }
+
+    fn debezium_columns() -> Vec<String> {
+        [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "note",
+            "at",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn debezium_row(payload: Option<&str>) -> Vec<Option<Bytes>> {
+        [
+            Some("4d47e190-0402-4048-bc2c-89dd54343cdc"),
+            Some("order"),
+            Some("1"),
+            Some("OrderCreated"),
+            payload,
+            None,
+            Some("2019-05-03 13:31:34.484+00"),
+        ]
+        .iter()
+        .map(|v| v.map(|s| Bytes::copy_from_slice(s.as_bytes())))
+        .collect()
+    }
+
+    #[test]
+    fn the_debezium_preset_routes_as_the_event_router() {
+        let router = Router::bind(&RouteSpec::debezium(false), &debezium_columns()).unwrap();
+        let r = router.route(
+            &debezium_row(Some(r#"{"id": 1, "s": "a\"b"}"#)),
+            pos(),
+            7_000,
+        );
+        assert_eq!(r.poison, None);
+        assert_eq!(r.event.topic, "outbox.event.order");
+        assert_eq!(r.event.key, "1");
+        assert_eq!(r.event.id, "4d47e190-0402-4048-bc2c-89dd54343cdc");
+        assert_eq!(r.event.event_type, "OrderCreated");
+        assert_eq!(r.event.payload, r#""{\"id\": 1, \"s\": \"a\\\"b\"}""#);
+        assert_eq!(r.event.timestamp_millis(), 7);
+        assert_eq!(r.event.time_millis, None);
+
+        let router = Router::bind(&RouteSpec::debezium(true), &debezium_columns()).unwrap();
+        let r = router.route(&debezium_row(Some(r#"{"id": 1, "s": "a b"}"#)), pos(), 0);
+        assert_eq!(r.event.payload, r#"{"id":1,"s":"a b"}"#);
+        // Not JSON: kept, as a string.
+        let r = router.route(&debezium_row(Some("plain text")), pos(), 0);
+        assert_eq!(r.event.payload, r#""plain text""#);
+    }
+
+    #[test]
+    fn a_bytea_payload_is_forwarded_as_its_bytes() {
+        let mut types = vec![2950, 1043, 1043, 1043, value::BYTEA_OID, 25, 1184];
+        let spec = RouteSpec::debezium(false);
+        let router = Router::bind_typed(&spec, &debezium_columns(), &types).unwrap();
+        let r = router.route(&debezium_row(Some("\\x00ff5c22")), pos(), 0);
+        assert_eq!(r.poison, None);
+        assert_eq!(
+            r.event.payload.as_ref(),
+            [0x00, 0xff, 0x5c, 0x22],
+            "raw, not a JSON string"
+        );
+
+        let r = router.route(&debezium_row(Some("\\x0")), pos(), 0);
+        assert_eq!(r.poison.unwrap().kind, PoisonKind::InvalidPayload);
+
+        // The same text in a text column is text.
+        types[4] = 25;
+        let router = Router::bind_typed(&RouteSpec::standard(), &columns(), &types).unwrap();
+        let mut row = standard_row();
+        row[4] = Some(Bytes::from_static(b"\\x00ff"));
+        assert_eq!(router.route(&row, pos(), 0).event.payload, "\\x00ff");
+    }
+
+    #[test]
+    fn a_null_payload_is_a_tombstone_only_when_asked() {
+        let mut spec = RouteSpec::debezium(false);
+        let router = Router::bind(&spec, &debezium_columns()).unwrap();
+        let r = router.route(&debezium_row(None), pos(), 0);
+        assert_eq!(r.poison.unwrap().kind, PoisonKind::NullField);
+
+        spec.tombstone_on_null = true;
+        let router = Router::bind(&spec, &debezium_columns()).unwrap();
+        let r = router.route(&debezium_row(None), pos(), 0);
+        assert_eq!(r.poison, None);
+        assert!(r.event.tombstone);
+        assert!(r.event.payload.is_empty());
+        // An empty payload is not a tombstone.
+        let r = router.route(&debezium_row(Some("")), pos(), 0);
+        assert!(!r.event.tombstone);
+    }
+
+    #[test]
+    fn route_headers_and_the_timestamp_come_from_columns() {
+        let mut spec = RouteSpec::debezium(false);
+        spec.attributes = vec![
+            ("kind".into(), "{aggregatetype}/{type}".into()),
+            ("note".into(), "{note}".into()),
+            ("source".into(), "billing".into()),
+        ];
+        spec.timestamp = TimestampSource::Column("at".into());
+        let router = Router::bind(&spec, &debezium_columns()).unwrap();
+        let r = router.route(&debezium_row(Some("{}")), pos(), 0);
+        assert_eq!(r.poison, None);
+        assert_eq!(
+            r.event.attributes,
+            vec![
+                ("kind".to_owned(), Bytes::from("order/OrderCreated")),
+                ("source".to_owned(), Bytes::from("billing")),
+            ],
+            "a header over a NULL column is left out"
+        );
+        assert_eq!(r.event.time_millis, Some(1_556_890_294_484));
+        assert_eq!(r.event.timestamp_millis(), 1_556_890_294_484);
+
+        let mut row = debezium_row(Some("{}"));
+        row[6] = Some(Bytes::from_static(b"infinity"));
+        let poison = router.route(&row, pos(), 0).poison.unwrap();
+        assert_eq!(poison.kind, PoisonKind::InvalidTimestamp);
+        row[6] = None;
+        let poison = router.route(&row, pos(), 0).poison.unwrap();
+        assert_eq!(poison.kind, PoisonKind::NullField);
+        assert!(poison.detail.contains("\"at\""), "{poison}");
+
+        spec.timestamp = TimestampSource::Commit;
+        let router = Router::bind(&spec, &debezium_columns()).unwrap();
+        assert_eq!(
+            router.route(&row, pos(), 5_000_999).event.time_millis,
+            Some(5_000)
+        );
+
+        spec.attributes = vec![("x".into(), "{missing}".into())];
+        let err = Router::bind(&spec, &debezium_columns()).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        spec.attributes = vec![("x".into(), "{open".into())];
+        let err = Router::bind(&spec, &debezium_columns()).unwrap_err();
+        assert!(err.to_string().starts_with("route.headers.x"), "{err}");
+        spec.attributes = Vec::new();
+        spec.timestamp = TimestampSource::Column("when".into());
+        assert!(Router::bind(&spec, &debezium_columns()).is_err());
     }
 }
