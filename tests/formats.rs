@@ -409,6 +409,29 @@ async fn redis_carries_bytea_renamed_fields_route_headers_and_the_row_time() {
     assert_eq!(field("time"), Some(HAPPENED_MS.to_string().into_bytes()));
     assert_eq!(field("tenant"), Some(b"acme".to_vec()));
 
+    // A replayed row goes through the bytea's text form: it arrives as the same bytes.
+    let out = env.command_with(
+        &[
+            "replay",
+            "--where",
+            "payload IS NOT NULL AND tenant = 'acme'",
+        ],
+        &BYTES_ENV,
+    );
+    assert!(out.status.success(), "replay: {}", output_text(&out));
+    wait_stream_len(&redis, "blobs", 2, Duration::from_secs(30)).await;
+    let entries = read_raw(&mut redis, "blobs").await;
+    let replayed = &entries[1];
+    let data = replayed
+        .iter()
+        .find(|(n, _)| n == "data")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        data,
+        Some(all_bytes()),
+        "a replayed bytea arrives byte for byte"
+    );
+
     let dlq = read_stream(&mut redis, "outboxd.dlq").await;
     assert_eq!(dlq[0].get("reason"), Some("null_field"));
     assert!(
