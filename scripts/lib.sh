@@ -105,6 +105,11 @@ ensure_test_tools() {
     ensure_apt redis-server redis-server
     ensure_apt nats-server /usr/sbin/nats-server
     ensure_postgres_user
+    # The CloudEvents SDK the format tests decode Kafka records with.
+    if ! python3 -c "import cloudevents.core.bindings.kafka" 2>/dev/null; then
+        say "installing the CloudEvents SDK for Python (tests/formats.rs decodes with it)"
+        python3 -m pip install --quiet "cloudevents>=2.2"
+    fi
     if ! command -v cargo-nextest >/dev/null 2>&1; then
         say "cargo-nextest not found: the suite runs with cargo test"
     fi

@@ -451,3 +451,246 @@ async fn redis_carries_bytea_renamed_fields_route_headers_and_the_row_time() {
         "the dead letter keeps the payload"
     );
 }
+
+/// The records as the CloudEvents SDK for Python decodes them (tests/support/
+/// cloudevents_decode.py): one JSON object per record.
+fn decode_with_the_sdk(records: &[KafkaMessage], mode: &str) -> Vec<serde_json::Value> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let input: Vec<serde_json::Value> = records
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "mode": mode,
+                "headers": m.headers.iter().map(|(n, v)| (n.clone(), b64(v.as_bytes()))).collect::<Vec<_>>(),
+                "key": m.key.as_ref().map(|k| b64(k.as_bytes())),
+                "value": b64(m.raw_value.as_deref().unwrap_or_default()),
+            })
+        })
+        .collect();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/cloudevents_decode.py"
+    );
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(&serde_json::to_vec(&input).unwrap())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the CloudEvents SDK for Python (pip install cloudevents; scripts/test.sh installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloudevents_sdk_decodes_both_modes_from_kafka() {
+    let kafka = Kafka::single();
+    let brokers = kafka.brokers();
+    let settings = KafkaSettings {
+        sink: "envelope = \"cloudevents\"\nsource = \"/shop/orders\"".into(),
+        kafka: "create_topics = true".into(),
+        ..KafkaSettings::default()
+    };
+    let env = SinkEnv::kafka(&brokers, &settings).await;
+    let db = env.db().await;
+    let emit = |id: &'static str, event_type: &'static str, payload: &'static str| {
+        let db = &db;
+        async move {
+            db.execute(
+                "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+                 VALUES ($1::text::uuid, 'order', '42', $2, $3::text::jsonb, \
+                         '{\"traceparent\": \"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}')",
+                &[&id, &event_type, &payload],
+            )
+            .await
+            .unwrap();
+        }
+    };
+
+    let mut outboxd = env.run();
+    emit(
+        "00000000-0000-0000-0000-0000000000b1",
+        "order.paid",
+        r#"{"amount": 42.50, "currency": "EUR"}"#,
+    )
+    .await;
+    // Poison under CloudEvents: no type.
+    emit("00000000-0000-0000-0000-0000000000b2", "", "{}").await;
+    let binary = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
+        !m.is_empty()
+    })
+    .await;
+    let dlq = read_topic(&brokers, "outboxd.dlq", Duration::from_secs(30), |m| {
+        !m.is_empty()
+    })
+    .await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].header("reason"), Some("empty_field"));
+    assert!(
+        dlq[0]
+            .header("detail")
+            .unwrap()
+            .contains("CloudEvents requires a type")
+    );
+
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+    let _outboxd = env.run_with(&[("OUTBOXD_SINK__ENVELOPE", "cloudevents-structured")]);
+    emit(
+        "00000000-0000-0000-0000-0000000000b3",
+        "order.shipped",
+        r#"{"carrier": "DHL"}"#,
+    )
+    .await;
+    let all = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
+        m.len() >= 2
+    })
+    .await;
+    assert_eq!(all.len(), 2, "{all:?}");
+
+    // Binary mode: ce_ headers and content-type, the payload as the value.
+    let m = &binary[0];
+    assert_eq!(m.header("ce_specversion"), Some("1.0"));
+    assert_eq!(m.header("content-type"), Some("application/json"));
+    assert_eq!(
+        m.header("id"),
+        None,
+        "the CloudEvents attributes replace outboxd's id and type headers"
+    );
+    assert_eq!(m.value, r#"{"amount": 42.50, "currency": "EUR"}"#);
+    let decoded = decode_with_the_sdk(&binary, "binary");
+    let e = &decoded[0];
+    assert!(e.get("error").is_none(), "{e}");
+    assert_eq!(
+        e["attributes"]["id"],
+        "00000000-0000-0000-0000-0000000000b1"
+    );
+    assert_eq!(e["attributes"]["source"], "/shop/orders");
+    assert_eq!(e["attributes"]["type"], "order.paid");
+    assert_eq!(e["attributes"]["specversion"], "1.0");
+    assert_eq!(e["attributes"]["datacontenttype"], "application/json");
+    assert_eq!(e["attributes"]["partitionkey"], "42");
+    let time = m.header("ce_time").unwrap();
+    assert!(
+        e["attributes"]["time"]
+            .as_str()
+            .unwrap()
+            .starts_with(&time[..19]),
+        "{e}"
+    );
+    assert_eq!(
+        e["data"],
+        serde_json::json!({"amount": 42.5, "currency": "EUR"})
+    );
+    assert_eq!(
+        m.header("traceparent"),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        "the row's trace context stays a header"
+    );
+
+    // Structured mode: one JSON document, application/cloudevents+json.
+    let m = &all[1];
+    assert_eq!(
+        m.header("content-type"),
+        Some("application/cloudevents+json; charset=UTF-8")
+    );
+    let decoded = decode_with_the_sdk(&all[1..], "structured");
+    let e = &decoded[0];
+    assert!(e.get("error").is_none(), "{e}");
+    assert_eq!(
+        e["attributes"]["id"],
+        "00000000-0000-0000-0000-0000000000b3"
+    );
+    assert_eq!(e["attributes"]["type"], "order.shipped");
+    assert_eq!(e["attributes"]["source"], "/shop/orders");
+    assert_eq!(e["attributes"]["datacontenttype"], "application/json");
+    assert_eq!(e["attributes"]["partitionkey"], "42");
+    assert_eq!(e["data"], serde_json::json!({"carrier": "DHL"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_entries_carry_the_documented_cloudevents_mapping() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let redis = env.redis.connect().await;
+    let binary_env = [
+        ("OUTBOXD_SINK__ENVELOPE", "cloudevents"),
+        ("OUTBOXD_SINK__SOURCE", "/shop"),
+    ];
+    let mut outboxd = env.run_with(&binary_env);
+    let emit = "SELECT outbox_emit('order', '42', 'order.paid', '{\"amount\": 1}')";
+    db.execute(emit, &[]).await.unwrap();
+    wait_stream_len(&redis, "outbox.order", 1, Duration::from_secs(30)).await;
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+
+    let structured_env = [
+        ("OUTBOXD_SINK__ENVELOPE", "cloudevents-structured"),
+        ("OUTBOXD_SINK__SOURCE", "/shop"),
+    ];
+    let _outboxd = env.run_with(&structured_env);
+    db.execute(emit, &[]).await.unwrap();
+    let entries = wait_stream_len(&redis, "outbox.order", 2, Duration::from_secs(30)).await;
+
+    let names: Vec<&str> = entries[0].fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "time",
+            "datacontenttype",
+            "partitionkey",
+            "data",
+            "headers"
+        ]
+    );
+    assert_eq!(entries[0].get("source"), Some("/shop"));
+    assert_eq!(entries[0].get("type"), Some("order.paid"));
+    assert_eq!(entries[0].get("datacontenttype"), Some("application/json"));
+    assert_eq!(entries[0].get("data"), Some(r#"{"amount": 1}"#));
+
+    let names: Vec<&str> = entries[1].fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["cloudevent", "partitionkey", "headers"]);
+    let document: serde_json::Value =
+        serde_json::from_str(entries[1].get("cloudevent").unwrap()).unwrap();
+    assert_eq!(document["specversion"], "1.0");
+    assert_eq!(document["type"], "order.paid");
+    assert_eq!(document["source"], "/shop");
+    assert_eq!(document["data"], serde_json::json!({"amount": 1}));
+    assert!(document["time"].as_str().unwrap().ends_with('Z'));
+
+    // A sink without CloudEvents, or an event stream without types, is refused up front.
+    let out = env.command_with(
+        &["check"],
+        &[
+            ("OUTBOXD_SINK__ENVELOPE", "cloudevents"),
+            ("OUTBOXD_ROUTE__TYPE_COLUMN", ""),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("needs route.type_column"),
+        "{}",
+        output_text(&out)
+    );
+}

@@ -23,6 +23,7 @@ pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
 pub use lsn::{Lsn, WalHorizon};
 pub use route::{
     PayloadEncoding, RouteError, RouteSpec, Router, Template, TimestampSource, glob_escape,
+    rfc3339_millis,
 };
 pub use secret::{Secret, SecretFileError, mask_url, read_secret_file};
 pub use sink::{Delivery, Ledger, Sink, SinkError};

@@ -6,10 +6,13 @@
 //! - `kafka`: Kafka, an idempotent producer (`acks=all`); a batch is acknowledged by the
 //!   delivery reports of all its messages; transactions in effectively-once mode.
 //! - [`dead_letter`]: what a dead-letter entry carries, for every broker.
+//! - [`cloudevents`]: the CloudEvents attributes and structured form, for the sinks that
+//!   offer them.
 //!
 //! Adding a broker: a folder with the client and its section, and one line below (see
 //! docs/adding-a-sink.md).
 
+pub mod cloudevents;
 pub mod dead_letter;
 pub mod plugin;
 pub mod registry;

@@ -12,6 +12,8 @@ use std::fmt;
 use std::future::Future;
 
 use outboxd_core::{Lsn, SecretFileError, Sink, SinkError, WalHorizon};
+
+use crate::cloudevents::Envelope;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -27,6 +29,11 @@ pub struct SinkContext<'a> {
     pub slot: &'a str,
     /// Whether events carry their type as a `type` header (Kafka; off under `[route] preset = "debezium"`, whose consumers expect the `id` header only).
     pub type_header: bool,
+    /// `[sink] envelope`: outboxd's layout, or CloudEvents (only for sinks whose
+    /// [`SinkPlugin::CLOUDEVENTS`] is true).
+    pub envelope: Envelope,
+    /// `[sink] source`: CloudEvents' `source` attribute.
+    pub source: &'a str,
     /// How far the server's WAL is known to reach (no event outboxd wrote is beyond it).
     pub wal_horizon: &'a WalHorizon,
 }
@@ -110,6 +117,8 @@ pub trait SinkPlugin {
     const NAME: &'static str;
     /// Whether `[sink] delivery = "effectively-once"` is supported.
     const EFFECTIVELY_ONCE: bool;
+    /// Whether `[sink] envelope = "cloudevents"` and `"cloudevents-structured"` are supported.
+    const CLOUDEVENTS: bool = false;
     /// Tables of the section whose keys are free-form (passed through to a client library),
     /// relative to the section (`options` for `[sink.kafka.options]`).
     const OPEN_TABLES: &'static [&'static str] = &[];

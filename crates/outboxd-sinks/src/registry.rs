@@ -156,11 +156,12 @@ macro_rules! sinks {
                     .unwrap_or(($crate::CheckLevel::Fail, $crate::registry::unknown_kind(kind)))
             }
 
-            /// Checks every section without connecting.
+            /// Whether sink `kind` makes a NULL payload a tombstone.
             pub fn tombstone_on_null(&self, kind: &str) -> bool {
                 self.with(kind, |s| s.tombstone_on_null()).unwrap_or(false)
             }
 
+            /// Checks every section without connecting.
             pub fn validate(&self) -> Result<(), $crate::SinkConfigError> {
                 $(
                     #[cfg(feature = $feature)]
@@ -217,6 +218,19 @@ macro_rules! sinks {
 
             /// Whether sink `kind` supports `delivery = "effectively-once"` (`None`: this
             /// build does not have it).
+            /// Whether sink `kind` offers the CloudEvents envelopes; `None` when this build has
+            /// no such sink.
+            pub fn cloudevents(kind: &str) -> Option<bool> {
+                $(
+                    #[cfg(feature = $feature)]
+                    if kind == $feature {
+                        return Some(<$module::$plugin as $crate::SinkPlugin>::CLOUDEVENTS);
+                    }
+                )+
+                let _ = kind;
+                None
+            }
+
             pub fn effectively_once(kind: &str) -> Option<bool> {
                 $(
                     #[cfg(feature = $feature)]

@@ -58,6 +58,8 @@ impl Broker {
             effectively_once: config.sink.delivery == DeliveryMode::EffectivelyOnce,
             slot: &config.postgres.slot,
             type_header: config.route.type_header(),
+            envelope: config.sink.envelope,
+            source: &config.sink.source,
             wal_horizon: horizon,
         };
         config.sink.sections.build(&config.sink.kind, &ctx)

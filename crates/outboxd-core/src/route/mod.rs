@@ -20,7 +20,7 @@ mod value;
 
 use template::{BoundColumn, BoundTemplate};
 pub use template::{Template, TemplateError, glob_escape};
-pub use value::{PayloadEncoding, TimestampSource};
+pub use value::{PayloadEncoding, TimestampSource, rfc3339_millis};
 
 /// The route as configured: templates and column names, not yet checked against a table.
 #[derive(Clone, Debug, PartialEq, Eq)]

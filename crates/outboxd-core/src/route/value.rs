@@ -215,6 +215,35 @@ fn parse_iso(text: &str) -> Option<i64> {
     Some(seconds * 1000 + millis)
 }
 
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC timestamp with milliseconds
+/// (`2019-05-03T13:31:34.484Z`), as CloudEvents' `time` attribute wants it.
+pub fn rfc3339_millis(ms: i64) -> String {
+    let (days, in_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    let (year, month, day) = civil_from_days(days);
+    let (seconds, millis) = (in_day / 1000, in_day % 1000);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+/// The proleptic Gregorian date of a day number since 1970-01-01 (Howard Hinnant's
+/// algorithm, the inverse of [`days_from_civil`]).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
@@ -270,6 +299,32 @@ mod tests {
         );
         assert_eq!(compact_json(b"not json"), None);
         assert_eq!(compact_json(b"{\"a\": 1"), None);
+    }
+
+    #[test]
+    fn milliseconds_print_as_rfc3339_and_read_back() {
+        assert_eq!(
+            rfc3339_millis(1_556_890_294_484),
+            "2019-05-03T13:31:34.484Z"
+        );
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        for ms in [
+            0,
+            1,
+            951_782_400_123,
+            1_556_890_294_484,
+            4_102_444_800_000,
+            -86_400_001,
+        ] {
+            let text = rfc3339_millis(ms);
+            assert_eq!(
+                timestamp_millis("t", text.as_bytes()).unwrap(),
+                ms,
+                "{text}"
+            );
+        }
     }
 
     #[test]

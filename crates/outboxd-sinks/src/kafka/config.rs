@@ -8,7 +8,7 @@ use std::time::Duration;
 use outboxd_core::{SinkError, read_secret_file};
 use serde::{Deserialize, Serialize};
 
-use super::{KafkaConfig, KafkaSink, TransactionsConfig};
+use super::{KafkaConfig, KafkaSink, Shape, TransactionsConfig};
 use crate::plugin::{CheckLevel, SinkConfigError, SinkContext, SinkPlugin};
 
 /// `[sink.kafka]`.
@@ -185,6 +185,7 @@ pub struct Kafka;
 impl SinkPlugin for Kafka {
     const NAME: &'static str = "kafka";
     const EFFECTIVELY_ONCE: bool = true;
+    const CLOUDEVENTS: bool = true;
     const OPEN_TABLES: &'static [&'static str] = &["options"];
     type Config = KafkaSection;
     type Sink = KafkaSink;
@@ -308,7 +309,11 @@ impl SinkPlugin for Kafka {
                 offsets_topic: config.offsets_topic.clone(),
                 slot: ctx.slot.to_owned(),
             }),
-            type_header: ctx.type_header,
+            shape: Shape {
+                type_header: ctx.type_header,
+                envelope: ctx.envelope,
+                source: ctx.source.to_owned(),
+            },
         })
     }
 }

@@ -18,6 +18,7 @@ use outboxd_core::{Event, Poison, PoisonKind};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
+use crate::cloudevents::{self, Envelope};
 use crate::dead_letter;
 
 /// Bytes a message takes on the wire beyond its key, value and headers (an upper bound of
@@ -40,9 +41,63 @@ pub(super) struct Outgoing {
     pub(super) headers: Vec<(String, Bytes)>,
 }
 
+/// How events are laid out: from `[route] preset` and `[sink] envelope`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// The plain layout's `type` header (off under the Debezium preset).
+    pub type_header: bool,
+    /// outboxd's layout, or CloudEvents in binary or structured content mode.
+    pub envelope: Envelope,
+    /// CloudEvents' `source`.
+    pub source: String,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            type_header: true,
+            envelope: Envelope::Plain,
+            source: "outboxd".into(),
+        }
+    }
+}
+
 impl Outgoing {
-    /// The event in its topic; `type_header`: with the `type` header.
-    pub(super) fn event(event: &Event, type_header: bool) -> Outgoing {
+    /// The event in its topic, laid out as `shape` says; an event CloudEvents cannot carry
+    /// (no type) is poison.
+    pub(super) fn event(event: &Event, shape: &Shape) -> Result<Outgoing, Poison> {
+        let mut m = Outgoing::plain(event, shape.type_header);
+        match shape.envelope {
+            Envelope::Plain => return Ok(m),
+            Envelope::CloudEvents => {
+                let mut headers: Vec<(String, Bytes)> =
+                    cloudevents::attributes(event, &shape.source)?
+                        .into_iter()
+                        .map(|(name, value)| (format!("ce_{name}"), value))
+                        .collect();
+                let content_type = cloudevents::content_type(&event.payload);
+                headers.push((
+                    "content-type".into(),
+                    Bytes::from_static(content_type.as_bytes()),
+                ));
+                m.headers
+                    .splice(..1 + usize::from(shape.type_header), headers);
+            }
+            Envelope::CloudEventsStructured => {
+                m.value = cloudevents::structured(event, &shape.source)?;
+                let content_type =
+                    Bytes::from_static(cloudevents::STRUCTURED_CONTENT_TYPE.as_bytes());
+                m.headers.splice(
+                    ..1 + usize::from(shape.type_header),
+                    [("content-type".to_owned(), content_type)],
+                );
+            }
+        }
+        Ok(m)
+    }
+
+    /// The event in outboxd's own layout; `type_header`: with the `type` header.
+    fn plain(event: &Event, type_header: bool) -> Outgoing {
         let mut headers =
             Vec::with_capacity(event.headers.pairs.len() + event.attributes.len() + 2);
         headers.push(("id".to_owned(), event.id.clone()));
@@ -70,10 +125,11 @@ impl Outgoing {
         poison: &Poison,
         topic: &str,
         max_bytes: usize,
-        type_header: bool,
+        shape: &Shape,
     ) -> Outgoing {
+        let type_header = shape.type_header;
         let build = |poison: &Poison, payload: bool, row_headers: bool| {
-            let mut m = Outgoing::event(event, type_header);
+            let mut m = Outgoing::plain(event, type_header);
             m.topic = topic.to_owned();
             if !row_headers {
                 m.headers.truncate(1 + usize::from(type_header));
@@ -189,7 +245,7 @@ mod tests {
 
     #[test]
     fn an_event_is_key_value_and_headers() {
-        let m = Outgoing::event(&event(r#"{"amount":42}"#), true);
+        let m = Outgoing::event(&event(r#"{"amount":42}"#), &Shape::default()).unwrap();
         assert_eq!(m.topic, "outbox.order");
         assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
         assert_eq!(m.value.as_ref(), br#"{"amount":42}"#);
@@ -199,15 +255,22 @@ mod tests {
 
         let mut keyless = event("{}");
         keyless.key = Bytes::new();
-        assert_eq!(Outgoing::event(&keyless, true).key, None);
+        assert_eq!(
+            Outgoing::event(&keyless, &Shape::default()).unwrap().key,
+            None
+        );
     }
 
     #[test]
     fn route_headers_the_time_and_tombstones_shape_the_message() {
+        let no_type = Shape {
+            type_header: false,
+            ..Shape::default()
+        };
         let mut e = event("{}");
         e.attributes = vec![("tenant".into(), Bytes::from_static(b"acme"))];
         e.time_millis = Some(1_556_890_294_484);
-        let m = Outgoing::event(&e, false);
+        let m = Outgoing::event(&e, &no_type).unwrap();
         let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["id", "traceparent", "tenant"], "no type header");
         assert_eq!(m.timestamp, Some(1_556_890_294_484));
@@ -216,7 +279,7 @@ mod tests {
         e.time_millis = None;
         e.tombstone = true;
         e.payload = Bytes::new();
-        let m = Outgoing::event(&e, true);
+        let m = Outgoing::event(&e, &Shape::default()).unwrap();
         assert_eq!(m.timestamp, Some(1_700_000_000_000), "the commit time");
         assert!(m.record().payload.is_none(), "a tombstone has no value");
         assert_eq!(m.record().key, Some(&b"123"[..]));
@@ -226,7 +289,7 @@ mod tests {
         let mut e = event(&big);
         e.headers.pairs = vec![("blob".into(), Bytes::from("h".repeat(20_000)))];
         let poison = Poison::new(PoisonKind::TooLarge, "over the limit");
-        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, false);
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, &no_type);
         assert_eq!(m.headers[0].0, "id");
         assert_ne!(m.headers[1].0, "blob");
     }
@@ -234,7 +297,13 @@ mod tests {
     #[test]
     fn a_dead_letter_message_carries_the_context() {
         let poison = Poison::new(PoisonKind::Rejected, "kafka refused the message: x");
-        let m = Outgoing::dead_letter(&event("{}"), &poison, "outboxd.dlq", 1_000_000, true);
+        let m = Outgoing::dead_letter(
+            &event("{}"),
+            &poison,
+            "outboxd.dlq",
+            1_000_000,
+            &Shape::default(),
+        );
         assert_eq!(m.topic, "outboxd.dlq");
         assert_eq!(m.key.as_deref(), Some(&b"123"[..]));
         assert_eq!(m.value.as_ref(), b"{}");
@@ -263,7 +332,13 @@ mod tests {
     fn a_too_large_dead_letter_message_drops_its_payload_and_says_so() {
         let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(50_000));
         let poison = Poison::new(PoisonKind::TooLarge, "over the limit");
-        let m = Outgoing::dead_letter(&event(&big), &poison, "outboxd.dlq", 10_000, true);
+        let m = Outgoing::dead_letter(
+            &event(&big),
+            &poison,
+            "outboxd.dlq",
+            10_000,
+            &Shape::default(),
+        );
         assert!(m.wire_size() <= 10_000);
         assert!(m.value.is_empty());
         assert_eq!(header(&m, "traceparent"), Some(&b"00-abc-01"[..]));
@@ -274,7 +349,7 @@ mod tests {
         // Headers too large as well: they go too, and the detail says so.
         let mut e = event(&big);
         e.headers.pairs = vec![("blob".into(), Bytes::from("h".repeat(20_000)))];
-        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, true);
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", 10_000, &Shape::default());
         assert!(m.wire_size() <= 10_000);
         assert_eq!(header(&m, "blob"), None);
         let detail = String::from_utf8(header(&m, "detail").unwrap().to_vec()).unwrap();
@@ -285,7 +360,7 @@ mod tests {
     fn the_size_estimate_is_not_below_librdkafkas() {
         // librdkafka: 36 bytes of record overhead + key + value + serialized headers (two
         // varints and the bytes per header).
-        let m = Outgoing::event(&event("{}"), true);
+        let m = Outgoing::event(&event("{}"), &Shape::default()).unwrap();
         let librdkafka = 36
             + 3
             + 2

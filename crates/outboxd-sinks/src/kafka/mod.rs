@@ -86,6 +86,7 @@ pub use errors::{ErrorClass, classify};
 pub use producer::DEFAULT_MESSAGE_MAX_BYTES;
 
 use errors::{Context, client_error, dead_letter_refused};
+pub use message::Shape;
 use message::{Outgoing, too_large};
 use produce::Outcome;
 
@@ -110,8 +111,8 @@ pub struct KafkaConfig {
     pub timeout: Duration,
     /// Effectively-once delivery through transactions; `None` for at-least-once.
     pub transactions: Option<TransactionsConfig>,
-    /// Send each event's type as a `type` header.
-    pub type_header: bool,
+    /// How events are laid out (the `type` header, CloudEvents).
+    pub shape: Shape,
 }
 
 /// Settings of the transactional (effectively-once) mode.
@@ -205,11 +206,18 @@ impl KafkaSink {
                     poison,
                     dead_letter,
                     max,
-                    self.config.type_header,
+                    &self.config.shape,
                 )));
                 continue;
             }
-            let message = Outgoing::event(event, self.config.type_header);
+            let message = match Outgoing::event(event, &self.config.shape) {
+                Ok(message) => message,
+                Err(poison) => {
+                    ledger.reject(i, poison);
+                    first.push(None);
+                    continue;
+                }
+            };
             let size = message.wire_size();
             if size > max {
                 ledger.reject(i, too_large(size, max));
@@ -259,7 +267,7 @@ impl KafkaSink {
                     poison,
                     &dead_letter,
                     self.max_message_bytes,
-                    self.config.type_header,
+                    &self.config.shape,
                 ))
             })
             .collect();

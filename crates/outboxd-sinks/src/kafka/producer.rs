@@ -164,6 +164,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::kafka::Shape;
 
     #[test]
     fn options_may_not_weaken_the_producer() {
@@ -193,7 +194,7 @@ mod tests {
             delivery_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             transactions: None,
-            type_header: true,
+            shape: Shape::default(),
         };
         let err = KafkaSink::new(config(&[("acks", "1")])).unwrap_err();
         assert!(!err.is_transient());

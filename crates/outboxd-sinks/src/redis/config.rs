@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RedisSink;
 use super::effectively_once;
+use crate::cloudevents::Envelope;
 use crate::plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext, SinkPlugin};
 
 /// `[sink.redis]`.
@@ -157,6 +158,10 @@ pub struct RedisConfig {
     pub wal_horizon: WalHorizon,
     /// The entry's field names; empty ones are left out.
     pub fields: RedisFields,
+    /// outboxd's layout, or a CloudEvent.
+    pub envelope: Envelope,
+    /// CloudEvents' `source`.
+    pub source: String,
 }
 
 /// The TLS files of a `rediss://` connection (PEM).
@@ -209,6 +214,7 @@ pub struct Redis;
 impl SinkPlugin for Redis {
     const NAME: &'static str = "redis";
     const EFFECTIVELY_ONCE: bool = true;
+    const CLOUDEVENTS: bool = true;
     type Config = RedisSection;
     type Sink = RedisSink;
 
@@ -292,6 +298,8 @@ impl SinkPlugin for Redis {
             effectively_once: ctx.effectively_once,
             wal_horizon: ctx.wal_horizon.clone(),
             fields: config.fields.clone(),
+            envelope: ctx.envelope,
+            source: ctx.source.to_owned(),
         })
     }
 

@@ -66,10 +66,11 @@ mod transaction;
 pub use config::{Redis, RedisConfig, RedisFields, RedisSection, RedisTls};
 pub use effectively_once::{SCRIPT as EFFECTIVELY_ONCE_SCRIPT, entry_id};
 
-use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
+use outboxd_core::{Delivery, Event, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
 
+use crate::cloudevents::{self, Envelope};
 use crate::dead_letter;
 use reply::classify;
 
@@ -154,6 +155,12 @@ impl RedisSink {
     /// Appends an entry's field/value pairs to `cmd` (after its id); returns how many pairs.
     fn fields(&self, cmd: &mut redis::Cmd, record: &Record, poison: Option<&Poison>) -> usize {
         let event = &record.event;
+        if poison.is_none()
+            && self.config.envelope != Envelope::Plain
+            && let Ok(pairs) = self.cloudevent_fields(cmd, event)
+        {
+            return pairs;
+        }
         // A dead letter too large for Redis keeps its context, not its body.
         let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
         let payload: &[u8] = if oversized { b"" } else { &event.payload };
@@ -192,12 +199,57 @@ impl RedisSink {
         pairs
     }
 
-    /// Dead-letters the events of the batch over `max_event_bytes` before anything is sent.
-    fn reject_too_large(&self, ledger: &mut Ledger<'_>) {
+    /// A CloudEvent's entry (see docs/formats.md): in binary mode one field per attribute,
+    /// `partitionkey` (the key), `data` (the payload); in structured mode one field
+    /// `cloudevent` holding the JSON document, and `partitionkey`. Then, in both, the row's
+    /// headers (`headers`, a JSON object) and `[route.headers]`. Returns how many pairs.
+    fn cloudevent_fields(&self, cmd: &mut redis::Cmd, event: &Event) -> Result<usize, Poison> {
+        let source = &self.config.source;
+        let mut pairs = 0;
+        if self.config.envelope == Envelope::CloudEventsStructured {
+            let document = cloudevents::structured(event, source)?;
+            cmd.arg("cloudevent").arg(document.as_ref());
+            pairs += 1;
+        } else {
+            for (name, value) in cloudevents::attributes(event, source)? {
+                cmd.arg(name).arg(value.as_ref());
+                pairs += 1;
+            }
+            cmd.arg("datacontenttype")
+                .arg(cloudevents::content_type(&event.payload));
+            pairs += 1;
+        }
+        if !event.key.is_empty() {
+            cmd.arg("partitionkey").arg(event.key.as_ref());
+            pairs += 1;
+        }
+        if self.config.envelope == Envelope::CloudEvents {
+            cmd.arg("data").arg(event.payload.as_ref());
+            pairs += 1;
+        }
+        cmd.arg("headers").arg(event.headers.json.as_ref());
+        for (name, value) in &event.attributes {
+            cmd.arg(name.as_str()).arg(value.as_ref());
+        }
+        Ok(pairs + 1 + event.attributes.len())
+    }
+
+    /// Dead-letters, before anything is sent, the events of the batch over `max_event_bytes`
+    /// and those the envelope cannot carry (a CloudEvent without a type).
+    fn reject_unpublishable(&self, ledger: &mut Ledger<'_>) {
         let limit = self.config.max_event_bytes;
         for (i, r) in ledger.batch().iter().enumerate() {
+            if r.poison.is_some() {
+                continue;
+            }
+            if self.config.envelope != Envelope::Plain
+                && let Err(poison) = cloudevents::attributes(&r.event, &self.config.source)
+            {
+                ledger.reject(i, poison);
+                continue;
+            }
             let size = entry_bytes(&r.event);
-            if r.poison.is_none() && size > limit {
+            if size > limit {
                 let detail = format!(
                     "the event is {size} bytes, over sink.redis.max_event_bytes = {limit}; \
                      its payload is not copied here: read it from the outbox table by id"
@@ -215,7 +267,7 @@ impl Sink for RedisSink {
 
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
         let mut ledger = Ledger::new(batch);
-        self.reject_too_large(&mut ledger);
+        self.reject_unpublishable(&mut ledger);
         if self.config.effectively_once {
             self.send_effectively_once(&mut ledger).await?;
         } else {
@@ -237,7 +289,7 @@ impl Sink for RedisSink {
 }
 
 /// The bytes an event's stream entry takes.
-fn entry_bytes(event: &outboxd_core::Event) -> usize {
+fn entry_bytes(event: &Event) -> usize {
     event.payload.len()
         + event.headers.json.len()
         + event.id.len()

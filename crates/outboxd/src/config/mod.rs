@@ -9,6 +9,7 @@ use std::path::Path;
 
 pub use outboxd_core::mask_url;
 use outboxd_core::{RouteSpec, Secret, SecretFileError, read_secret_file};
+use outboxd_sinks::cloudevents::Envelope;
 use outboxd_sinks::{SinkConfigError, SinkSections};
 use serde::{Deserialize, Serialize};
 
@@ -230,6 +231,10 @@ pub struct SinkConfig {
     pub max_inflight_bytes: u64,
     /// How long a graceful stop waits for in-flight events, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// `plain`, `cloudevents` (binary content mode) or `cloudevents-structured`.
+    pub envelope: Envelope,
+    /// CloudEvents' `source` attribute.
+    pub source: String,
     /// `[sink.<name>]`, one section per sink this build has (each defined in its folder).
     #[serde(flatten)]
     pub sections: SinkSections,
@@ -246,6 +251,8 @@ impl Default for SinkConfig {
             max_inflight_events: 10_000,
             max_inflight_bytes: 16 * 1024 * 1024,
             drain_timeout_ms: 30_000,
+            envelope: Envelope::Plain,
+            source: "outboxd".into(),
             sections: SinkSections::default(),
         }
     }
@@ -429,7 +436,42 @@ impl Config {
             }
             Some(_) => {}
         }
+        if let Some(message) = self.envelope_problem() {
+            return Err(invalid(message));
+        }
         Ok(self.sink.sections.validate()?)
+    }
+
+    /// Why `[sink] envelope` cannot work with the rest, if it cannot.
+    fn envelope_problem(&self) -> Option<String> {
+        if self.sink.envelope == Envelope::Plain {
+            return None;
+        }
+        let envelope = if self.sink.envelope == Envelope::CloudEvents {
+            "cloudevents"
+        } else {
+            "cloudevents-structured"
+        };
+        if SinkSections::cloudevents(&self.sink.kind) != Some(true) {
+            return Some(format!(
+                "sink.envelope = {envelope:?} is not supported by sink.kind = {:?} (kafka and \
+                 redis support it): use \"plain\"",
+                self.sink.kind
+            ));
+        }
+        if self.route.type_column.is_empty() {
+            return Some(format!(
+                "sink.envelope = {envelope:?} needs route.type_column: CloudEvents requires a \
+                 type for every event"
+            ));
+        }
+        if self.sink.source.trim().is_empty() {
+            return Some(format!(
+                "sink.envelope = {envelope:?} needs sink.source (CloudEvents' source, e.g. \
+                 \"/billing\")"
+            ));
+        }
+        None
     }
 
     /// What `setup`, `check` and `run` set up or check in Postgres.
@@ -660,6 +702,20 @@ listen = "127.0.0.1:9187"
                 "at least one",
             ),
             ("[sink.redis.fields]\nbody = \"data\"", "body"),
+            (
+                "[sink]\nenvelope = \"cloudevents\"\n[route]\ntype_column = \"\"",
+                "needs route.type_column",
+            ),
+            (
+                "[sink]\nenvelope = \"cloudevents-structured\"\nsource = \" \"",
+                "needs sink.source",
+            ),
+            ("[sink]\nenvelope = \"xml\"", "envelope"),
+            #[cfg(feature = "nats")]
+            (
+                "[sink]\nkind = \"nats\"\nenvelope = \"cloudevents\"",
+                "not supported by sink.kind = \"nats\"",
+            ),
         ];
         for (text, expected) in cases {
             let f = write(&format!(

@@ -117,25 +117,21 @@ impl KafkaSink {
         first_new: usize,
     ) -> Vec<Option<Outgoing>> {
         let (dead_letter, max) = (&self.config.dead_letter, self.max_message_bytes);
-        let shape = self.config.type_header;
+        let shape = &self.config.shape;
         let batch = ledger.batch();
         let mut messages = Vec::with_capacity(batch.len() + 1);
         for (i, record) in batch.iter().enumerate().skip(first_new) {
             let message = match ledger.poison(i) {
                 Some(p) => Outgoing::dead_letter(&record.event, p, dead_letter, max, shape),
-                None => {
-                    let message = Outgoing::event(&record.event, shape);
-                    let size = message.wire_size();
-                    if size <= max {
-                        message
-                    } else {
-                        let poison = too_large(size, max);
+                None => match Outgoing::event(&record.event, shape).and_then(|m| fits(m, max)) {
+                    Ok(message) => message,
+                    Err(poison) => {
                         let letter =
                             Outgoing::dead_letter(&record.event, &poison, dead_letter, max, shape);
                         ledger.reject(i, poison);
                         letter
                     }
-                }
+                },
             };
             messages.push(Some(message));
         }
@@ -290,5 +286,15 @@ impl KafkaSink {
             );
             self.discard_producer();
         }
+    }
+}
+
+/// `message`, or `too_large` when it is over `max` bytes.
+fn fits(message: Outgoing, max: usize) -> Result<Outgoing, Poison> {
+    let size = message.wire_size();
+    if size <= max {
+        Ok(message)
+    } else {
+        Err(too_large(size, max))
     }
 }
