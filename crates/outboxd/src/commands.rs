@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
 use crate::tasks::Tasks;
-use crate::{http, progress, prune};
+use crate::{http, otel, progress, prune};
 use outboxd_core::{Sink, WalHorizon};
 
 /// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
@@ -328,7 +328,16 @@ const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// `TASKS_STOP_TIMEOUT`, been aborted).
 pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
     Broker::check(config)?;
-    let settings = run_settings(config)?;
+    let mut settings = run_settings(config)?;
+    let endpoint = config.otel.endpoint.trim();
+    let exporter = if endpoint.is_empty() {
+        None
+    } else {
+        let (exporter, spans) = otel::start(endpoint, &config.otel.service_name, settings.broker)?;
+        tracing::info!(endpoint, "a span per event, exported over OTLP/HTTP");
+        settings.spans = Some(spans);
+        Some(exporter)
+    };
     let shutdown = CancellationToken::new();
     let tasks = Tasks::new();
     let metrics = Arc::new(Metrics::new());
@@ -355,6 +364,9 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
     .await;
     shutdown.cancel();
     tasks.join(TASKS_STOP_TIMEOUT).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
     result
 }
 
@@ -376,6 +388,7 @@ fn run_settings(config: &Config) -> anyhow::Result<RunSettings> {
         broker: Broker::name(config),
         broker_target: Broker::target(config),
         http: config.http.listen.trim().to_owned(),
+        spans: None,
     })
 }
 

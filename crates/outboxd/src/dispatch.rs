@@ -32,6 +32,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::backoff::Backoff;
 use crate::metrics::{Metrics, seconds_between, unix_micros_now};
+use crate::otel::Spans;
 use crate::status::Status;
 
 /// A record on its way to the sink, with the budget it holds.
@@ -52,6 +53,8 @@ pub struct DispatchOptions {
     pub linger: Duration,
     /// Broker name for log lines.
     pub broker: &'static str,
+    /// One span per acknowledged event, when `[otel] endpoint` is set.
+    pub spans: Option<Spans>,
 }
 
 /// Sends records until the channel closes (then returns `Ok`) or the sink fails permanently.
@@ -80,7 +83,7 @@ pub async fn run<S: Sink>(
         let delivery =
             send_until_accepted(&mut sink, &batch, &mut backoff, &options, &metrics, &status)
                 .await?;
-        account(&batch, &delivery, &metrics);
+        account(&batch, &delivery, &metrics, options.spans.as_ref());
         acknowledged += batch.len() as u64;
         batch.clear();
         budget.add_permits(permits as usize);
@@ -167,8 +170,9 @@ async fn linger(
 
 /// Counts a delivered batch: forwarded per topic, dead-lettered per reason, already
 /// delivered per topic, latency; and logs each dead letter.
-fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
+fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics, spans: Option<&Spans>) {
     let now_micros = unix_micros_now();
+    let acked = std::time::SystemTime::now();
     let mut forwarded: HashMap<&str, u64> = HashMap::new();
     let mut dead: HashMap<&'static str, u64> = HashMap::new();
     let mut already: HashMap<&str, u64> = HashMap::new();
@@ -187,6 +191,9 @@ fn account(batch: &[Record], delivery: &Delivery, metrics: &Metrics) {
             }
             _ => record.poison.as_ref(),
         };
+        if let Some(spans) = spans {
+            spans.record(event, poison, acked);
+        }
         match poison {
             None => *forwarded.entry(event.topic.as_str()).or_default() += 1,
             Some(p) => {
@@ -255,6 +262,7 @@ mod tests {
             max_batch,
             linger: Duration::from_millis(linger_ms),
             broker: "test",
+            spans: None,
         }
     }
 
@@ -365,6 +373,7 @@ mod tests {
                         max_batch,
                         linger: Duration::ZERO,
                         broker: "fake",
+                        spans: None,
                     },
                     metrics.clone(),
                     status.clone(),

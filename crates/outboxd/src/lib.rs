@@ -17,6 +17,7 @@ pub mod failpoint;
 mod fake_sink;
 pub mod http;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod progress;
 pub mod prune;

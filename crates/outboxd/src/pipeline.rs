@@ -93,6 +93,8 @@ pub struct RunSettings {
     pub broker_target: String,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (empty: nowhere), for the log.
     pub http: String,
+    /// One span per event, when `[otel] endpoint` is set.
+    pub spans: Option<crate::otel::Spans>,
 }
 
 /// Streams until `shutdown` is cancelled (returns `Ok` after a clean stop) or a permanent

@@ -108,6 +108,28 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[backfill]`: how `setup --backfill-where` and `replay` read the table.
     pub backfill: BackfillConfig,
+    /// `[otel]`: a span per event, exported over OTLP/HTTP.
+    pub otel: OtelConfig,
+}
+
+/// `[otel]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// The OpenTelemetry collector's OTLP/HTTP base URL (`http://127.0.0.1:4318`); empty: no
+    /// spans.
+    pub endpoint: String,
+    /// The `service.name` of the spans.
+    pub service_name: String,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        OtelConfig {
+            endpoint: String::new(),
+            service_name: "outboxd".into(),
+        }
+    }
 }
 
 /// `[backfill]`.
@@ -393,6 +415,17 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: "configuration".into(),
                 message: "postgres.prune_interval_ms and postgres.prune_batch_rows must be greater than 0".into(),
+            });
+        }
+        let endpoint = self.otel.endpoint.trim();
+        if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: format!(
+                    "otel.endpoint = {endpoint:?}: outboxd exports spans over plain http:// only; \
+                     send them to a collector beside it (http://127.0.0.1:4318) and let that \
+                     one forward over TLS"
+                ),
             });
         }
         if let Some(message) = self.route.problems() {
@@ -711,6 +744,10 @@ listen = "127.0.0.1:9187"
                 "needs sink.source",
             ),
             ("[sink]\nenvelope = \"xml\"", "envelope"),
+            (
+                "[otel]\nendpoint = \"https://otel.example.com\"",
+                "plain http://",
+            ),
             #[cfg(feature = "nats")]
             (
                 "[sink]\nkind = \"nats\"\nenvelope = \"cloudevents\"",

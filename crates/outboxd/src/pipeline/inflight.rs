@@ -186,6 +186,7 @@ mod tests {
                 max_batch,
                 linger: Duration::ZERO,
                 broker: "fake",
+                spans: None,
             },
             metrics.clone(),
             Arc::new(Status::default()),

@@ -182,6 +182,7 @@ impl Session<'_> {
                     max_batch: settings.max_batch_events,
                     linger: settings.linger,
                     broker: settings.broker,
+                    spans: settings.spans.clone(),
                 },
                 self.metrics.clone(),
                 self.status.clone(),
