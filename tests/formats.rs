@@ -559,6 +559,16 @@ async fn the_cloudevents_sdk_decodes_both_modes_from_kafka() {
         r#"{"carrier": "DHL"}"#,
     )
     .await;
+    emit("00000000-0000-0000-0000-0000000000b4", "", "{}").await;
+    let dlq = read_topic(&brokers, "outboxd.dlq", Duration::from_secs(30), |m| {
+        m.len() >= 2
+    })
+    .await;
+    assert_eq!(dlq.len(), 2, "poison in structured mode too: {dlq:?}");
+    assert_eq!(
+        dlq[1].header("id"),
+        Some("00000000-0000-0000-0000-0000000000b4")
+    );
     let all = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {
         m.len() >= 2
     })
@@ -693,4 +703,48 @@ async fn redis_entries_carry_the_documented_cloudevents_mapping() {
         "{}",
         output_text(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_text_payloads_arrive_byte_for_byte() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let redis = env.redis.connect().await;
+    // json keeps the text as written (spacing, member order, a repeated key); text keeps
+    // every character (quotes, backslashes, line breaks, tabs, non-ASCII).
+    let json = "{\"z\":  1,\n \"a\": [1.50, 2e3], \"z\": \"twice\"}";
+    let text = "line one\nline \"two\" \\ tab\there: é 漢字 🚀";
+    for (kind, payload) in [("json", json), ("text", text)] {
+        let table = format!("docs_{kind}");
+        db.batch_execute(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, payload {kind} NOT NULL);
+             GRANT SELECT ON {table} TO outboxd;
+             CREATE PUBLICATION {table} FOR TABLE {table};"
+        ))
+        .await
+        .unwrap();
+        let qualified = format!("public.{table}");
+        let vars = [
+            ("OUTBOXD_POSTGRES__TABLE", qualified.as_str()),
+            ("OUTBOXD_POSTGRES__SLOT", table.as_str()),
+            ("OUTBOXD_POSTGRES__PUBLICATION", table.as_str()),
+            ("OUTBOXD_ROUTE__TOPIC", table.as_str()),
+            ("OUTBOXD_ROUTE__KEY", ""),
+            ("OUTBOXD_ROUTE__TYPE_COLUMN", ""),
+            ("OUTBOXD_ROUTE__HEADERS_COLUMN", ""),
+        ];
+        let out = env.command_with(&["setup"], &vars);
+        assert!(out.status.success(), "setup: {}", output_text(&out));
+        let mut outboxd = env.run_with(&vars);
+        db.execute(
+            &format!("INSERT INTO {table} (payload) VALUES ($1::text::{kind})"),
+            &[&payload],
+        )
+        .await
+        .unwrap();
+        let entries = wait_stream_len(&redis, &table, 1, Duration::from_secs(30)).await;
+        assert_eq!(entries[0].get("payload"), Some(payload), "{kind}");
+        outboxd.sigterm();
+        assert!(outboxd.wait(Duration::from_secs(30)).success());
+    }
 }
