@@ -35,6 +35,20 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// A one-node Apache Kafka, and Postgres with outboxd configured for it (topics created by
+/// outboxd), with `sink` as the `[sink]` lines.
+async fn kafka_env(sink: &str) -> (Kafka, String, SinkEnv) {
+    let kafka = Kafka::single();
+    let brokers = kafka.brokers();
+    let settings = KafkaSettings {
+        sink: sink.into(),
+        kafka: "create_topics = true".into(),
+        ..KafkaSettings::default()
+    };
+    let env = SinkEnv::kafka(&brokers, &settings).await;
+    (kafka, brokers, env)
+}
+
 /// Debezium's outbox table as its documentation gives it, a publication as Debezium creates
 /// one, and a pgoutput slot named as Debezium names it.
 async fn debezium_schema(db: &tokio_postgres::Client) {
@@ -79,13 +93,7 @@ const DEBEZIUM_ENV: [(&str, &str); 4] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_debezium_preset_takes_over_its_slot_and_writes_what_the_event_router_documents() {
-    let kafka = Kafka::single();
-    let brokers = kafka.brokers();
-    let settings = KafkaSettings {
-        kafka: "create_topics = true".into(),
-        ..KafkaSettings::default()
-    };
-    let env = SinkEnv::kafka(&brokers, &settings).await;
+    let (_kafka, brokers, env) = kafka_env("").await;
     let db = env.db().await;
     debezium_schema(&db).await;
 
@@ -280,13 +288,7 @@ const HAPPENED_MS: i64 = 1_556_890_294_484;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_carries_bytea_tombstones_route_headers_and_the_row_time() {
-    let kafka = Kafka::single();
-    let brokers = kafka.brokers();
-    let settings = KafkaSettings {
-        kafka: "create_topics = true".into(),
-        ..KafkaSettings::default()
-    };
-    let env = SinkEnv::kafka(&brokers, &settings).await;
+    let (_kafka, brokers, env) = kafka_env("").await;
     let db = env.db().await;
     bytes_schema(&db).await;
     let out = env.command_with(&["setup"], &BYTES_ENV);
@@ -501,14 +503,8 @@ fn decode_with_the_sdk(records: &[KafkaMessage], mode: &str) -> Vec<serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloudevents_sdk_decodes_both_modes_from_kafka() {
-    let kafka = Kafka::single();
-    let brokers = kafka.brokers();
-    let settings = KafkaSettings {
-        sink: "envelope = \"cloudevents\"\nsource = \"/shop/orders\"".into(),
-        kafka: "create_topics = true".into(),
-        ..KafkaSettings::default()
-    };
-    let env = SinkEnv::kafka(&brokers, &settings).await;
+    let (_kafka, brokers, env) =
+        kafka_env("envelope = \"cloudevents\"\nsource = \"/shop/orders\"").await;
     let db = env.db().await;
     let emit = |id: &'static str, event_type: &'static str, payload: &'static str| {
         let db = &db;
