@@ -100,6 +100,22 @@ ensure_build_deps() {
     ensure_apt libssl-dev /usr/include/openssl/ssl.h
 }
 
+# ensure_python_kit: a virtualenv in .local/pyvenv with the Python kit (python/) installed
+# in editable mode and what its tests use; prints its python. Reinstalls when
+# python/pyproject.toml changes.
+ensure_python_kit() {
+    local venv="$LOCAL/pyvenv" stamp
+    stamp="$(sha256sum "$ROOT/python/pyproject.toml" | cut -c1-16)"
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.kit-stamp" 2>/dev/null)" != "$stamp" ]; then
+        say "installing the Python kit and its test tools into $venv"
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --quiet --upgrade pip >&2
+        "$venv/bin/pip" install --quiet -e "$ROOT/python[test,kafka]" >&2
+        echo "$stamp" > "$venv/.kit-stamp"
+    fi
+    echo "$venv/bin/python"
+}
+
 ensure_test_tools() {
     ensure_build_deps
     ensure_apt redis-server redis-server

