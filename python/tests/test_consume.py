@@ -255,3 +255,46 @@ def _members(kafka, group: str) -> int:
         return 0
     assigned = [m for m in description.members if m.assignment.topic_partitions]
     return len(assigned)
+
+
+def test_a_kafka_poison_event_goes_to_the_dead_letter_topic(pg, kafka, outboxd_kafka, consumers):
+    from confluent_kafka import Consumer
+    from django.db import transaction
+
+    from outboxd import emit
+    from outboxd.django.models import DeadLetter
+    from shop.services import pay_order
+
+    group = f"shipping-{uuid.uuid4().hex[:6]}"
+    poison_order, later = new_orders(2)
+    with transaction.atomic():
+        poison_id = str(emit("order", poison_order, "order.poison", {"order_id": poison_order}))
+    pay_order(later)
+    consumer = consumers("--broker", "kafka", "--url", kafka.brokers, "--source", STREAM,
+                         "--group", group, "--name", "k1", "--mode", "poison")
+    eventually("the later order shipped", lambda: shipments([later]), timeout=90)
+    row = eventually("the DeadLetter row", lambda: DeadLetter.objects.filter(
+        consumer=group, event_id=poison_id).first())
+    assert row.attempts == 3 and "cannot handle" in row.error
+    assert consumer.stop() == 0
+
+    reader = Consumer({"bootstrap.servers": kafka.brokers, "group.id": f"read-{group}",
+                       "auto.offset.reset": "earliest", "log_level": 3})
+    reader.subscribe([STREAM + ".dlq"])
+    letters = []
+
+    def read_letter():
+        message = reader.poll(0.5)
+        if message is not None and not message.error():
+            headers = {k: v.decode() for k, v in message.headers()}
+            if headers.get("id") == poison_id:
+                letters.append(headers)
+        return letters
+
+    try:
+        eventually("the dead-letter message", read_letter, timeout=60)
+    finally:
+        reader.close()
+    assert letters[0]["attempts"] == "3"
+    assert "ValueError: cannot handle" in letters[0]["error"]
+    assert letters[0]["source_topic"] == STREAM and letters[0]["group"] == group

@@ -42,12 +42,14 @@ class KafkaConsumer(Worker):
         *,
         dead_letter_suffix: str = ".dlq",
         poll_timeout: float = 1.0,
+        create_dead_letter_topics: bool = True,
     ) -> None:
         super().__init__(handler, store, group, policy)
         self.config = dict(config)
         self.topics = list(topics)
         self.dead_letter_suffix = dead_letter_suffix
         self.poll_timeout = poll_timeout
+        self.create_dead_letter_topics = create_dead_letter_topics
         self._lag_at = 0.0
 
     def run(self) -> None:
@@ -71,6 +73,8 @@ class KafkaConsumer(Worker):
                 "enable.idempotence": True,
             }
         )
+        if self.create_dead_letter_topics:
+            self._create_dead_letter_topics()
         consumer.subscribe(self.topics)
         try:
             while not self.stopping.is_set():
@@ -104,6 +108,24 @@ class KafkaConsumer(Worker):
             self._dead_letter(message, producer, result.attempts, result.error)
         return True
 
+    def _create_dead_letter_topics(self) -> None:
+        """Creates `<topic><suffix>` for each topic, where it does not exist (clusters often
+        do not create topics on first use)."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.config["bootstrap.servers"]})
+        wanted = [t + self.dead_letter_suffix for t in self.topics]
+        existing = admin.list_topics(timeout=10).topics
+        missing = [NewTopic(t, num_partitions=1) for t in wanted if t not in existing]
+        for topic, future in admin.create_topics(missing).items() if missing else []:
+            try:
+                future.result(timeout=30)
+                log.info("created the dead-letter topic %s", topic)
+            except KafkaException as e:
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise
+
     def _dead_letter(self, message: Any, producer: Any, attempts: int, error: str) -> None:
         headers = list(message.headers() or [])
         headers += [
@@ -114,14 +136,19 @@ class KafkaConsumer(Worker):
             ("source_offset", str(message.offset()).encode()),
             ("group", self.group.encode()),
         ]
+        topic = message.topic() + self.dead_letter_suffix
+        failures: list[Any] = []
         producer.produce(
-            message.topic() + self.dead_letter_suffix,
+            topic,
             key=message.key(),
             value=message.value(),
             headers=headers,
+            on_delivery=lambda err, _msg: failures.append(err) if err else None,
         )
-        if producer.flush(30) != 0:
-            raise RuntimeError("the dead-letter message was not acknowledged within 30 s")
+        if producer.flush(30) != 0 or failures:
+            # The offset stays uncommitted: the event is handled again after a restart.
+            reason = failures[0] if failures else "no acknowledgement within 30 s"
+            raise RuntimeError(f"writing to the dead-letter topic {topic} failed: {reason}")
 
     def _report_lag(self, consumer: Any) -> None:
         now = time.monotonic()
