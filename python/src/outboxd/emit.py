@@ -85,7 +85,8 @@ def _emit_django(alias: str, params: tuple[str, ...]) -> uuid.UUID:
         )
     with conn.cursor() as cur:
         cur.execute(_SQL, params)
-        return _as_uuid(cur.fetchone()[0])
+        row = cur.fetchone()
+        return _as_uuid(row[0] if row else None)
 
 
 def _emit_psycopg(conn: Any, params: tuple[str, ...]) -> uuid.UUID:
@@ -99,7 +100,7 @@ def _emit_psycopg(conn: Any, params: tuple[str, ...]) -> uuid.UUID:
             "mode; call it inside `with conn.transaction():` with the writes it reports"
         )
     row = connection.execute(_SQL, params).fetchone()
-    return _as_uuid(row[0])
+    return _as_uuid(row[0] if row else None)
 
 
 def _emit_sqlalchemy(conn: Any, params: tuple[str, ...]) -> uuid.UUID:
@@ -124,4 +125,6 @@ def _emit_sqlalchemy(conn: Any, params: tuple[str, ...]) -> uuid.UUID:
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
+    if value is None:
+        raise RuntimeError("outbox_emit() returned no id: is sql/outbox.sql applied?")
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))

@@ -16,7 +16,7 @@ DROP TABLE IF EXISTS public.outbox;
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies: list = []
+    dependencies = []  # type: ignore[var-annotated]
 
     operations = [
         migrations.RunSQL(OUTBOX_SQL, REVERSE_SQL),
