@@ -114,7 +114,7 @@ def _delivered(r, group: str, last_id: str) -> bool:
     return as_tuple(last) >= as_tuple(last_id) and int(info["pending"]) == 0
 
 
-def test_a_consumer_killed_mid_handler_leaves_no_trace_and_another_takes_its_entry_over(
+def test_a_consumer_killed_mid_handler_leaves_no_trace_and_the_work_is_done_once(
     pg, redis_server, outboxd_redis, consumers
 ):
     from shop.services import pay_order
@@ -122,10 +122,8 @@ def test_a_consumer_killed_mid_handler_leaves_no_trace_and_another_takes_its_ent
     r = redis_server.client
     group = f"shipping-{uuid.uuid4().hex[:6]}"
     group_at_end(r, group)
-    (order,) = new_orders(1)
-    slow = consumers("--broker", "redis", "--url", redis_server.url, "--source", STREAM,
-                     "--group", group, "--name", "w1", "--mode", "slow")
-    pay_order(order)
+    first, second = new_orders(2)
+    common = ("--broker", "redis", "--url", redis_server.url, "--source", STREAM, "--group", group)
 
     def in_handler() -> bool:
         with pg.connect("shop") as conn:
@@ -134,19 +132,30 @@ def test_a_consumer_killed_mid_handler_leaves_no_trace_and_another_takes_its_ent
                 "AND state = 'idle in transaction' AND pid <> pg_backend_pid()"
             ).fetchone()[0] > 0
 
+    # Killed inside the handler, then restarted: it handles its own pending entry.
+    slow = consumers(*common, "--name", "w1", "--mode", "slow")
+    pay_order(first)
     eventually("the handler to be in its transaction", in_handler)
     slow.kill9()
-    assert shipments([order]) == [], "the killed handler's transaction rolled back"
-    # Another process of the group takes the dead one's entry over (XAUTOCLAIM) once it has
-    # been idle for claim_idle_ms.
-    restarted = consumers("--broker", "redis", "--url", redis_server.url, "--source", STREAM,
-                          "--group", group, "--name", "w2", "--claim-idle-ms", "1000")
-    eventually("the shipment", lambda: shipments([order]))
+    assert shipments([first]) == [], "the killed handler's transaction rolled back"
+    restarted = consumers(*common, "--name", "w1")
+    eventually("the shipment", lambda: shipments([first]))
     eventually("the entry acknowledged", lambda: r.xpending(STREAM, group)["pending"] == 0)
     assert restarted.stop() == 0
-    assert len(shipments([order])) == 1
-    assert shipments([order])[0].handled_by == "w2"
-    assert "claimed outbox.order" in restarted.text()
+    assert [s.handled_by for s in shipments([first])] == ["w1"]
+
+    # Killed, and not coming back: another process of the group takes the entry over
+    # (XAUTOCLAIM) once it has been idle for claim_idle_ms.
+    slow = consumers(*common, "--name", "w3", "--mode", "slow")
+    pay_order(second)
+    eventually("the handler to be in its transaction", in_handler)
+    slow.kill9()
+    other = consumers(*common, "--name", "w2", "--claim-idle-ms", "1000")
+    eventually("the shipment", lambda: shipments([second]))
+    eventually("the entry acknowledged", lambda: r.xpending(STREAM, group)["pending"] == 0)
+    assert other.stop() == 0
+    assert [s.handled_by for s in shipments([second])] == ["w2"]
+    assert "claimed outbox.order" in other.text()
 
 
 def test_a_poison_event_goes_to_the_dead_letter_after_its_attempts(
