@@ -52,15 +52,20 @@ def redis_server(scratch):
     server.stop()
 
 
+def start_outboxd(scratch, pg, slot: str, sink: str):
+    """`outboxd run` on its own slot of the `shop` database, with `sink` as its sink sections."""
+    return Outboxd(
+        scratch,
+        f"outboxd-{slot}",
+        f'[postgres]\nurl = "{pg.url("shop")}"\nslot = "{slot}"\n\n[http]\nlisten = ""\n\n{sink}',
+    )
+
+
 @pytest.fixture(scope="session")
 def outboxd_redis(scratch, pg, redis_server):
     """outboxd streaming the outbox to Redis (streams `outbox.<aggregate_type>`)."""
-    daemon = Outboxd(
-        scratch,
-        "outboxd-redis",
-        f'[postgres]\nurl = "{pg.url("shop")}"\nslot = "py_redis"\n\n'
-        '[http]\nlisten = ""\n\n'
-        f'[sink]\nkind = "redis"\n\n[sink.redis]\nurl = "{redis_server.url}"\n',
+    daemon = start_outboxd(
+        scratch, pg, "py_redis", f'[sink]\nkind = "redis"\n\n[sink.redis]\nurl = "{redis_server.url}"\n'
     )
     yield daemon
     daemon.stop()
@@ -76,11 +81,10 @@ def kafka(scratch):
 @pytest.fixture(scope="session")
 def outboxd_kafka(scratch, pg, kafka):
     """outboxd streaming the outbox to Kafka (topics `outbox.<aggregate_type>`, 4 partitions)."""
-    daemon = Outboxd(
+    daemon = start_outboxd(
         scratch,
-        "outboxd-kafka",
-        f'[postgres]\nurl = "{pg.url("shop")}"\nslot = "py_kafka"\n\n'
-        '[http]\nlisten = ""\n\n'
+        pg,
+        "py_kafka",
         '[sink]\nkind = "kafka"\n\n'
         f'[sink.kafka]\nbrokers = "{kafka.brokers}"\ncreate_topics = true\ntopic_partitions = 4\n',
     )

@@ -82,9 +82,9 @@ class RedisStreamsConsumer(Worker):
         reply = self.client.xreadgroup(self.group, self.name, ids, count=self.count, block=block)
         for stream, entries in reply or []:
             stream = stream.decode() if isinstance(stream, bytes) else stream
+            # Entries read are delivered to this consumer: all of them are handled, also
+            # after a stop was asked (a failing one is then left pending, not retried).
             for entry_id, fields in entries:
-                if self.stopping.is_set():
-                    return
                 if fields:  # a pending entry trimmed away meanwhile has none
                     self._handle_entry(stream, _text(entry_id), fields)
 
@@ -94,8 +94,6 @@ class RedisStreamsConsumer(Worker):
                 stream, self.group, self.name, self.claim_idle_ms, "0-0", count=self.count
             )
             for entry_id, fields in reply[1]:
-                if self.stopping.is_set():
-                    return
                 if not fields:
                     continue
                 entry_id = _text(entry_id)
