@@ -744,3 +744,67 @@ async fn json_and_text_payloads_arrive_byte_for_byte() {
         assert!(outboxd.wait(Duration::from_secs(30)).success());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_effectively_once_writes_every_layout() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    let redis = env.redis.connect().await;
+    let mut vars = vec![
+        ("OUTBOXD_SINK__DELIVERY", "effectively-once"),
+        ("OUTBOXD_SINK__REDIS__MAX_EVENT_BYTES", "3000"),
+        ("OUTBOXD_SINK__REDIS__FIELDS__PAYLOAD", "data"),
+        ("OUTBOXD_SINK__REDIS__FIELDS__KEY", ""),
+        ("OUTBOXD_ROUTE__HEADERS__SOURCE", "billing"),
+        ("OUTBOXD_ROUTE__TIMESTAMP", "commit"),
+    ];
+    let mut outboxd = env.run_with(&vars);
+    db.batch_execute(
+        "SELECT outbox_emit('order', '1', 'order.paid', '{\"n\": 1}');
+         SELECT outbox_emit('order', '1', 'order.paid', jsonb_build_object('pad', repeat('x', 5000)));",
+    )
+    .await
+    .unwrap();
+    let entries = wait_stream_len(&redis, "outbox.order", 1, Duration::from_secs(30)).await;
+    let letters = wait_stream_len(&redis, "outboxd.dlq", 1, Duration::from_secs(30)).await;
+    let names: Vec<&str> = entries[0].fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["id", "type", "data", "headers", "time", "source"]);
+    assert_eq!(entries[0].get("data"), Some(r#"{"n": 1}"#));
+    assert_eq!(letters[0].get("reason"), Some("too_large"));
+    assert_eq!(letters[0].get("source"), Some("billing"));
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+
+    vars.push(("OUTBOXD_SINK__ENVELOPE", "cloudevents-structured"));
+    let _outboxd = env.run_with(&vars);
+    db.batch_execute("SELECT outbox_emit('order', '1', 'order.shipped', '{\"n\": 2}')")
+        .await
+        .unwrap();
+    let entries = wait_stream_len(&redis, "outbox.order", 2, Duration::from_secs(30)).await;
+    let names: Vec<&str> = entries[1].fields.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["cloudevent", "partitionkey", "headers", "source"]);
+    let document: serde_json::Value =
+        serde_json::from_str(entries[1].get("cloudevent").unwrap()).unwrap();
+    assert_eq!(document["type"], "order.shipped");
+    // Entry ids are WAL positions in this mode: the second event's is above the first's.
+    let id = |e: &Entry| {
+        let (ms, seq) = e.entry_id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    };
+    assert!(id(&entries[1]) > id(&entries[0]));
+    let wal: u64 = db
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0) as u64;
+    assert!(
+        id(&entries[1]).0 <= wal,
+        "an id from the WAL ({}), not Redis' clock",
+        entries[1].entry_id
+    );
+    assert_eq!(
+        stream_len(&mut env.redis.connect().await, "outbox.order").await,
+        2,
+        "nothing written twice"
+    );
+}

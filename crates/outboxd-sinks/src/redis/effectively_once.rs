@@ -249,10 +249,16 @@ impl RedisSink {
         }
         cmd.arg(self.config.maxlen);
         for (record, poison) in entries {
-            let pairs = if poison.is_some() { 11 } else { 5 };
+            // The script takes each entry's pair count first: the fields depend on the
+            // layout (renamed or left-out fields, route headers, the time, CloudEvents).
+            let mut fields = redis::Cmd::new();
+            let pairs = self.fields(&mut fields, record, *poison);
             cmd.arg(pairs).arg(entry_id(record));
-            let written = self.fields(cmd, record, *poison);
-            debug_assert_eq!(written, pairs);
+            for arg in fields.args_iter() {
+                if let redis::Arg::Simple(bytes) = arg {
+                    cmd.arg(bytes);
+                }
+            }
         }
     }
 
