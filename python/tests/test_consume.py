@@ -211,6 +211,8 @@ def test_a_poison_event_goes_to_the_dead_letter_after_its_attempts(
     assert REGISTRY.get_sample_value("outboxd_consumer_dead_lettered_total", labels) == 1
     assert REGISTRY.get_sample_value("outboxd_consumer_failed_total", labels) == 3
     assert REGISTRY.get_sample_value("outboxd_consumer_processed_total", labels) >= 1
+    lag = REGISTRY.get_sample_value("outboxd_consumer_lag", labels)
+    assert lag is not None and lag >= 0, "the group's lag is reported (XINFO GROUPS)"
 
     # The admin lists it.
     from django.contrib.auth.models import User
