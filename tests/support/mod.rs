@@ -245,6 +245,7 @@ impl Postgres {
             settings.push('\n');
         }
         let mut hba = "host all postgres 127.0.0.1/32 trust\n\
+                       host replication postgres 127.0.0.1/32 trust\n\
                        host all all 127.0.0.1/32 scram-sha-256\n\
                        host replication all 127.0.0.1/32 scram-sha-256\n"
             .to_owned();
@@ -292,6 +293,47 @@ impl Postgres {
 
     fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Starts a hot standby of this cluster (`pg_basebackup -R`, streaming replication from
+    /// it) on a port of its own.
+    pub fn start_standby(&self) -> Postgres {
+        let dir = scratch_dir("pg-standby");
+        chown_postgres(&dir);
+        let data = dir.join("data");
+        run_ok(
+            pg_command(&self.bin, "pg_basebackup")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-X",
+                    "stream",
+                    "-R",
+                    "-c",
+                    "fast",
+                ])
+                .arg("-p")
+                .arg(self.port.to_string())
+                .arg("-D")
+                .arg(&data),
+            "pg_basebackup",
+        );
+        let port = free_port();
+        append(
+            &data.join("postgresql.conf"),
+            &format!("\nport = {port}\nhot_standby = on\n"),
+        );
+        chown_postgres(&dir);
+        let standby = Postgres {
+            port,
+            bin: self.bin.clone(),
+            dir,
+            socket: None,
+        };
+        standby.pg_ctl_start();
+        standby
     }
 
     fn pg_ctl_start(&self) {

@@ -5,6 +5,12 @@
 //! `key=value` pairs (`host=db user=outboxd sslmode=verify-full`). The TLS keys (`sslmode`,
 //! `sslrootcert`, `sslcert`, `sslkey`) are taken out here and resolved by [`crate::tls`];
 //! the rest goes to tokio-postgres.
+//!
+//! Several hosts (`host=a,b port=5432,5433`, or `postgres://u@a:5432,b:5433/db`) are tried in
+//! order, as libpq does; with `target_session_attrs=read-write` a host in recovery (a standby)
+//! is passed over. The SQL connection does this through tokio-postgres; the replication
+//! connection goes to the host the SQL connection found ([`ConnInfo::replication_config`]),
+//! so that after a promotion both reach the new primary by themselves.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -36,6 +42,22 @@ pub enum ConnInfoError {
     /// The password is not UTF-8.
     #[error("the password in postgres.url is not valid UTF-8")]
     PasswordNotUtf8,
+    /// More ports than hosts, or fewer (and not one for all).
+    #[error("postgres.url names {hosts} hosts and {ports} ports: give one port, or one per host")]
+    Ports {
+        /// Hosts named.
+        hosts: usize,
+        /// Ports named.
+        ports: usize,
+    },
+}
+
+/// One of the hosts a connection string names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    /// A host name, an IP address, or a Unix-socket directory.
+    host: String,
+    port: u16,
 }
 
 /// A parsed Postgres connection string.
@@ -45,8 +67,10 @@ pub enum ConnInfoError {
 pub struct ConnInfo {
     config: tokio_postgres::Config,
     tls: PgTls,
+    /// The hosts in the order they are tried (at least one).
+    endpoints: Vec<Endpoint>,
+    /// The first host: for TLS advice and whether the server is local.
     host: String,
-    port: u16,
     user: String,
     password: String,
     dbname: String,
@@ -75,7 +99,7 @@ impl ConnInfo {
             SslMode::Prefer => PgSslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
         });
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let endpoints = endpoints(&config)?;
         let password = match config.get_password() {
             Some(p) => String::from_utf8(p.to_vec()).map_err(|_| ConnInfoError::PasswordNotUtf8)?,
             None => String::new(),
@@ -90,8 +114,8 @@ impl ConnInfo {
         Ok(ConnInfo {
             config,
             tls,
+            endpoints,
             host,
-            port,
             user,
             password,
             dbname,
@@ -122,16 +146,26 @@ impl ConnInfo {
     /// without TLS: when TLS is off, to the server itself; otherwise the server is reached
     /// here, TLS negotiated, and the settings name the relay to that connection (see
     /// [`crate::tls`]).
+    ///
+    /// With several hosts, the server is the one a SQL connection reaches (the first that
+    /// answers, and is not in recovery under `target_session_attrs=read-write`).
     pub async fn replication_config(
         &self,
         slot: &str,
         publication: &str,
     ) -> Result<ReplicationConfig, PgWireError> {
+        let (server, port) = match self.endpoints.as_slice() {
+            [only] => (only.host.clone(), only.port),
+            _ => {
+                let chosen = self.find_server().await?;
+                (chosen.host, chosen.port)
+            }
+        };
         let host = if self.tls.mode == SslMode::Disable {
-            self.host.clone()
+            server
         } else {
-            let stream = self.tls.connect(&self.host, self.port).await?;
-            let dir = crate::tls::relay(stream, self.port)
+            let stream = self.tls.connect(&server, port).await?;
+            let dir = crate::tls::relay(stream, port)
                 .map_err(|e| PgWireError::Io(std::sync::Arc::new(e)))?;
             dir.to_string_lossy().into_owned()
         };
@@ -143,8 +177,54 @@ impl ConnInfo {
             slot,
             publication,
         )
-        .with_port(self.port)
+        .with_port(port)
         .with_application_name(format!("outboxd:{slot}")))
+    }
+
+    /// Which of the hosts a SQL connection reaches: told by the port the server listens on
+    /// and, where hosts share a port, by its address.
+    async fn find_server(&self) -> Result<Endpoint, PgWireError> {
+        let failed =
+            |what: String| PgWireError::Io(std::sync::Arc::new(std::io::Error::other(what)));
+        let client = self
+            .connect()
+            .await
+            .map_err(|e| failed(format!("no host of postgres.url could be used: {e}")))?;
+        let row = client
+            .query_one("SELECT inet_server_port(), host(inet_server_addr())", &[])
+            .await
+            .map_err(|e| failed(format!("asking the server where it is: {e}")))?;
+        let port = row
+            .get::<_, Option<i32>>(0)
+            .and_then(|p| u16::try_from(p).ok());
+        let addr: Option<String> = row.get(1);
+        let by_port: Vec<&Endpoint> = match port {
+            Some(port) => self.endpoints.iter().filter(|e| e.port == port).collect(),
+            // A Unix-domain socket: the server does not say; the socket hosts are candidates.
+            None => self
+                .endpoints
+                .iter()
+                .filter(|e| e.host.starts_with('/'))
+                .collect(),
+        };
+        if let [only] = by_port.as_slice() {
+            return Ok((*only).clone());
+        }
+        for candidate in &by_port {
+            let resolved = tokio::net::lookup_host((candidate.host.as_str(), candidate.port))
+                .await
+                .map(|addrs| addrs.map(|a| a.ip().to_string()).collect::<Vec<_>>())
+                .unwrap_or_default();
+            if addr.as_ref().is_some_and(|a| resolved.contains(a)) {
+                return Ok((*candidate).clone());
+            }
+        }
+        Err(failed(format!(
+            "cannot tell which host of postgres.url answered (address {}, port {}): name \
+             each host so that its address or port tells it apart",
+            addr.unwrap_or_else(|| "unknown".into()),
+            port.map_or_else(|| "unknown".into(), |p| p.to_string())
+        )))
     }
 
     /// The TLS settings both connections use.
@@ -321,12 +401,46 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The hosts of `config` with their ports: one port for all, or one per host.
+fn endpoints(config: &tokio_postgres::Config) -> Result<Vec<Endpoint>, ConnInfoError> {
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    if !(ports.len() <= 1 || ports.len() == hosts.len()) {
+        return Err(ConnInfoError::Ports {
+            hosts: hosts.len(),
+            ports: ports.len(),
+        });
+    }
+    Ok(hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| Endpoint {
+            host: match host {
+                Host::Tcp(h) => h.clone(),
+                Host::Unix(path) => path.to_string_lossy().into_owned(),
+            },
+            port: ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432),
+        })
+        .collect())
+}
+
 impl fmt::Display for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.host, e.port))
+            .collect();
         write!(
             f,
-            "postgres://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.dbname
+            "postgres://{}@{}/{}",
+            self.user,
+            hosts.join(","),
+            self.dbname
         )
     }
 }
@@ -340,6 +454,36 @@ impl fmt::Debug for ConnInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_hosts_are_kept_in_order_with_their_ports() {
+        let info = ConnInfo::parse(
+            "postgres://u:pw@db-a:5432,db-b:5433/app?target_session_attrs=read-write",
+        )
+        .expect("parses");
+        assert_eq!(
+            info.endpoints,
+            [
+                Endpoint {
+                    host: "db-a".into(),
+                    port: 5432
+                },
+                Endpoint {
+                    host: "db-b".into(),
+                    port: 5433
+                },
+            ]
+        );
+        assert_eq!(info.to_string(), "postgres://u@db-a:5432,db-b:5433/app");
+        let info = ConnInfo::parse("host=a,b port=6432 user=u dbname=app").expect("parses");
+        assert_eq!(
+            info.endpoints.iter().map(|e| e.port).collect::<Vec<_>>(),
+            [6432, 6432],
+            "one port for every host"
+        );
+        let err = ConnInfo::parse("host=a,b,c port=1,2 user=u").unwrap_err();
+        assert!(err.to_string().contains("3 hosts and 2 ports"), "{err}");
+    }
 
     #[test]
     fn never_displays_the_password() {
