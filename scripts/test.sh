@@ -17,7 +17,8 @@
 # conformance suite against Redis), the effectively-once suite (tests/effectively_once.rs),
 # TLS (tests/tls.rs), the managed-Postgres roles (tests/managed.rs), table-less events
 # (tests/table_less.rs), the cutover and replay (tests/adopting.rs) and pruning and
-# partitioned outboxes (tests/outbox_size.rs) run again on 14, 16, 17 and 18. The Python kit's
+# partitioned outboxes (tests/outbox_size.rs), a promoted standby (tests/failover.rs) and
+# multi-host URLs (tests/multi_host.rs) run again on 14, 16, 17 and 18. The Python kit's
 # tests (python/tests, pytest) run once, on the system Postgres, with outboxd in the loop.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -65,12 +66,12 @@ run_tests() {
     shift
     if command -v cargo-nextest >/dev/null 2>&1; then
         local select=()
-        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(conformance_redis) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size)')
+        [ "$which" = core ] && select=(-E 'binary(redis_e2e) | binary(conformance_redis) | binary(effectively_once) | binary(tls) | binary(managed) | binary(table_less) | binary(adopting) | binary(outbox_size) | binary(failover) | binary(multi_host)')
         [ "$which" = all ] && [ -n "$long" ] && select=(--run-ignored all)
         cargo nextest run --workspace --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" "$@"
     else
         local select=(--workspace) harness=()
-        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test conformance_redis --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size)
+        [ "$which" = core ] && select=(-p outboxd --test redis_e2e --test conformance_redis --test effectively_once --test tls --test managed --test table_less --test adopting --test outbox_size --test failover --test multi_host)
         [ "$which" = all ] && [ -n "$long" ] && harness=(--include-ignored)
         cargo test --locked --no-fail-fast --features outboxd/failpoints "${select[@]}" -- "${harness[@]}" "$@"
     fi

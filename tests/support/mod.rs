@@ -298,32 +298,39 @@ impl Postgres {
     /// Starts a hot standby of this cluster (`pg_basebackup -R`, streaming replication from
     /// it) on a port of its own.
     pub fn start_standby(&self) -> Postgres {
+        self.start_standby_with(&[])
+    }
+
+    /// [`start_standby`](Self::start_standby) with more postgresql.conf lines. The standby
+    /// streams through a physical slot of the primary, `standby_1`, and its
+    /// `primary_conninfo` names database `app` (slot synchronisation needs one).
+    pub fn start_standby_with(&self, conf: &[&str]) -> Postgres {
         let dir = scratch_dir("pg-standby");
         chown_postgres(&dir);
         let data = dir.join("data");
-        run_ok(
-            pg_command(&self.bin, "pg_basebackup")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "postgres",
-                    "-X",
-                    "stream",
-                    "-R",
-                    "-c",
-                    "fast",
-                ])
-                .arg("-p")
-                .arg(self.port.to_string())
-                .arg("-D")
-                .arg(&data),
-            "pg_basebackup",
-        );
+        let mut backup = pg_command(&self.bin, "pg_basebackup");
+        backup
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream", "-R"])
+            .args(["-c", "fast", "-C", "-S", "standby_1"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-D")
+            .arg(&data);
+        run_ok(&mut backup, "pg_basebackup");
         let port = free_port();
+        let mut settings = format!("\nport = {port}\nhot_standby = on\n");
+        for line in conf {
+            settings.push_str(line);
+            settings.push('\n');
+        }
+        append(&data.join("postgresql.conf"), &settings);
         append(
-            &data.join("postgresql.conf"),
-            &format!("\nport = {port}\nhot_standby = on\n"),
+            &data.join("postgresql.auto.conf"),
+            &format!(
+                "\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=app'\n\
+                 primary_slot_name = 'standby_1'\n",
+                self.port
+            ),
         );
         chown_postgres(&dir);
         let standby = Postgres {
@@ -356,6 +363,28 @@ impl Postgres {
                 .arg(self.data())
                 .args(["-w", "-m", "fast", "stop"]),
             "pg_ctl stop",
+        );
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`).
+    pub fn stop_immediately(&self) {
+        run_ok(
+            pg_command(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-w", "-m", "immediate", "stop"]),
+            "pg_ctl stop -m immediate",
+        );
+    }
+
+    /// Promotes this standby to a primary and waits for it.
+    pub fn promote(&self) {
+        run_ok(
+            pg_command(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-w", "-t", "60", "promote"]),
+            "pg_ctl promote",
         );
     }
 

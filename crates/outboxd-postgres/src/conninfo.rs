@@ -181,6 +181,50 @@ impl ConnInfo {
         .with_application_name(format!("outboxd:{slot}")))
     }
 
+    /// The hosts, `host:port`, in the order they are tried.
+    pub fn hosts(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| format!("{}:{}", e.host, e.port))
+            .collect()
+    }
+
+    /// A SQL connection to host number `index` of [`hosts`](Self::hosts) alone (whatever
+    /// its role), with the same user, database and TLS: for `check` to look at a standby.
+    pub async fn connect_host(&self, index: usize) -> Result<Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        if let Some(e) = self.endpoints.get(index) {
+            config.host(&e.host).port(e.port);
+        }
+        config
+            .user(&self.user)
+            .password(self.password.as_bytes())
+            .dbname(&self.dbname)
+            .application_name("outboxd")
+            .connect_timeout(
+                self.config
+                    .get_connect_timeout()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(10)),
+            )
+            .ssl_mode(self.config.get_ssl_mode());
+        let client = match self.tls.rustls() {
+            Some(tls) => {
+                let (client, connection) = config
+                    .connect(MakeRustlsConnect::new((*tls).clone()))
+                    .await?;
+                spawn_connection(connection);
+                client
+            }
+            None => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                spawn_connection(connection);
+                client
+            }
+        };
+        Ok(client)
+    }
+
     /// Which of the hosts a SQL connection reaches: told by the port the server listens on
     /// and, where hosts share a port, by its address.
     async fn find_server(&self) -> Result<Endpoint, PgWireError> {

@@ -125,9 +125,11 @@ pub enum StreamError {
     },
     /// The slot no longer exists.
     #[error(
-        "replication slot {slot:?} no longer exists (it was dropped): outboxd does not recreate it, \
-         since events committed meanwhile would be skipped. Run `outboxd setup` to create a new \
-         slot once you have decided how to recover events since the last confirmed position"
+        "replication slot {slot:?} no longer exists (it was dropped, or this server was promoted \
+         from a standby that had no copy of it): outboxd does not recreate it, since events \
+         committed meanwhile would be skipped. Recover with `outboxd setup --backfill-where \
+         \"created_at >= '<a little before the loss>'\"`, which creates a new slot and publishes \
+         the rows since then (docs/operations.md, \"Postgres failover\")"
     )]
     SlotMissing {
         /// The slot name.

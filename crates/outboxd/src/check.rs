@@ -137,7 +137,7 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         check_pruning(config, &client, report).await;
     }
     if let (Some(s), false) = (&found.slot, failed("slot")) {
-        check_slot(&client, s, found.server.version_num, report).await;
+        check_slot(&client, &conn, s, found.server.version_num, report).await;
     }
     client
         .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
@@ -281,6 +281,7 @@ async fn check_pruning(config: &Config, client: &tokio_postgres::Client, report:
 /// The slot's state, its retained WAL, and whether it survives a failover.
 async fn check_slot(
     client: &tokio_postgres::Client,
+    conn: &ConnInfo,
     s: &catalog::Slot,
     version_num: i32,
     report: &mut Report,
@@ -327,6 +328,7 @@ async fn check_slot(
                  recreate the slot (PostgreSQL 17+), with sync_replication_slots on the standbys"
             ),
         ),
+        Ok((_, Some(true))) => check_standbys(conn, &s.name, report).await,
         Ok((standbys, None)) if standbys > 0 => report.add(
             Status::Warn,
             "failover",
@@ -336,6 +338,75 @@ async fn check_slot(
             ),
         ),
         _ => {}
+    }
+}
+
+/// A failover slot: whether the other hosts of `postgres.url` hold a synchronised copy that
+/// can take over (synced, not temporary), and whether there are other hosts at all.
+async fn check_standbys(conn: &ConnInfo, slot: &str, report: &mut Report) {
+    let hosts = conn.hosts();
+    if hosts.len() < 2 {
+        report.add(
+            Status::Warn,
+            "failover",
+            "the slot has failover = true but postgres.url names one host: after a promotion \
+             outboxd keeps trying that one. Name the standbys too, with \
+             target_session_attrs=read-write (or use a name that follows the primary)",
+        );
+        return;
+    }
+    for (i, host) in hosts.iter().enumerate() {
+        let Ok(client) = conn.connect_host(i).await else {
+            report.add(
+                Status::Warn,
+                "failover",
+                format!("{host}: cannot connect to look at its copy of the slot"),
+            );
+            continue;
+        };
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), \
+                        (SELECT synced FROM pg_replication_slots WHERE slot_name = $1), \
+                        (SELECT temporary FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await;
+        match row.map(|r| {
+            (
+                r.get::<_, bool>(0),
+                r.get::<_, Option<bool>>(1),
+                r.get::<_, Option<bool>>(2),
+            )
+        }) {
+            Ok((false, _, _)) => {}
+            Ok((true, Some(true), Some(false))) => report.add(
+                Status::Ok,
+                "failover",
+                format!(
+                    "{host} (standby) has the slot synchronised: it can take over after a promotion"
+                ),
+            ),
+            Ok((true, Some(_), Some(true))) => report.add(
+                Status::Warn,
+                "failover",
+                format!(
+                    "{host} (standby) has only a temporary copy of the slot: it is not ready to \
+                     take over yet (it becomes permanent once the standby has caught up with it)"
+                ),
+            ),
+            Ok((true, _, _)) => report.add(
+                Status::Warn,
+                "failover",
+                format!(
+                    "{host} (standby) has no synchronised copy of the slot: a promotion would \
+                     lose it. On the standby: sync_replication_slots = on, \
+                     hot_standby_feedback = on, primary_slot_name, and a dbname in \
+                     primary_conninfo; on the primary: synchronized_standby_slots"
+                ),
+            ),
+            Err(e) => report.add(Status::Warn, "failover", format!("{host}: {e}")),
+        }
     }
 }
 
