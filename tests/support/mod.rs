@@ -355,13 +355,14 @@ impl Postgres {
         );
     }
 
-    /// Stops the server (fast shutdown).
+    /// Stops the server (fast shutdown). It may wait for a walsender to finish sending: on a
+    /// loaded 2-vCPU machine that took over pg_ctl's default 60 s once, hence 180.
     pub fn stop(&self) {
         run_ok(
             pg_command(&self.bin, "pg_ctl")
                 .arg("-D")
                 .arg(self.data())
-                .args(["-w", "-m", "fast", "stop"]),
+                .args(["-w", "-t", "180", "-m", "fast", "stop"]),
             "pg_ctl stop",
         );
     }
