@@ -17,7 +17,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -115,25 +115,8 @@ async fn a_promoted_standby_continues_from_the_synced_slot_or_outboxd_says_what_
     if failover_slots {
         let entries = wait_stream_len(&redis, "outbox.order", 900, Duration::from_secs(120)).await;
         assert_each_once(&entries, 0..900);
-        let confirmed = Instant::now();
         // Still streaming, from the new primary's slot.
-        wait_until(
-            "the slot active on the new primary",
-            Duration::from_secs(30),
-            || {
-                let db = &new_primary;
-                async move {
-                    db.query_one(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&SLOT],
-                    )
-                    .await
-                    .is_ok_and(|r| r.get::<_, bool>(0))
-                }
-            },
-        )
-        .await;
-        assert!(confirmed.elapsed() < Duration::from_secs(30));
+        wait_slot_active(&new_primary).await;
         outboxd.sigterm();
         assert!(outboxd.wait(Duration::from_secs(30)).success());
         return;

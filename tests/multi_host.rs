@@ -60,16 +60,7 @@ async fn read_write_passes_over_a_standby_to_the_primary() {
     );
     let mut outboxd = events_flow_with(&env, &url).await;
     // The slot is streamed from the primary.
-    let db = env.db().await;
-    let active: bool = db
-        .query_one(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = 'outboxd'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(active);
+    wait_slot_active(&env.db().await).await;
     outboxd.sigterm();
     assert!(outboxd.wait(Duration::from_secs(30)).success());
 }

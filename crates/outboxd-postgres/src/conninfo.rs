@@ -124,17 +124,24 @@ impl ConnInfo {
 
     /// Opens a SQL connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        self.connect_with(&self.config).await
+    }
+
+    /// A SQL connection with `config`, over this connection string's TLS.
+    async fn connect_with(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<Client, tokio_postgres::Error> {
         let client = match self.tls.rustls() {
             Some(tls) => {
-                let (client, connection) = self
-                    .config
+                let (client, connection) = config
                     .connect(MakeRustlsConnect::new((*tls).clone()))
                     .await?;
                 spawn_connection(connection);
                 client
             }
             None => {
-                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
                 spawn_connection(connection);
                 client
             }
@@ -208,21 +215,7 @@ impl ConnInfo {
                     .unwrap_or(Duration::from_secs(10)),
             )
             .ssl_mode(self.config.get_ssl_mode());
-        let client = match self.tls.rustls() {
-            Some(tls) => {
-                let (client, connection) = config
-                    .connect(MakeRustlsConnect::new((*tls).clone()))
-                    .await?;
-                spawn_connection(connection);
-                client
-            }
-            None => {
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-                spawn_connection(connection);
-                client
-            }
-        };
-        Ok(client)
+        self.connect_with(&config).await
     }
 
     /// Which of the hosts a SQL connection reaches: told by the port the server listens on

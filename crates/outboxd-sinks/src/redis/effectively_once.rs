@@ -251,13 +251,10 @@ impl RedisSink {
         for (record, poison) in entries {
             // The script takes each entry's pair count first: the fields depend on the
             // layout (renamed or left-out fields, route headers, the time, CloudEvents).
-            let mut fields = redis::Cmd::new();
-            let pairs = self.fields(&mut fields, record, *poison);
-            cmd.arg(pairs).arg(entry_id(record));
-            for arg in fields.args_iter() {
-                if let redis::Arg::Simple(bytes) = arg {
-                    cmd.arg(bytes);
-                }
+            let fields = self.entry(record, *poison);
+            cmd.arg(fields.len()).arg(entry_id(record));
+            for (name, value) in &fields {
+                cmd.arg(*name).arg(value.as_ref());
             }
         }
     }

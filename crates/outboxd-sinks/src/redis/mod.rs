@@ -66,6 +66,7 @@ mod transaction;
 pub use config::{Redis, RedisConfig, RedisFields, RedisSection, RedisTls};
 pub use effectively_once::{SCRIPT as EFFECTIVELY_ONCE_SCRIPT, entry_id};
 
+use bytes::Bytes;
 use outboxd_core::{Delivery, Event, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
@@ -154,84 +155,95 @@ impl RedisSink {
 
     /// Appends an entry's field/value pairs to `cmd` (after its id); returns how many pairs.
     fn fields(&self, cmd: &mut redis::Cmd, record: &Record, poison: Option<&Poison>) -> usize {
+        let fields = self.entry(record, poison);
+        for (name, value) in &fields {
+            cmd.arg(*name).arg(value.as_ref());
+        }
+        fields.len()
+    }
+
+    /// An entry's field/value pairs, in order (the values share the event's buffers).
+    pub(super) fn entry<'a>(
+        &'a self,
+        record: &'a Record,
+        poison: Option<&Poison>,
+    ) -> Vec<(&'a str, Bytes)> {
         let event = &record.event;
         if poison.is_none()
             && self.config.envelope != Envelope::Plain
-            && let Ok(pairs) = self.cloudevent_fields(cmd, event)
+            && let Ok(fields) = self.cloudevent_entry(event)
         {
-            return pairs;
+            return fields;
         }
         // A dead letter too large for Redis keeps its context, not its body.
         let oversized = poison.is_some() && entry_bytes(event) > self.config.max_event_bytes;
-        let payload: &[u8] = if oversized { b"" } else { &event.payload };
-        let headers: &[u8] =
-            if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
-                b"{}"
-            } else {
-                &event.headers.json
-            };
-        let time = event.time_millis.map(|ms| ms.to_string());
-        let values: [Option<&[u8]>; 6] = [
-            Some(&event.id),
-            Some(&event.event_type),
-            Some(&event.key),
+        let payload = if oversized {
+            Bytes::new()
+        } else {
+            event.payload.clone()
+        };
+        let headers = if oversized && event.headers.json.len() > self.config.max_event_bytes / 2 {
+            Bytes::from_static(b"{}")
+        } else {
+            event.headers.json.clone()
+        };
+        let values: [Option<Bytes>; 6] = [
+            Some(event.id.clone()),
+            Some(event.event_type.clone()),
+            Some(event.key.clone()),
             Some(payload),
             Some(headers),
-            time.as_ref().map(String::as_bytes),
+            event.time_millis.map(|ms| Bytes::from(ms.to_string())),
         ];
-        let mut pairs = 0;
+        let mut fields = Vec::with_capacity(12 + event.attributes.len());
         for ((_, name), value) in self.config.fields.names().into_iter().zip(values) {
             if let Some(value) = value.filter(|_| !name.is_empty()) {
-                cmd.arg(name).arg(value);
-                pairs += 1;
+                fields.push((name, value));
             }
         }
-        for (name, value) in &event.attributes {
-            cmd.arg(name.as_str()).arg(value.as_ref());
-            pairs += 1;
-        }
+        fields.extend(
+            event
+                .attributes
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.clone())),
+        );
         if let Some(poison) = poison {
-            for (name, value) in dead_letter::context(event, poison) {
-                cmd.arg(name).arg(value.as_ref());
-                pairs += 1;
-            }
+            fields.extend(dead_letter::context(event, poison));
         }
-        pairs
+        fields
     }
 
     /// A CloudEvent's entry (see docs/formats.md): in binary mode one field per attribute,
     /// `partitionkey` (the key), `data` (the payload); in structured mode one field
     /// `cloudevent` holding the JSON document, and `partitionkey`. Then, in both, the row's
-    /// headers (`headers`, a JSON object) and `[route.headers]`. Returns how many pairs.
-    fn cloudevent_fields(&self, cmd: &mut redis::Cmd, event: &Event) -> Result<usize, Poison> {
+    /// headers (`headers`, a JSON object) and `[route.headers]`.
+    fn cloudevent_entry<'a>(&self, event: &'a Event) -> Result<Vec<(&'a str, Bytes)>, Poison> {
         let source = &self.config.source;
-        let mut pairs = 0;
+        let mut fields: Vec<(&str, Bytes)> = Vec::with_capacity(10 + event.attributes.len());
         if self.config.envelope == Envelope::CloudEventsStructured {
-            let document = cloudevents::structured(event, source)?;
-            cmd.arg("cloudevent").arg(document.as_ref());
-            pairs += 1;
+            fields.push(("cloudevent", cloudevents::structured(event, source)?));
         } else {
-            for (name, value) in cloudevents::attributes(event, source)? {
-                cmd.arg(name).arg(value.as_ref());
-                pairs += 1;
-            }
-            cmd.arg("datacontenttype")
-                .arg(cloudevents::content_type(&event.payload));
-            pairs += 1;
+            fields.extend(cloudevents::attributes(event, source)?);
+            let content_type = cloudevents::content_type(&event.payload);
+            fields.push((
+                "datacontenttype",
+                Bytes::from_static(content_type.as_bytes()),
+            ));
         }
         if !event.key.is_empty() {
-            cmd.arg("partitionkey").arg(event.key.as_ref());
-            pairs += 1;
+            fields.push(("partitionkey", event.key.clone()));
         }
         if self.config.envelope == Envelope::CloudEvents {
-            cmd.arg("data").arg(event.payload.as_ref());
-            pairs += 1;
+            fields.push(("data", event.payload.clone()));
         }
-        cmd.arg("headers").arg(event.headers.json.as_ref());
-        for (name, value) in &event.attributes {
-            cmd.arg(name.as_str()).arg(value.as_ref());
-        }
-        Ok(pairs + 1 + event.attributes.len())
+        fields.push(("headers", event.headers.json.clone()));
+        fields.extend(
+            event
+                .attributes
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.clone())),
+        );
+        Ok(fields)
     }
 
     /// Dead-letters, before anything is sent, the events of the batch over `max_event_bytes`
