@@ -355,16 +355,28 @@ impl Postgres {
         );
     }
 
-    /// Stops the server (fast shutdown). It may wait for a walsender to finish sending: on a
-    /// loaded 2-vCPU machine that took over pg_ctl's default 60 s once, hence 180.
+    /// Stops the server (fast shutdown). If that does not finish within 60 s, stops it at
+    /// once instead (`immediate`, as a crash would), and says so on stderr.
+    ///
+    /// Seen in CI on PostgreSQL 14 and 16, in the effectively-once scenario of the
+    /// conformance suite: the checkpointer waited for outboxd's walsender to stop for over
+    /// 180 s. That wait is not understood yet; until it is, the restart goes on as a crash
+    /// restart, which the scenario's guarantees must survive as well.
     pub fn stop(&self) {
-        run_ok(
-            pg_command(&self.bin, "pg_ctl")
-                .arg("-D")
-                .arg(self.data())
-                .args(["-w", "-t", "180", "-m", "fast", "stop"]),
-            "pg_ctl stop",
+        let fast = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "60", "-m", "fast", "stop"])
+            .output()
+            .expect("pg_ctl stop");
+        if fast.status.success() {
+            return;
+        }
+        eprintln!(
+            "pg_ctl stop -m fast did not finish within 60 s ({}): stopping immediately",
+            String::from_utf8_lossy(&fast.stderr).trim()
         );
+        self.stop_immediately();
     }
 
     /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`).
