@@ -5,11 +5,12 @@
 //!                     ◀── standby status ◀── WalStream::confirm(lsn) ◀── checkpoint
 //! ```
 //!
-//! [`WalStream`] owns one replication session. It checks the shape of the stream
-//! (`Begin → Relation/Insert… → Commit`, with the Commit's LSN matching the Begin's), keeps
-//! the outbox table's latest Relation, skips other tables and other kinds of change, and
-//! reports keepalives only between transactions, where their WAL position is safe to
-//! confirm once everything before it is acknowledged.
+//! [`WalStream`] owns one replication session: the connection, the confirmed position and
+//! the errors of the server. What each message means is [`Machine`]'s ([`machine`], no I/O):
+//! it checks the shape of the stream (`Begin → Relation/Insert… → Commit`, with the Commit's
+//! LSN matching the Begin's), keeps the outbox table's latest Relation, skips other tables
+//! and other kinds of change, and reports keepalives only between transactions, where their
+//! WAL position is safe to confirm once everything before it is acknowledged.
 //!
 //! pgoutput (without streaming) sends a transaction only after it committed, so every row
 //! between Begin and Commit is committed data: rows may be forwarded before their Commit
@@ -23,22 +24,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use outboxd_core::{Lsn, Position};
-use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
+use pgwire_replication::{PgWireError, ReplicationClient};
 
 use crate::catalog::TlsState;
 use crate::conninfo::ConnInfo;
-use crate::decode::{self, DecodeError, Message, Relation};
+use crate::decode::{DecodeError, Relation};
 use crate::message::MessageKind;
 
-/// Now, in microseconds since the Unix epoch.
-fn unix_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
+pub mod machine;
 
-/// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub use machine::Machine;
 
 /// How to open the stream.
 #[derive(Debug, Clone)]
@@ -271,36 +266,21 @@ pub async fn probe_replication(
     })
 }
 
-/// An open transaction.
-#[derive(Debug, Clone, Copy)]
-struct Txn {
-    commit_lsn: Lsn,
-    commit_time_micros: i64,
-    rows: u32,
-}
-
 /// One replication session on the outbox slot.
 pub struct WalStream {
     client: ReplicationClient,
     options: StreamOptions,
-    /// The OID the outbox table has in this session (updated if it was recreated).
-    outbox_oid: u32,
-    /// Whether the outbox relation was announced in this session.
-    outbox_known: bool,
-    /// The transaction being received, between Begin and Commit.
-    txn: Option<Txn>,
+    /// The shape of the stream: what each message means.
+    machine: Machine,
     /// The position the session started from; confirming it again needs no wait.
     start: Lsn,
-    /// Whether messages of the other source were reported in this session.
-    warned_source: bool,
 }
 
 impl std::fmt::Debug for WalStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WalStream")
             .field("slot", &self.options.slot)
-            .field("outbox_oid", &self.outbox_oid)
-            .field("txn", &self.txn)
+            .field("machine", &self.machine)
             .finish_non_exhaustive()
     }
 }
@@ -329,12 +309,9 @@ impl WalStream {
             .map_err(|e| StreamError::classify_start(&slot, conn, e))?;
         Ok(WalStream {
             client,
-            outbox_oid: options.table_oid,
+            machine: Machine::new(&options),
             options,
-            outbox_known: false,
-            txn: None,
             start,
-            warned_source: false,
         })
     }
 
@@ -346,168 +323,9 @@ impl WalStream {
                 Ok(None) => return Err(StreamError::Ended),
                 Err(e) => return Err(StreamError::classify(&self.options.slot, e)),
             };
-            if let Some(out) = self.handle(event)? {
+            if let Some(out) = self.machine.handle(event)? {
                 return Ok(out);
             }
-        }
-    }
-
-    fn handle(&mut self, event: ReplicationEvent) -> Result<Option<WalEvent>, StreamError> {
-        match event {
-            ReplicationEvent::Begin {
-                final_lsn,
-                commit_time_micros,
-                ..
-            } => {
-                if let Some(open) = self.txn {
-                    return Err(StreamError::Sequence(format!(
-                        "Begin of {final_lsn} while the transaction of {} is open",
-                        open.commit_lsn
-                    )));
-                }
-                self.txn = Some(Txn {
-                    commit_lsn: Lsn::new(final_lsn.as_u64()),
-                    commit_time_micros: commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS),
-                    rows: 0,
-                });
-                Ok(None)
-            }
-            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
-                let txn = self.txn.take().ok_or_else(|| {
-                    StreamError::Sequence(format!("Commit of {lsn} without a Begin"))
-                })?;
-                if txn.commit_lsn.get() != lsn.as_u64() {
-                    return Err(StreamError::Sequence(format!(
-                        "Commit at {lsn} does not match Begin's commit position {}",
-                        txn.commit_lsn
-                    )));
-                }
-                Ok(Some(WalEvent::Commit {
-                    end_lsn: Lsn::new(end_lsn.as_u64()),
-                    rows: txn.rows,
-                }))
-            }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
-                Ok(self.txn.is_none().then_some(WalEvent::Idle {
-                    wal_end: Lsn::new(wal_end.as_u64()),
-                }))
-            }
-            ReplicationEvent::XLogData {
-                wal_start, data, ..
-            } => {
-                let lsn = Lsn::new(wal_start.as_u64());
-                let message =
-                    decode::decode(&data).map_err(|source| StreamError::Decode { lsn, source })?;
-                self.handle_message(message)
-            }
-            ReplicationEvent::Message {
-                transactional,
-                lsn,
-                prefix,
-                content,
-            } => Ok(self.message(transactional, Lsn::new(lsn.as_u64()), &prefix, content)),
-            ReplicationEvent::StoppedAt { .. } => Err(StreamError::Ended),
-        }
-    }
-
-    /// A logical decoding message: forwarded when it is one of outboxd's for this source.
-    fn message(
-        &mut self,
-        transactional: bool,
-        lsn: Lsn,
-        prefix: &str,
-        content: Bytes,
-    ) -> Option<WalEvent> {
-        let kind = MessageKind::of_prefix(prefix)?;
-        let wanted = match self.options.source {
-            Source::Table => kind != MessageKind::Event,
-            Source::Messages => kind == MessageKind::Event,
-        };
-        if !wanted {
-            if !self.warned_source {
-                self.warned_source = true;
-                tracing::warn!(
-                    prefix,
-                    source = ?self.options.source,
-                    "skipping outboxd messages this source does not take: table-less events \
-                     (outbox_emit_message) need postgres.source = \"messages\"; backfill and \
-                     replay need the table source"
-                );
-            }
-            return None;
-        }
-        // A message outside a transaction (pg_logical_emit_message(false, ...)) is decoded at
-        // once, between transactions: its own LSN orders it.
-        let (position, commit_time_micros) = match (transactional, self.txn.as_mut()) {
-            (true, Some(txn)) => {
-                let position = Position {
-                    commit_lsn: txn.commit_lsn,
-                    index: txn.rows,
-                };
-                txn.rows += 1;
-                (position, txn.commit_time_micros)
-            }
-            _ => (
-                Position {
-                    commit_lsn: lsn,
-                    index: 0,
-                },
-                unix_micros(),
-            ),
-        };
-        Some(WalEvent::Message {
-            kind,
-            content,
-            position,
-            commit_time_micros,
-        })
-    }
-
-    fn handle_message(&mut self, message: Message) -> Result<Option<WalEvent>, StreamError> {
-        match message {
-            Message::Relation(rel) => {
-                let (schema, name) = &self.options.table_name;
-                if self.options.source == Source::Messages {
-                    return Ok(None);
-                }
-                if rel.id == self.outbox_oid || (&rel.namespace == schema && &rel.name == name) {
-                    self.outbox_oid = rel.id;
-                    self.outbox_known = true;
-                    return Ok(Some(WalEvent::Relation(Arc::new(rel))));
-                }
-                Ok(None)
-            }
-            Message::Insert {
-                relation_id,
-                values,
-            } if relation_id == self.outbox_oid => {
-                if !self.outbox_known {
-                    return Err(StreamError::Sequence(
-                        "outbox row before the table's Relation message".into(),
-                    ));
-                }
-                let txn = self.txn.as_mut().ok_or_else(|| {
-                    StreamError::Sequence("outbox row outside a transaction".into())
-                })?;
-                let position = Position {
-                    commit_lsn: txn.commit_lsn,
-                    index: txn.rows,
-                };
-                txn.rows += 1;
-                Ok(Some(WalEvent::Row {
-                    values,
-                    position,
-                    commit_time_micros: txn.commit_time_micros,
-                }))
-            }
-            Message::Update { relation_id } | Message::Delete { relation_id }
-                if relation_id == self.outbox_oid =>
-            {
-                tracing::debug!("skipping an update or delete of the outbox table");
-                Ok(None)
-            }
-            // Other tables of the publication, truncates, types, origins.
-            _ => Ok(None),
         }
     }
 
@@ -525,7 +343,7 @@ impl WalStream {
 
     /// Whether a transaction's Begin was read and its Commit was not.
     pub fn in_transaction(&self) -> bool {
-        self.txn.is_some()
+        self.machine.in_transaction()
     }
 
     /// A handle that reads the newest position reported to the server, usable from another

@@ -1,0 +1,245 @@
+//! The shape of a replication session, without the connection: what each message the
+//! walsender sends means for the pipeline.
+//!
+//! ```text
+//! (between transactions) ──Begin──▶ (in a transaction) ──Commit──▶ (between transactions)
+//!        │ KeepAlive → Idle             │ Relation → Relation (the outbox table's)
+//!        │ Message (non-transactional)  │ Insert   → Row      (the outbox table's)
+//!                                       │ Message  → Message  (outboxd's, this source)
+//! ```
+//!
+//! [`Machine`] holds the state the shape needs: the open transaction (its commit LSN and how
+//! many events it has given, which numbers their [`Position`]s), the outbox table's OID (which
+//! changes when the table is recreated) and whether its Relation has been seen. It is fed every
+//! [`ReplicationEvent`] and answers with a [`WalEvent`], nothing, or a [`StreamError`]:
+//! a Begin inside a transaction, a Commit that does not match its Begin or comes without one,
+//! an outbox row outside a transaction or before its Relation, and undecodable pgoutput are
+//! errors, never guesses. It does no I/O, so it is fuzzed with arbitrary event sequences.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use outboxd_core::{Lsn, Position};
+use pgwire_replication::ReplicationEvent;
+
+use super::{Source, StreamError, StreamOptions, WalEvent};
+use crate::decode::{self, Message};
+use crate::message::MessageKind;
+
+/// Now, in microseconds since the Unix epoch.
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// An open transaction.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    commit_lsn: Lsn,
+    commit_time_micros: i64,
+    rows: u32,
+}
+
+/// The state of one session's stream (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// The outbox table's schema and name, to recognise it if recreated under a new OID.
+    table_name: (String, String),
+    /// Where events come from.
+    source: Source,
+    /// The OID the outbox table has in this session (updated if it was recreated).
+    outbox_oid: u32,
+    /// Whether the outbox relation was announced in this session.
+    outbox_known: bool,
+    /// The transaction being received, between Begin and Commit.
+    txn: Option<Txn>,
+    /// Whether messages of the other source were reported in this session.
+    warned_source: bool,
+}
+
+impl Machine {
+    /// The state at the start of a session streaming with `options`.
+    pub fn new(options: &StreamOptions) -> Machine {
+        Machine {
+            table_name: options.table_name.clone(),
+            source: options.source,
+            outbox_oid: options.table_oid,
+            outbox_known: false,
+            txn: None,
+            warned_source: false,
+        }
+    }
+
+    /// Whether a transaction's Begin was read and its Commit was not.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// What `event` means for the pipeline: an event to act on, nothing (another table, a
+    /// keepalive inside a transaction, a message of the other source), or an error when the
+    /// stream breaks its shape or a message cannot be decoded. Never panics, whatever the
+    /// input (fuzzed: `crates/outboxd-postgres/fuzz`).
+    pub fn handle(&mut self, event: ReplicationEvent) -> Result<Option<WalEvent>, StreamError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                if let Some(open) = self.txn {
+                    return Err(StreamError::Sequence(format!(
+                        "Begin of {final_lsn} while the transaction of {} is open",
+                        open.commit_lsn
+                    )));
+                }
+                self.txn = Some(Txn {
+                    commit_lsn: Lsn::new(final_lsn.as_u64()),
+                    commit_time_micros: commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS),
+                    rows: 0,
+                });
+                Ok(None)
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let txn = self.txn.take().ok_or_else(|| {
+                    StreamError::Sequence(format!("Commit of {lsn} without a Begin"))
+                })?;
+                if txn.commit_lsn.get() != lsn.as_u64() {
+                    return Err(StreamError::Sequence(format!(
+                        "Commit at {lsn} does not match Begin's commit position {}",
+                        txn.commit_lsn
+                    )));
+                }
+                Ok(Some(WalEvent::Commit {
+                    end_lsn: Lsn::new(end_lsn.as_u64()),
+                    rows: txn.rows,
+                }))
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                Ok(self.txn.is_none().then_some(WalEvent::Idle {
+                    wal_end: Lsn::new(wal_end.as_u64()),
+                }))
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let lsn = Lsn::new(wal_start.as_u64());
+                let message =
+                    decode::decode(&data).map_err(|source| StreamError::Decode { lsn, source })?;
+                self.handle_message(message)
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => Ok(self.message(transactional, Lsn::new(lsn.as_u64()), &prefix, content)),
+            ReplicationEvent::StoppedAt { .. } => Err(StreamError::Ended),
+        }
+    }
+
+    /// A logical decoding message: forwarded when it is one of outboxd's for this source.
+    fn message(
+        &mut self,
+        transactional: bool,
+        lsn: Lsn,
+        prefix: &str,
+        content: Bytes,
+    ) -> Option<WalEvent> {
+        let kind = MessageKind::of_prefix(prefix)?;
+        let wanted = match self.source {
+            Source::Table => kind != MessageKind::Event,
+            Source::Messages => kind == MessageKind::Event,
+        };
+        if !wanted {
+            if !self.warned_source {
+                self.warned_source = true;
+                tracing::warn!(
+                    prefix,
+                    source = ?self.source,
+                    "skipping outboxd messages this source does not take: table-less events \
+                     (outbox_emit_message) need postgres.source = \"messages\"; backfill and \
+                     replay need the table source"
+                );
+            }
+            return None;
+        }
+        // A message outside a transaction (pg_logical_emit_message(false, ...)) is decoded at
+        // once, between transactions: its own LSN orders it.
+        let (position, commit_time_micros) = match (transactional, self.txn.as_mut()) {
+            (true, Some(txn)) => {
+                let position = Position {
+                    commit_lsn: txn.commit_lsn,
+                    index: txn.rows,
+                };
+                txn.rows += 1;
+                (position, txn.commit_time_micros)
+            }
+            _ => (
+                Position {
+                    commit_lsn: lsn,
+                    index: 0,
+                },
+                unix_micros(),
+            ),
+        };
+        Some(WalEvent::Message {
+            kind,
+            content,
+            position,
+            commit_time_micros,
+        })
+    }
+
+    fn handle_message(&mut self, message: Message) -> Result<Option<WalEvent>, StreamError> {
+        match message {
+            Message::Relation(rel) => {
+                let (schema, name) = &self.table_name;
+                if self.source == Source::Messages {
+                    return Ok(None);
+                }
+                if rel.id == self.outbox_oid || (&rel.namespace == schema && &rel.name == name) {
+                    self.outbox_oid = rel.id;
+                    self.outbox_known = true;
+                    return Ok(Some(WalEvent::Relation(Arc::new(rel))));
+                }
+                Ok(None)
+            }
+            Message::Insert {
+                relation_id,
+                values,
+            } if relation_id == self.outbox_oid => {
+                if !self.outbox_known {
+                    return Err(StreamError::Sequence(
+                        "outbox row before the table's Relation message".into(),
+                    ));
+                }
+                let txn = self.txn.as_mut().ok_or_else(|| {
+                    StreamError::Sequence("outbox row outside a transaction".into())
+                })?;
+                let position = Position {
+                    commit_lsn: txn.commit_lsn,
+                    index: txn.rows,
+                };
+                txn.rows += 1;
+                Ok(Some(WalEvent::Row {
+                    values,
+                    position,
+                    commit_time_micros: txn.commit_time_micros,
+                }))
+            }
+            Message::Update { relation_id } | Message::Delete { relation_id }
+                if relation_id == self.outbox_oid =>
+            {
+                tracing::debug!("skipping an update or delete of the outbox table");
+                Ok(None)
+            }
+            // Other tables of the publication, truncates, types, origins.
+            _ => Ok(None),
+        }
+    }
+}
