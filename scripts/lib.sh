@@ -116,6 +116,42 @@ ensure_python_kit() {
     echo "$venv/bin/python"
 }
 
+# ensure_fuzz_tools: a nightly toolchain (libFuzzer builds need it) and cargo-fuzz, for the
+# fuzz targets of crates/outboxd-postgres/fuzz.
+ensure_fuzz_tools() {
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        say "installing the nightly Rust toolchain (for cargo fuzz)"
+        rustup toolchain install nightly --profile minimal >&2
+    fi
+    if ! command -v cargo-fuzz >/dev/null 2>&1; then
+        say "installing cargo-fuzz"
+        cargo install --locked --quiet cargo-fuzz --version 0.13.2 >&2
+    fi
+}
+
+# fuzz_bounded SECONDS: runs each fuzz target of crates/outboxd-postgres/fuzz for SECONDS,
+# starting from its corpus in the repository (new inputs go to a scratch copy, so the run
+# leaves the checkout clean). A crash fails the run and leaves its input in fuzz/artifacts.
+fuzz_bounded() {
+    local seconds="$1" target scratch status=0
+    for target in pgoutput stream; do
+        say "fuzzing $target for $seconds s"
+        scratch="$(mktemp -d)"
+        mkdir -p "$scratch/corpus"
+        if ! (cd "$ROOT/crates/outboxd-postgres" &&
+            cargo +nightly fuzz run "$target" "$scratch/corpus" "fuzz/corpus/$target" -- \
+                -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+                >"$scratch/log" 2>&1); then
+            status=1
+            tail -n 60 "$scratch/log" >&2
+        fi
+        grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb)|^#[0-9]+[[:space:]]+DONE' \
+            "$scratch/log" >&2 || true
+        rm -rf "$scratch"
+    done
+    return "$status"
+}
+
 ensure_test_tools() {
     ensure_build_deps
     ensure_apt redis-server redis-server

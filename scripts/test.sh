@@ -59,6 +59,13 @@ for sink in redis kafka nats; do
     fi
 done
 
+# The fuzz targets of the pgoutput decoder and the stream's state machine, a short bounded run
+# from the corpus in the repository (scripts/fuzz.sh runs them longer).
+if [ $# -eq 0 ]; then
+    ensure_fuzz_tools
+    fuzz_bounded 30 || failed_fuzz=1
+fi
+
 # run_tests core|all [FILTER]: `core` is the end-to-end suite of tests/redis_e2e.rs. Tests run
 # the binary built with the cargo feature `failpoints`, which the crash tests arm.
 run_tests() {
@@ -79,6 +86,7 @@ run_tests() {
 
 # Every run happens even when one fails; the exit status says whether any did.
 failed="${failed_alone:-0}"
+[ -n "${failed_fuzz:-}" ] && failed=1
 for pg in "$PG14" "$PG16" "$PG17" "$PG18"; do
     say "core end-to-end tests on $("$pg/postgres" --version)"
     OUTBOXD_TEST_PG_BIN="$pg" run_tests core "$@" || failed=1
