@@ -243,3 +243,190 @@ impl Machine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const OID: u32 = 16384;
+
+    fn machine(source: Source) -> Machine {
+        Machine::new(&StreamOptions {
+            slot: "outboxd".into(),
+            publication: "outboxd".into(),
+            table_oid: OID,
+            table_name: ("public".into(), "outbox".into()),
+            status_interval: Duration::from_secs(1),
+            buffer_messages: 16,
+            source,
+        })
+    }
+
+    fn lsn(raw: u64) -> pgwire_replication::Lsn {
+        pgwire_replication::Lsn::from_u64(raw)
+    }
+
+    fn begin(at: u64) -> ReplicationEvent {
+        ReplicationEvent::Begin {
+            final_lsn: lsn(at),
+            xid: 7,
+            commit_time_micros: 0,
+        }
+    }
+
+    fn commit(at: u64) -> ReplicationEvent {
+        ReplicationEvent::Commit {
+            lsn: lsn(at),
+            end_lsn: lsn(at + 0x30),
+            commit_time_micros: 0,
+        }
+    }
+
+    fn keepalive(at: u64) -> ReplicationEvent {
+        ReplicationEvent::KeepAlive {
+            wal_end: lsn(at),
+            reply_requested: false,
+            server_time_micros: 0,
+        }
+    }
+
+    fn data(bytes: Vec<u8>) -> ReplicationEvent {
+        ReplicationEvent::XLogData {
+            wal_start: lsn(0x100),
+            wal_end: lsn(0),
+            server_time_micros: 0,
+            data: Bytes::from(bytes),
+        }
+    }
+
+    fn relation(oid: u32, name: &str) -> ReplicationEvent {
+        let mut b = vec![b'R'];
+        b.extend_from_slice(&oid.to_be_bytes());
+        b.extend_from_slice(format!("public\0{name}\0").as_bytes());
+        b.push(b'd');
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.push(1);
+        b.extend_from_slice(b"id\0");
+        b.extend_from_slice(&25u32.to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        data(b)
+    }
+
+    fn insert(oid: u32) -> ReplicationEvent {
+        let mut b = vec![b'I'];
+        b.extend_from_slice(&oid.to_be_bytes());
+        b.push(b'N');
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.push(b't');
+        b.extend_from_slice(&2u32.to_be_bytes());
+        b.extend_from_slice(b"e1");
+        data(b)
+    }
+
+    #[test]
+    fn a_transaction_numbers_its_rows_and_its_commit_counts_them() {
+        let mut m = machine(Source::Table);
+        assert!(m.handle(begin(0x500)).expect("begin").is_none());
+        assert!(matches!(
+            m.handle(relation(OID, "outbox")),
+            Ok(Some(WalEvent::Relation(_)))
+        ));
+        for index in 0..3 {
+            let Ok(Some(WalEvent::Row { position, .. })) = m.handle(insert(OID)) else {
+                panic!("not a row")
+            };
+            assert_eq!((position.commit_lsn.get(), position.index), (0x500, index));
+        }
+        // Another table's row is skipped and not counted.
+        assert!(m.handle(insert(99)).expect("other table").is_none());
+        // A keepalive inside a transaction is no position to confirm.
+        assert!(m.handle(keepalive(0x400)).expect("keepalive").is_none());
+        let Ok(Some(WalEvent::Commit { end_lsn, rows })) = m.handle(commit(0x500)) else {
+            panic!("not a commit")
+        };
+        assert_eq!((end_lsn.get(), rows), (0x530, 3));
+        assert!(!m.in_transaction());
+        assert!(matches!(
+            m.handle(keepalive(0x600)),
+            Ok(Some(WalEvent::Idle { wal_end })) if wal_end.get() == 0x600
+        ));
+    }
+
+    #[test]
+    fn a_broken_shape_is_an_error_not_a_guess() {
+        let mut m = machine(Source::Table);
+        assert!(matches!(
+            m.handle(commit(0x500)),
+            Err(StreamError::Sequence(_))
+        ));
+        let mut m = machine(Source::Table);
+        m.handle(begin(0x500)).expect("begin");
+        assert!(matches!(
+            m.handle(begin(0x600)),
+            Err(StreamError::Sequence(_))
+        ));
+        let mut m = machine(Source::Table);
+        m.handle(begin(0x500)).expect("begin");
+        assert!(matches!(
+            m.handle(commit(0x510)),
+            Err(StreamError::Sequence(_))
+        ));
+        let mut m = machine(Source::Table);
+        m.handle(begin(0x500)).expect("begin");
+        assert!(matches!(
+            m.handle(insert(OID)),
+            Err(StreamError::Sequence(_))
+        ));
+        let mut m = machine(Source::Table);
+        m.handle(relation(OID, "outbox")).expect("relation");
+        assert!(matches!(
+            m.handle(insert(OID)),
+            Err(StreamError::Sequence(_))
+        ));
+        let mut m = machine(Source::Table);
+        assert!(matches!(
+            m.handle(data(vec![b'S', 0, 0])),
+            Err(StreamError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn the_table_recreated_under_a_new_oid_is_followed_by_its_name() {
+        let mut m = machine(Source::Table);
+        m.handle(begin(0x500)).expect("begin");
+        m.handle(relation(OID + 1, "outbox")).expect("relation");
+        assert!(
+            m.handle(insert(OID)).expect("old oid").is_none(),
+            "the old table's OID is no longer the outbox"
+        );
+        assert!(matches!(
+            m.handle(insert(OID + 1)),
+            Ok(Some(WalEvent::Row { .. }))
+        ));
+    }
+
+    #[test]
+    fn messages_of_the_other_source_are_skipped() {
+        let mut m = machine(Source::Table);
+        m.handle(begin(0x500)).expect("begin");
+        let message = |prefix: &str| ReplicationEvent::Message {
+            transactional: true,
+            lsn: lsn(0x480),
+            prefix: prefix.into(),
+            content: Bytes::from_static(b"{}"),
+        };
+        assert!(m.handle(message("outboxd")).expect("event").is_none());
+        assert!(m.handle(message("someone")).expect("foreign").is_none());
+        assert!(matches!(
+            m.handle(message("outboxd.replay")),
+            Ok(Some(WalEvent::Message { kind: MessageKind::Replay, position, .. }))
+                if position.index == 0
+        ));
+        let Ok(Some(WalEvent::Commit { rows, .. })) = m.handle(commit(0x500)) else {
+            panic!("not a commit")
+        };
+        assert_eq!(rows, 1);
+    }
+}
