@@ -20,6 +20,8 @@
 # partitioned outboxes (tests/outbox_size.rs), a promoted standby (tests/failover.rs) and
 # multi-host URLs (tests/multi_host.rs) run again on 14, 16, 17 and 18. The Python kit's
 # tests (python/tests, pytest) run once, on the system Postgres, with outboxd in the loop.
+# The fuzz targets of crates/outboxd-postgres/fuzz run 30 s each (nightly and cargo-fuzz are
+# installed when missing).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"

@@ -10,7 +10,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
-use crate::writer::TYPES;
+use crate::audit::stream_entries;
+use crate::support::rss_kib_of;
 
 /// How often the soak samples.
 pub const EVERY: Duration = Duration::from_secs(10);
@@ -69,7 +70,10 @@ impl Sampler {
                     delivered: delivered(&targets.redis_url, &mut redis).await,
                     retained_wal: None,
                     confirm_lag: None,
-                    rss_kib: rss_kib(targets.outboxd_pid.load(Ordering::Relaxed)),
+                    rss_kib: match targets.outboxd_pid.load(Ordering::Relaxed) {
+                        0 => None,
+                        pid => rss_kib_of(pid),
+                    },
                 };
                 let (retained_wal, confirm_lag) = slot(&targets.pg_url, &mut pg).await;
                 out.lock().expect("samples").push(Sample {
@@ -89,7 +93,8 @@ impl Sampler {
     }
 }
 
-/// Entries in the three streams; `None` while Redis does not answer.
+/// Entries in the three streams; `None` while Redis does not answer (the connection is
+/// made again at the next sample).
 async fn delivered(url: &str, conn: &mut Option<MultiplexedConnection>) -> Option<u64> {
     if conn.is_none() {
         let client = redis::Client::open(url).ok()?;
@@ -101,22 +106,11 @@ async fn delivered(url: &str, conn: &mut Option<MultiplexedConnection>) -> Optio
             .await
             .ok();
     }
-    let c = conn.as_mut()?;
-    let mut total = 0;
-    for t in TYPES {
-        match redis::cmd("XLEN")
-            .arg(format!("outbox.{t}"))
-            .query_async::<u64>(c)
-            .await
-        {
-            Ok(n) => total += n,
-            Err(_) => {
-                *conn = None;
-                return None;
-            }
-        }
+    let entries = stream_entries(conn.as_mut()?).await;
+    if entries.is_none() {
+        *conn = None;
     }
-    Some(total)
+    entries
 }
 
 /// The slot's retained WAL and confirm lag; `None`s while Postgres does not answer.
@@ -151,20 +145,4 @@ async fn slot(url: &str, conn: &mut Option<Client>) -> (Option<i64>, Option<i64>
             (None, None)
         }
     }
-}
-
-/// `VmRSS` and `VmHWM` of `pid`, KiB.
-fn rss_kib(pid: u32) -> Option<(u64, u64)> {
-    if pid == 0 {
-        return None;
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -700,6 +700,20 @@ pub struct Outboxd {
     pub log: PathBuf,
 }
 
+/// The resident memory of process `pid` now and at its peak (`VmRSS`, `VmHWM`), in KiB;
+/// `None` once it is gone.
+pub fn rss_kib_of(pid: u32) -> Option<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// The `outboxd` binary under test.
 pub fn outboxd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_outboxd")
@@ -764,15 +778,7 @@ impl Outboxd {
 
     /// Its resident memory now and at its peak (`VmRSS`, `VmHWM`), in KiB.
     pub fn rss_kib(&self) -> Option<(u64, u64)> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        };
-        Some((field("VmRSS:")?, field("VmHWM:")?))
+        rss_kib_of(self.pid())
     }
 
     /// Whether it is still running.
