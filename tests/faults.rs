@@ -148,6 +148,52 @@ async fn a_postgres_restart_is_survived() {
     );
 }
 
+/// Postgres shutting down while the broker is down: its walsender waits for outboxd to confirm
+/// what it sent, which outboxd may not do. Without outboxd closing the session, `pg_ctl stop
+/// -m fast` waited until its own timeout (then the harness stops it as a crash would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_shutdown_during_a_broker_outage_is_not_held_up_and_loses_nothing() {
+    let redis_dir = scratch_dir("redis-aof-shutdown");
+    let mut env = Env::with_redis(Postgres::start(), Redis::start_persistent(&redis_dir), "").await;
+    env.setup();
+    let outboxd = env.run();
+    {
+        let db = env.db().await;
+        wait_slot_active(&db).await;
+        emit_txn(&db, 0, 300, 5).await;
+        let redis = env.redis.connect().await;
+        wait_complete(&redis, "outbox.order", 0..300, Duration::from_secs(30)).await;
+        env.redis.stop();
+        // Read by outboxd, never acknowledged.
+        emit_txn(&db, 300, 300, 5).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopping = Instant::now();
+    env.pg.stop();
+    let took = stopping.elapsed();
+    println!("fast shutdown of Postgres with the broker down: {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "pg_ctl stop -m fast took {took:?}\n{}",
+        outboxd.log_text()
+    );
+    // Logged once the batch being sent has been given up (a few seconds).
+    wait_until(
+        "outboxd says why it closed the session",
+        Duration::from_secs(30),
+        || async { outboxd.log_text().contains("Postgres is shutting down") },
+    )
+    .await;
+    env.pg.start_again();
+    env.redis.start_again();
+    let db = env.db().await;
+    emit_txn(&db, 600, 300, 5).await;
+    let redis = env.redis.connect().await;
+    let entries = wait_complete(&redis, "outbox.order", 0..900, Duration::from_secs(90)).await;
+    let duplicates = check_complete_and_ordered(&entries, 0..900);
+    println!("shutdown during an outage: none lost, {duplicates} duplicates");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_cut_to_postgres_is_survived() {
     let env = Env::start().await;

@@ -32,6 +32,7 @@ use crate::decode::{DecodeError, Relation};
 use crate::message::MessageKind;
 
 pub mod machine;
+pub mod shutdown;
 
 pub use machine::Machine;
 
@@ -166,6 +167,22 @@ pub enum StreamError {
     /// The stream broke its own rules (for example a Commit that does not match its Begin).
     #[error("replication stream out of order: {0}")]
     Sequence(String),
+    /// The server is shutting down and waits for a confirmation the broker does not allow
+    /// (see [`shutdown`]): the session ends so that it can stop, and resumes from the slot.
+    #[error(
+        "Postgres is shutting down and has waited {waited:?} for outboxd to confirm WAL up to \
+         {wal_end}, but the broker has not acknowledged the events after {confirmed}: closing the \
+         replication connection so that Postgres can stop; outboxd resumes from the slot when \
+         it is back"
+    )]
+    ServerStopping {
+        /// The end of what the server sent.
+        wal_end: Lsn,
+        /// The position outboxd had confirmed.
+        confirmed: Lsn,
+        /// How long the server had waited with nothing newer confirmed.
+        waited: Duration,
+    },
     /// The session ended without an error.
     #[error("replication session ended")]
     Ended,
@@ -176,7 +193,10 @@ impl StreamError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StreamError::Connection(_) | StreamError::SlotInUse { .. } | StreamError::Ended
+            StreamError::Connection(_)
+                | StreamError::SlotInUse { .. }
+                | StreamError::ServerStopping { .. }
+                | StreamError::Ended
         )
     }
 
@@ -351,6 +371,36 @@ impl WalStream {
     pub fn reported_handle(&self) -> impl Fn() -> Lsn + Send + Sync + 'static {
         let metrics = self.client.metrics();
         move || Lsn::new(metrics.last_applied_lsn().as_u64())
+    }
+
+    /// Ends the replication session now, confirming nothing more: the server's walsender is
+    /// released (a server shutting down waits for it). Events still read are returned by
+    /// [`next`](Self::next) until it reports [`StreamError::Ended`].
+    pub fn close(&self) {
+        self.client.stop();
+    }
+
+    /// Resolves when the server is shutting down and has waited [`shutdown::PATIENCE`] for a
+    /// confirmation that is not coming (see [`shutdown`]); pending otherwise. Owns what it
+    /// reads, so it can be polled beside [`next`](Self::next) from the session's loop.
+    pub fn server_stopping(&self) -> impl Future<Output = StreamError> + Send + 'static {
+        let metrics = self.client.metrics();
+        async move {
+            let mut wait = shutdown::ShutdownWait::default();
+            let mut every = tokio::time::interval(shutdown::SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let now = every.tick().await;
+                let sample = shutdown::Sample {
+                    keepalive_replies: metrics.keepalive_replies(),
+                    wal_end: Lsn::new(metrics.last_wal_end().as_u64()),
+                    confirmed: Lsn::new(metrics.last_applied_lsn().as_u64()),
+                };
+                if let Some(stopping) = wait.observe(sample, now) {
+                    return stopping;
+                }
+            }
+        }
     }
 
     /// Ends the session after confirming `lsn`, waiting up to `wait` for the server to be

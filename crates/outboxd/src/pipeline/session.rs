@@ -205,10 +205,15 @@ impl Session<'_> {
     async fn read(&self, s: &mut Streaming<'_>) -> Result<(), RunError> {
         // The interval's first tick is immediate: the first summary comes after a period.
         s.summary.interval.tick().await;
+        // Postgres shutting down and waiting on a confirmation the broker does not allow:
+        // end the session so that it can stop (polled also while a record waits for room).
+        let server_stopping = s.stream.server_stopping();
+        tokio::pin!(server_stopping);
         loop {
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return Ok(()),
+                stopping = &mut server_stopping => return Err(stopping.into()),
                 res = &mut s.dispatcher => {
                     s.dispatcher_ended = true;
                     return Err(RunError::dispatcher_ended(self.settings.broker, res));
@@ -219,6 +224,7 @@ impl Session<'_> {
                     tokio::select! {
                         biased;
                         () = self.shutdown.cancelled() => return Ok(()),
+                        stopping = &mut server_stopping => return Err(stopping.into()),
                         res = self.handle(s, event) => res?,
                     }
                 }
@@ -300,13 +306,17 @@ impl Session<'_> {
     /// After a failure: let the batch being sent finish (briefly) before the next session
     /// starts with a new sink. A Kafka transaction still committing in the background would
     /// otherwise land after the new sink read the committed position, and be sent again.
-    /// Nothing is confirmed from here; the next session resumes from the slot.
+    /// Nothing is confirmed from here, so the replication session is closed first; the next
+    /// session resumes from the slot.
     ///
     /// That batch may also end in a permanent error (a Kafka producer fenced by another
     /// outboxd that took the slot over while this one was frozen): then that error is the
     /// reason to stop, not the lost session, which would only make this instance stand by for
     /// the slot.
     async fn settle(&self, mut s: Streaming<'_>, error: RunError) -> Result<(), RunError> {
+        // Nothing is confirmed from here on: release the walsender at once (Postgres, if it
+        // is shutting down, waits for it).
+        s.stream.close();
         if s.dispatcher_ended {
             return Err(error);
         }
