@@ -18,6 +18,10 @@
 //!
 //! Confirming is `WalStream::confirm`: the position is sent to the server with the next
 //! standby status update (every `status_interval`). It only moves forward.
+//!
+//! A server shutting down waits for its client to confirm everything it sent, which outboxd
+//! cannot while the broker is down: [`shutdown`] recognises that wait, and
+//! `WalStream::server_stopping` tells the session to let the server go.
 
 use std::sync::Arc;
 use std::time::Duration;
