@@ -50,7 +50,7 @@ pub struct Sample {
 #[derive(Debug, Default)]
 pub struct ShutdownWait {
     last: Option<Sample>,
-    /// Since when, and at which WAL end, the server has been waiting with no progress.
+    /// Since when the server has been waiting with no progress (`None` while it is not).
     waiting_since: Option<Instant>,
 }
 
