@@ -442,3 +442,95 @@ async fn secrets_from_files_are_used_and_never_shown() {
     assert_eq!(both.status.code(), Some(2));
     assert_one_clear_line(&both, &["sink.kafka.sasl_password_file"]);
 }
+
+/// Every form a secret can take in the configuration (libpq's `key = value` with quotes and
+/// spaces, a password query parameter, several NATS servers with credentials, a NATS token, a
+/// Redis password): neither `check`, nor `run`'s log, nor an error shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_every_url_form_are_never_shown() {
+    const NATS_PASSWORD: &str = "nats-Pa55word";
+    const NATS_TOKEN: &str = "nats-T0ken";
+    const REDIS_PASSWORD: &str = "redis-Pa55word";
+    let pg = Postgres::start();
+    create_outbox_db(&pg).await;
+    let port = pg.port;
+    let dead = free_port();
+    let postgres_forms = [
+        format!(
+            "host=127.0.0.1 port={port} user=outboxd password = '{OUTBOXD_PASSWORD}' dbname=app"
+        ),
+        format!("host=127.0.0.1 port={port} user=outboxd password={OUTBOXD_PASSWORD} dbname=app"),
+        format!("postgres://127.0.0.1:{port}/app?user=outboxd&password={OUTBOXD_PASSWORD}"),
+        pg.outboxd_url("app"),
+    ];
+    let sinks = [
+        format!(
+            "[sink]\nkind = \"nats\"\n[sink.nats]\nurl = \"nats://u:{NATS_PASSWORD}@127.0.0.1:{dead},nats://u:{NATS_PASSWORD}@127.0.0.1:{dead}\"\ntimeout_ms = 500\n"
+        ),
+        format!(
+            "[sink]\nkind = \"nats\"\n[sink.nats]\nurl = \"nats://{NATS_TOKEN}@127.0.0.1:{dead}\"\ntimeout_ms = 500\n"
+        ),
+        format!(
+            "[sink]\nkind = \"redis\"\n[sink.redis]\nurl = \"redis://:{REDIS_PASSWORD}@127.0.0.1:{dead}\"\ntimeout_ms = 500\n"
+        ),
+    ];
+    let secrets = [OUTBOXD_PASSWORD, NATS_PASSWORD, NATS_TOKEN, REDIS_PASSWORD];
+    for postgres in &postgres_forms {
+        let setup = outboxd(
+            &["setup"],
+            &format!("[postgres]\nurl = {postgres:?}\n{}", sinks[2]),
+        );
+        let text = format!("{}{}", stdout(&setup), stderr(&setup));
+        assert!(setup.status.success(), "{postgres}: {text}");
+        for sink in &sinks {
+            let config = format!("[postgres]\nurl = {postgres:?}\n{sink}");
+            for command in ["check", "run"] {
+                let out = outboxd(&[command], &config);
+                let text = format!("{}{}", stdout(&out), stderr(&out));
+                assert!(
+                    !out.status.success(),
+                    "{command} with an unreachable broker: {text}"
+                );
+                for secret in secrets {
+                    assert!(
+                        !text.contains(secret),
+                        "{command} shows {secret} ({postgres}, {sink}):\n{text}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values that once panicked or exhausted memory: one line and exit 2.
+#[test]
+fn values_out_of_range_are_refused_with_the_key_and_exit_2() {
+    for (line, needle) in [
+        (
+            "[postgres]\nprune_after = \"99999999999999999999d\"",
+            "postgres.prune_after",
+        ),
+        (
+            "[sink]\nmax_inflight_events = 9223372036854775807",
+            "sink.max_inflight_events must be between 1 and 10000000",
+        ),
+        (
+            "[sink]\nmax_batch_events = 9223372036854775807",
+            "sink.max_batch_events must be between 1 and 100000",
+        ),
+        (
+            "[sink]\ndrain_timeout_ms = 9223372036854775807",
+            "sink.drain_timeout_ms must be between 0 and 3600000",
+        ),
+    ] {
+        let (section, rest) = line.split_once('\n').unwrap();
+        let text = if section == "[postgres]" {
+            format!("[postgres]\nurl = \"postgres://u:pw@127.0.0.1/app\"\n{rest}\n")
+        } else {
+            format!("[postgres]\nurl = \"postgres://u:pw@127.0.0.1/app\"\n{section}\n{rest}\n")
+        };
+        let out = outboxd(&["run"], &text);
+        assert_eq!(out.status.code(), Some(2), "{line}: {}", stderr(&out));
+        assert_one_clear_line(&out, &[needle]);
+    }
+}

@@ -26,17 +26,43 @@ struct NatsServer {
     port: u16,
     store: PathBuf,
     child: Option<Child>,
+    /// What the server asks of clients.
+    auth: Auth,
+}
+
+/// How clients authenticate to a [`NatsServer`].
+#[derive(Clone)]
+enum Auth {
+    None,
+    User(&'static str, &'static str),
+    Token(&'static str),
 }
 
 impl NatsServer {
     fn start() -> NatsServer {
+        Self::start_with(Auth::None)
+    }
+
+    /// A server that lets in only clients with `auth` (a user and password, or a token).
+    fn start_with(auth: Auth) -> NatsServer {
         let mut server = NatsServer {
             port: free_port(),
             store: scratch_dir("nats-js"),
             child: None,
+            auth,
         };
         server.spawn();
         server
+    }
+
+    /// A client's options for this server's authentication.
+    fn options(&self) -> async_nats::ConnectOptions {
+        let options = async_nats::ConnectOptions::new();
+        match self.auth {
+            Auth::None => options,
+            Auth::User(user, password) => options.user_and_password(user.into(), password.into()),
+            Auth::Token(token) => options.token(token.into()),
+        }
     }
 
     fn url(&self) -> String {
@@ -49,7 +75,18 @@ impl NatsServer {
             .append(true)
             .open(self.store.join("nats-server.log"))
             .unwrap();
+        let conf = self.store.join("nats-server.conf");
+        let authorization = match self.auth {
+            Auth::None => String::new(),
+            Auth::User(user, password) => format!(
+                "authorization {{\n  users = [ {{ user: {user:?}, password: {password:?} }} ]\n}}\n"
+            ),
+            Auth::Token(token) => format!("authorization {{\n  token: {token:?}\n}}\n"),
+        };
+        std::fs::write(&conf, authorization).unwrap();
         let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
             .args([
                 "-js",
                 "-a",
@@ -74,7 +111,9 @@ impl NatsServer {
     }
 
     async fn jetstream(&self) -> jetstream::Context {
-        let client = async_nats::connect(self.url())
+        let client = self
+            .options()
+            .connect(self.url())
             .await
             .expect("connect to NATS");
         jetstream::new(client)
@@ -84,10 +123,10 @@ impl NatsServer {
     async fn ready(&self) {
         let url = self.url();
         wait_until("NATS JetStream to answer", Duration::from_secs(30), || {
-            let url = url.clone();
+            let (url, options) = (url.clone(), self.options());
             async move {
                 // JetStream's account information (read as JSON: every server version).
-                match async_nats::connect(url).await {
+                match options.connect(url).await {
                     Ok(client) => client
                         .request("$JS.API.INFO", bytes::Bytes::new())
                         .await
@@ -221,3 +260,45 @@ fn arrived(message: &jetstream::Message) -> Arrived {
 }
 
 conformance_tests!(NatsServer::start());
+
+/// `sink.nats.url` with a user and password, and with a token, against servers that let in
+/// only those: events arrive; a wrong password stops outboxd with one line that does not show
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_authenticate() {
+    for (auth, userinfo) in [
+        (Auth::User("outboxd", "nats-Pa55"), "outboxd:nats-Pa55@"),
+        (Auth::Token("nats-T0ken"), "nats-T0ken@"),
+    ] {
+        let server = NatsServer::start_with(auth);
+        server.ready().await;
+        let url = format!("nats://{userinfo}127.0.0.1:{}", server.port);
+        let section = format!(
+            "[sink]\nkind = \"nats\"\n[sink.nats]\nurl = \"{url}\"\ncreate_stream = true\n\
+             stream = \"outbox\"\nsubjects = [\"outbox.order\", \"outboxd.>\"]\ntimeout_ms = 5000\n"
+        );
+        let env = support::SinkEnv::start(&section).await;
+        let mut run = env.run();
+        let db = env.db().await;
+        support::emit_txn(&db, 0, 20, 4).await;
+        wait_until("the events in NATS", Duration::from_secs(30), || async {
+            server.read(support::conformance::TOPIC).await.len() == 20
+        })
+        .await;
+        run.sigterm();
+        assert!(run.wait(Duration::from_secs(30)).success());
+
+        // The wrong secret: refused, said once, not shown.
+        let wrong = url.replace("nats-", "wrong-");
+        let config = std::fs::read_to_string(&env.config)
+            .unwrap()
+            .replace(&url, &wrong);
+        std::fs::write(&env.config, config).unwrap();
+        let mut run = env.run();
+        let status = run.wait(Duration::from_secs(30));
+        let log = run.log_text();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("NATS refused outboxd"), "{log}");
+        assert!(!log.contains("wrong-"), "the secret shows: {log}");
+    }
+}

@@ -25,5 +25,5 @@ pub use route::{
     PayloadEncoding, RouteError, RouteSpec, Router, Template, TimestampSource, glob_escape,
     rfc3339_millis,
 };
-pub use secret::{Secret, SecretFileError, mask_url, read_secret_file};
+pub use secret::{Secret, SecretFileError, mask_token_url, mask_url, read_secret_file};
 pub use sink::{Delivery, Ledger, Sink, SinkError};

@@ -71,7 +71,28 @@ impl SinkConfigError {
             problem: problem.into(),
         }
     }
+
+    /// Refuses every `(key, value)` outside its range, naming the key and the range.
+    pub fn check_ranges(
+        keys: &[(&str, u64, std::ops::RangeInclusive<u64>)],
+    ) -> Result<(), SinkConfigError> {
+        match keys.iter().find(|(_, value, range)| !range.contains(value)) {
+            Some((key, value, range)) => Err(SinkConfigError::invalid(
+                *key,
+                format!(
+                    "must be between {} and {}, got {value}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
 }
+
+/// The longest timeout a sink section accepts, in milliseconds (librdkafka's limit: a
+/// 32-bit count of milliseconds, about 24 days).
+pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
 
 /// How a line of `outboxd check` came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use outboxd_core::{SinkError, read_secret_file};
 use serde::{Deserialize, Serialize};
 
 use super::{KafkaConfig, KafkaSink, Shape, TransactionsConfig};
-use crate::plugin::{CheckLevel, SinkConfigError, SinkContext, SinkPlugin};
+use crate::plugin::{CheckLevel, MAX_TIMEOUT_MS, SinkConfigError, SinkContext, SinkPlugin};
 
 /// `[sink.kafka]`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,18 +210,23 @@ impl SinkPlugin for Kafka {
     }
 
     fn validate(config: &KafkaSection) -> Result<(), SinkConfigError> {
-        for (key, value) in [
+        SinkConfigError::check_ranges(&[
             (
                 "sink.kafka.topic_partitions",
                 u64::from(config.topic_partitions),
+                1..=i32::MAX as u64,
             ),
-            ("sink.kafka.delivery_timeout_ms", config.delivery_timeout_ms),
-            ("sink.kafka.timeout_ms", config.timeout_ms),
-        ] {
-            if value == 0 {
-                return Err(SinkConfigError::invalid(key, "must be greater than 0"));
-            }
-        }
+            (
+                "sink.kafka.delivery_timeout_ms",
+                config.delivery_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "sink.kafka.timeout_ms",
+                config.timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+        ])?;
         if config.topic_replication_factor == 0 || config.topic_replication_factor < -1 {
             return Err(SinkConfigError::invalid(
                 "sink.kafka.topic_replication_factor",

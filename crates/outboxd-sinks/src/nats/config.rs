@@ -3,18 +3,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use outboxd_core::{Secret, SinkError, mask_url, read_secret_file};
+use outboxd_core::{Secret, SinkError, mask_token_url, read_secret_file};
 use serde::{Deserialize, Serialize};
 
 use super::NatsSink;
-use crate::plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext, SinkPlugin};
+use crate::plugin::{
+    CheckLevel, CheckLine, MAX_TIMEOUT_MS, Preflight, SinkConfigError, SinkContext, SinkPlugin,
+};
+
+/// The longest duplicate window accepted: a year.
+const MAX_DUPLICATE_WINDOW_MS: u64 = 365 * 86_400_000;
 
 /// `[sink.nats]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSection {
-    /// `nats://[user:password@]host:port`, or `tls://…` for TLS; several servers separated
-    /// by commas.
+    /// `nats://[user:password@]host:port` (or `nats://token@host:port`), or `tls://…` for
+    /// TLS; several servers separated by commas.
     pub url: Secret,
     /// A file holding `url` (a Kubernetes or Docker secret).
     pub url_file: String,
@@ -64,8 +69,10 @@ impl Default for NatsSection {
 /// configuration says.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// The server URL(s), with credentials if any.
+    /// The server URL(s), without credentials.
     pub url: String,
+    /// The user and password, or the token, that `sink.nats.url` carried.
+    pub auth: Option<UrlAuth>,
     /// A credentials file.
     pub credentials_file: Option<PathBuf>,
     /// The CA of the server's certificate.
@@ -80,6 +87,88 @@ pub struct NatsConfig {
     pub create_stream: Option<(String, Vec<String>, Duration)>,
     /// How long to wait for a connection or an acknowledgement.
     pub timeout: Duration,
+}
+
+/// Credentials written in `sink.nats.url`. async-nats does not read them from the URL, so
+/// outboxd takes them out and hands them to the client itself.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://token@host`.
+    Token(String),
+}
+
+impl std::fmt::Debug for UrlAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlAuth::UserPassword(user, _) => write!(f, "UserPassword({user:?}, \"***\")"),
+            UrlAuth::Token(_) => f.write_str("Token(\"***\")"),
+        }
+    }
+}
+
+/// The servers of `url` (comma-separated) without their credentials, and those credentials,
+/// percent-decoded. Every server that carries credentials must carry the same.
+pub fn split_credentials(url: &str) -> Result<(String, Option<UrlAuth>), SinkConfigError> {
+    let invalid = |problem: &str| SinkConfigError::invalid("sink.nats.url", problem);
+    let mut servers = Vec::new();
+    let mut auth: Option<UrlAuth> = None;
+    for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !server.contains("://") {
+            servers.push(server.to_owned());
+            continue;
+        }
+        let mut parsed = url::Url::parse(server)
+            .map_err(|e| invalid(&format!("a server is not a valid URL ({e})")))?;
+        let this = match (parsed.username(), parsed.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some(UrlAuth::UserPassword(
+                percent_decoded(user),
+                percent_decoded(password),
+            )),
+            (token, None) => Some(UrlAuth::Token(percent_decoded(token))),
+        };
+        if let Some(this) = this {
+            if auth.as_ref().is_some_and(|a| *a != this) {
+                return Err(invalid(
+                    "gives different credentials for different servers: outboxd connects \
+                     with one user; give it once, or on every server the same",
+                ));
+            }
+            auth = Some(this);
+            // Both only fail for URLs that cannot have a user part, which these have.
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+        }
+        servers.push(parsed.to_string());
+    }
+    Ok((servers.join(","), auth))
+}
+
+/// `text` with its `%XX` escapes decoded (a URL's user part); invalid escapes stay as they
+/// are.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The NATS JetStream sink, as registered.
@@ -110,18 +199,31 @@ impl SinkPlugin for Nats {
     }
 
     fn validate(config: &NatsSection) -> Result<(), SinkConfigError> {
+        let (_, auth) = split_credentials(config.url.expose())?;
+        if auth.is_some() && !config.credentials_file.is_empty() {
+            return Err(SinkConfigError::invalid(
+                "sink.nats.url",
+                "carries a user or token, and sink.nats.credentials_file is set: keep one",
+            ));
+        }
         if config.cert_file.is_empty() != config.key_file.is_empty() {
             return Err(SinkConfigError::invalid(
                 "sink.nats.cert_file",
                 "and sink.nats.key_file go together: set both, or neither",
             ));
         }
-        if config.timeout_ms == 0 {
-            return Err(SinkConfigError::invalid(
+        SinkConfigError::check_ranges(&[
+            (
                 "sink.nats.timeout_ms",
-                "must be greater than 0",
-            ));
-        }
+                config.timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "sink.nats.duplicate_window_ms",
+                config.duplicate_window_ms,
+                0..=MAX_DUPLICATE_WINDOW_MS,
+            ),
+        ])?;
         if config.create_stream && (config.stream.is_empty() || config.subjects.is_empty()) {
             return Err(SinkConfigError::invalid(
                 "sink.nats.create_stream",
@@ -138,11 +240,11 @@ impl SinkPlugin for Nats {
     }
 
     fn redact(config: &mut NatsSection) {
-        config.url = Secret::new(mask_url(config.url.expose()));
+        config.url = Secret::new(mask_token_url(config.url.expose()));
     }
 
     fn target(config: &NatsSection) -> String {
-        mask_url(config.url.expose())
+        mask_token_url(config.url.expose())
     }
 
     fn security(config: &NatsSection) -> (CheckLevel, String) {
@@ -174,8 +276,11 @@ impl SinkPlugin for Nats {
 
     fn build(config: &NatsSection, ctx: &SinkContext<'_>) -> Result<NatsSink, SinkError> {
         let set = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+        let (url, auth) = split_credentials(config.url.expose())
+            .map_err(|e| SinkError::permanent("sink.nats.url", e))?;
         Ok(NatsSink::new(NatsConfig {
-            url: config.url.expose().to_owned(),
+            url,
+            auth,
             credentials_file: set(&config.credentials_file),
             ca_file: set(&config.ca_file),
             client_cert: set(&config.cert_file).zip(set(&config.key_file)),
@@ -198,5 +303,30 @@ impl SinkPlugin for Nats {
         ctx: &Preflight<'_>,
     ) -> Vec<CheckLine> {
         sink.check_streams(&config.stream, ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_out_of_the_url_once_for_every_server() {
+        let (servers, auth) =
+            split_credentials("nats://u%40x:p%3Aw@a:4222,nats://u%40x:p%3Aw@b:4223").unwrap();
+        assert_eq!(servers, "nats://a:4222,nats://b:4223");
+        assert_eq!(
+            auth,
+            Some(UrlAuth::UserPassword("u@x".into(), "p:w".into()))
+        );
+        let (servers, auth) = split_credentials("tls://tok3n@a:4222, nats://b:4222").unwrap();
+        assert_eq!(servers, "tls://a:4222,nats://b:4222");
+        assert_eq!(auth, Some(UrlAuth::Token("tok3n".into())));
+        assert_eq!(format!("{auth:?}"), "Some(Token(\"***\"))");
+        let (servers, auth) = split_credentials("nats://a:4222").unwrap();
+        assert_eq!((servers.as_str(), auth), ("nats://a:4222", None));
+        let err = split_credentials("nats://u:p1@a:4222,nats://u:p2@b:4222").unwrap_err();
+        assert!(err.to_string().contains("different credentials"), "{err}");
+        assert!(!err.to_string().contains("p1"), "{err}");
     }
 }

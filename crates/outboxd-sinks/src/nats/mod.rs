@@ -47,7 +47,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions};
 use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
 
-pub use config::{Nats, NatsConfig, NatsSection};
+pub use config::{Nats, NatsConfig, NatsSection, UrlAuth, split_credentials};
 use message::Outgoing;
 
 use crate::plugin::{CheckLevel, CheckLine, Preflight};
@@ -114,13 +114,27 @@ impl NatsSink {
                 .add_client_certificate(cert.clone(), key.clone())
                 .require_tls(true);
         }
+        match &c.auth {
+            Some(UrlAuth::UserPassword(user, password)) => {
+                options = options.user_and_password(user.clone(), password.clone());
+            }
+            Some(UrlAuth::Token(token)) => options = options.token(token.clone()),
+            None => {}
+        }
         if let Some(creds) = &c.credentials_file {
             options = options
                 .credentials_file(creds)
                 .await
                 .map_err(|e| SinkError::permanent("cannot read sink.nats.credentials_file", e))?;
         }
-        options.connect(c.url.as_str()).await.map_err(|e| {
+        // async-nats takes one server per string: a comma-separated list is parsed here.
+        let servers = c
+            .url
+            .split(',')
+            .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SinkError::permanent("sink.nats.url is not a valid NATS URL", e))?;
+        options.connect(servers).await.map_err(|e| {
             let what = "connecting to NATS";
             match e.kind() {
                 ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {

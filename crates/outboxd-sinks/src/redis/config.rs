@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::RedisSink;
 use super::effectively_once;
 use crate::cloudevents::Envelope;
-use crate::plugin::{CheckLevel, CheckLine, Preflight, SinkConfigError, SinkContext, SinkPlugin};
+use crate::plugin::{
+    CheckLevel, CheckLine, MAX_TIMEOUT_MS, Preflight, SinkConfigError, SinkContext, SinkPlugin,
+};
+
+/// The largest `max_event_bytes`: Redis' own default `proto-max-bulk-len`, 512 MiB.
+const MAX_EVENT_BYTES: u64 = 512 * 1024 * 1024;
 
 /// `[sink.redis]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +246,23 @@ impl SinkPlugin for Redis {
                 "and sink.redis.key_file go together: set both, or neither",
             ));
         }
+        SinkConfigError::check_ranges(&[
+            (
+                "sink.redis.timeout_ms",
+                config.timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "sink.redis.wait_timeout_ms",
+                config.wait_timeout_ms,
+                1..=MAX_TIMEOUT_MS,
+            ),
+            (
+                "sink.redis.max_event_bytes",
+                config.max_event_bytes,
+                1024..=MAX_EVENT_BYTES,
+            ),
+        ])?;
         let tls_files = !(config.ca_file.is_empty() && config.cert_file.is_empty());
         if tls_files && !config.url.expose().starts_with("rediss://") {
             return Err(SinkConfigError::invalid(

@@ -232,6 +232,21 @@ pub enum DeliveryMode {
 
 /// The longest `sink.linger_ms` accepted.
 const MAX_LINGER_MS: u64 = 1_000;
+/// The most events of one batch (`sink.max_batch_events`).
+const MAX_BATCH_EVENTS: u64 = 100_000;
+/// The most events in flight (`sink.max_inflight_events`).
+const MAX_INFLIGHT_EVENTS: u64 = 10_000_000;
+/// The smallest and largest in-flight budget in bytes (`sink.max_inflight_bytes`; the budget
+/// is a semaphore of 32-bit permits).
+const MIN_INFLIGHT_BYTES: u64 = 64 * 1024;
+const MAX_INFLIGHT_BYTES: u64 = u32::MAX as u64;
+/// The most rows of one statement (`prune_batch_rows`, `backfill.batch_rows`).
+const MAX_ROWS_PER_STATEMENT: u64 = 1_000_000;
+/// An hour and a day, in milliseconds.
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 86_400_000;
+/// The longest duration [`parse_duration`] accepts: 100 years.
+const MAX_DURATION_SECS: f64 = 100.0 * 365.0 * 86_400.0;
 
 /// `[sink]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -320,7 +335,7 @@ impl Config {
                 .parse::<toml::Table>()
                 .map_err(|e| ConfigError::Syntax {
                     path: shown.clone(),
-                    message: one_line(&e.to_string()),
+                    message: syntax_message(&text, &e),
                 })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => toml::Table::new(),
             Err(source) => {
@@ -377,23 +392,15 @@ impl Config {
                 env: "OUTBOXD_POSTGRES__URL",
             });
         }
-        let positive = [
-            ("sink.max_batch_events", self.sink.max_batch_events as u64),
-            (
-                "sink.max_inflight_events",
-                self.sink.max_inflight_events as u64,
-            ),
-            ("sink.max_inflight_bytes", self.sink.max_inflight_bytes),
-            (
-                "postgres.status_interval_ms",
-                self.postgres.status_interval_ms,
-            ),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
+        for (key, value, range) in self.numeric_keys() {
+            if !range.contains(&value) {
                 return Err(ConfigError::Invalid {
                     origin: "configuration".into(),
-                    message: format!("{key} must be greater than 0"),
+                    message: format!(
+                        "{key} must be between {} and {}, got {value}",
+                        range.start(),
+                        range.end()
+                    ),
                 });
             }
         }
@@ -410,12 +417,6 @@ impl Config {
                     message: "postgres.prune_after prunes the outbox table, and postgres.source = \"messages\" writes no rows: leave it empty".into(),
                 });
             }
-        }
-        if self.postgres.prune_interval_ms == 0 || self.postgres.prune_batch_rows == 0 {
-            return Err(ConfigError::Invalid {
-                origin: "configuration".into(),
-                message: "postgres.prune_interval_ms and postgres.prune_batch_rows must be greater than 0".into(),
-            });
         }
         let endpoint = self.otel.endpoint.trim();
         if !endpoint.is_empty() && !endpoint.starts_with("http://") {
@@ -434,17 +435,52 @@ impl Config {
                 message,
             });
         }
-        if self.sink.linger_ms > MAX_LINGER_MS {
-            return Err(ConfigError::Invalid {
-                origin: "configuration".into(),
-                message: format!(
-                    "sink.linger_ms must be at most {MAX_LINGER_MS} (it is added to every \
-                     event's latency when events trickle in); it is {}",
-                    self.sink.linger_ms
-                ),
-            });
-        }
         self.validate_sink()
+    }
+
+    /// The numeric keys of the shared sections, with the values each accepts: beyond them a
+    /// budget, a batch or a timer would exhaust memory or overflow a clock.
+    fn numeric_keys(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 9] {
+        let (pg, sink) = (&self.postgres, &self.sink);
+        [
+            (
+                "sink.max_batch_events",
+                sink.max_batch_events as u64,
+                1..=MAX_BATCH_EVENTS,
+            ),
+            (
+                "sink.max_inflight_events",
+                sink.max_inflight_events as u64,
+                1..=MAX_INFLIGHT_EVENTS,
+            ),
+            (
+                "sink.max_inflight_bytes",
+                sink.max_inflight_bytes,
+                MIN_INFLIGHT_BYTES..=MAX_INFLIGHT_BYTES,
+            ),
+            ("sink.linger_ms", sink.linger_ms, 0..=MAX_LINGER_MS),
+            ("sink.drain_timeout_ms", sink.drain_timeout_ms, 0..=HOUR_MS),
+            (
+                "postgres.status_interval_ms",
+                pg.status_interval_ms,
+                1..=600_000,
+            ),
+            (
+                "postgres.prune_interval_ms",
+                pg.prune_interval_ms,
+                1..=DAY_MS,
+            ),
+            (
+                "postgres.prune_batch_rows",
+                u64::from(pg.prune_batch_rows),
+                1..=MAX_ROWS_PER_STATEMENT,
+            ),
+            (
+                "backfill.batch_rows",
+                u64::from(self.backfill.batch_rows),
+                1..=MAX_ROWS_PER_STATEMENT,
+            ),
+        ]
     }
 
     /// `[sink] kind` names a sink of this build that supports the delivery mode, and its
@@ -552,7 +588,24 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(format!("{text:?} is not a duration"));
     }
+    if seconds > MAX_DURATION_SECS {
+        return Err(format!(
+            "{text:?} is longer than the longest duration accepted, 36500d (100 years)"
+        ));
+    }
     Ok(std::time::Duration::from_secs_f64(seconds))
+}
+
+/// A TOML syntax error as one line: where, and what the parser expected, without the
+/// offending line itself (it may hold a password).
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let place = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!("{}{}", place.unwrap_or_default(), one_line(e.message()))
 }
 
 #[cfg(test)]

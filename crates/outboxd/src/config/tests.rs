@@ -217,7 +217,10 @@ fn linger_defaults_to_one_millisecond_and_is_bounded() {
     let err = Config::load(f.path(), true, env("5000"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("sink.linger_ms must be at most 1000"), "{err}");
+    assert!(
+        err.contains("sink.linger_ms must be between 0 and 1000"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -456,4 +459,59 @@ fn a_list_from_the_environment_is_comma_separated() {
     let c = Config::load(Path::new("/nonexistent/outboxd.toml"), false, env).expect("loads");
     assert_eq!(c.sink.kind, "nats");
     assert_eq!(c.sink.sections.nats.subjects, ["orders.>", "outboxd.dlq"]);
+}
+
+#[test]
+fn a_syntax_error_names_the_place_and_never_echoes_the_line() {
+    let f = write("[postgres]\nurl = \"postgres://outboxd:hunter2@db/app\nslot = \"s\"\n");
+    let text = Config::load(f.path(), true, []).unwrap_err().to_string();
+    assert!(
+        text.contains("not valid TOML") && text.contains("line 2"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!text.contains('\n'), "one line: {text}");
+}
+
+#[test]
+fn numbers_and_durations_out_of_range_name_the_key_and_the_range() {
+    let f = write("[postgres]\nurl = \"postgres://u@h/d\"\n");
+    for (var, value, expected) in [
+        (
+            "OUTBOXD_SINK__MAX_INFLIGHT_EVENTS",
+            "9223372036854775807",
+            "sink.max_inflight_events must be between 1 and 10000000",
+        ),
+        (
+            "OUTBOXD_SINK__MAX_BATCH_EVENTS",
+            "0",
+            "sink.max_batch_events must be between 1 and 100000",
+        ),
+        (
+            "OUTBOXD_SINK__MAX_INFLIGHT_BYTES",
+            "99999999999999",
+            "sink.max_inflight_bytes must be between 65536 and 4294967295",
+        ),
+        (
+            "OUTBOXD_SINK__DRAIN_TIMEOUT_MS",
+            "9223372036854775807",
+            "sink.drain_timeout_ms must be between 0 and 3600000",
+        ),
+        (
+            "OUTBOXD_POSTGRES__PRUNE_AFTER",
+            "99999999999999999999d",
+            "postgres.prune_after: \"99999999999999999999d\" is longer than",
+        ),
+        (
+            "OUTBOXD_SINK__REDIS__TIMEOUT_MS",
+            "9223372036854775807",
+            "sink.redis.timeout_ms must be between 1 and 2147483647",
+        ),
+    ] {
+        let env = [(var.to_owned(), value.to_owned())];
+        let text = Config::load(f.path(), true, env).unwrap_err().to_string();
+        assert!(text.contains(expected), "{var}={value}: {text}");
+    }
+    assert!(parse_duration("36500d").is_ok());
+    assert!(parse_duration("1e400").is_err());
 }
