@@ -5,7 +5,7 @@
 set -eu
 
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
-    -f /outboxd-sql/outbox.sql -f /outboxd-sql/role.sql
+    -f /outboxd-sql/outbox.sql -f /outboxd-sql/state.sql -f /outboxd-sql/role.sql
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
     -v password="$OUTBOXD_PASSWORD" <<'SQL'
 ALTER ROLE outboxd PASSWORD :'password';

@@ -93,10 +93,10 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
 for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 ADMIN="postgres://postgres@127.0.0.1:$PG_PORT"
-say "applying sql/outbox.sql and sql/role.sql to database app"
+say "applying sql/outbox.sql, sql/state.sql and sql/role.sql to database app"
 psql -q "$ADMIN/postgres" -tc "SELECT 1 FROM pg_database WHERE datname = 'app'" | grep -q 1 \
     || psql -q "$ADMIN/postgres" -c "CREATE DATABASE app"
-psql -q -v ON_ERROR_STOP=1 "$ADMIN/app" -f sql/outbox.sql -f sql/role.sql
+psql -q -v ON_ERROR_STOP=1 "$ADMIN/app" -f sql/outbox.sql -f sql/state.sql -f sql/role.sql
 psql -q "$ADMIN/app" -c "ALTER ROLE outboxd PASSWORD '$PASSWORD'"
 
 cat >"$DIR/outboxd.toml" <<TOML

@@ -1,7 +1,9 @@
 -- The outbox table, its publication, and outbox_emit().
 --
--- Apply once per database, as the owner of the schema (psql -f sql/outbox.sql). Idempotent.
--- Requires PostgreSQL 14 or newer (gen_random_uuid() is built in since 13).
+-- Apply once per database, as the owner of the schema, then sql/state.sql (outboxd's own
+-- state) and sql/role.sql (the outboxd role):
+--   psql "$ADMIN_URL" -f sql/outbox.sql -f sql/state.sql -f sql/role.sql
+-- Idempotent. Requires PostgreSQL 14 or newer (gen_random_uuid() is built in since 13).
 
 CREATE TABLE IF NOT EXISTS public.outbox (
     -- Stable event id: the consumers' idempotency key.
@@ -77,6 +79,12 @@ $$;
 -- instead of a row; returns its id. Nothing is written to a table: the event lives only in
 -- the WAL, and outboxd forwards it when `[postgres] source = "messages"` (PostgreSQL 14+).
 -- Same guarantees as a row: only committed events, in commit order.
+--
+-- The message is signed with the key of sql/state.sql (outboxd.sign()): outboxd acts only on
+-- signed messages, so a role that calls pg_logical_emit_message() itself cannot publish
+-- events. The function runs as its owner to sign; like INSERT on the outbox table, calling it
+-- is a right to grant:
+--   GRANT EXECUTE ON FUNCTION public.outbox_emit_message(text, text, text, jsonb, jsonb) TO app;
 CREATE OR REPLACE FUNCTION public.outbox_emit_message(
     aggregate_type text,
     aggregate_id   text,
@@ -86,11 +94,13 @@ CREATE OR REPLACE FUNCTION public.outbox_emit_message(
 ) RETURNS uuid
 LANGUAGE plpgsql
 VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     event_id uuid := gen_random_uuid();
 BEGIN
-    PERFORM pg_logical_emit_message(true, 'outboxd', json_build_object(
+    PERFORM pg_logical_emit_message(true, 'outboxd', outboxd.sign('outboxd', json_build_object(
         'id', event_id::text,
         'aggregate_type', aggregate_type,
         'aggregate_id', aggregate_id,
@@ -98,7 +108,8 @@ BEGIN
         'payload', payload::text,
         'headers', COALESCE(headers, '{}')::text,
         'created_at', now()::text
-    )::text);
+    )::text));
     RETURN event_id;
 END
 $$;
+REVOKE ALL ON FUNCTION public.outbox_emit_message(text, text, text, jsonb, jsonb) FROM PUBLIC;

@@ -1,5 +1,5 @@
--- A least-privileged role for outboxd. Idempotent. Run after sql/outbox.sql, as the admin role
--- that owns the outbox table: a superuser is not needed. On managed services (RDS, Aurora,
+-- A least-privileged role for outboxd. Idempotent. Run after sql/outbox.sql and sql/state.sql,
+-- as the admin role that owns the outbox table: a superuser is not needed. On managed services (RDS, Aurora,
 -- Cloud SQL, Azure, Supabase, Neon) see docs/managed-postgres.md for what runs where.
 --
 -- outboxd needs:
@@ -8,6 +8,8 @@
 --                           REPLICATION attribute, or on RDS/Aurora the rds_replication role
 --   CONNECT, USAGE          to reach the database and schema
 --   SELECT on the table     logical replication requires it
+--   schema outboxd          to record its slots, verify and sign its messages, and keep dead
+--                           letters too large for the broker (sql/state.sql; step 3)
 --   pg_log_standby_snapshot (PostgreSQL 16+, optional) lets an idle outboxd ask for a
 --                           running-transactions record, so the slot's restart_lsn and
 --                           the WAL Postgres keeps for it follow the confirmed position
@@ -82,5 +84,48 @@ BEGIN
                     'as postgres (docs/managed-postgres.md).';
         END;
     END IF;
+END
+$$;
+
+-- 3. outboxd's state (schema outboxd, sql/state.sql): the record of its slots, the key that
+--    signs its messages (read only: to verify them), dead letters kept whole.
+DO $$
+BEGIN
+    IF to_regnamespace('outboxd') IS NULL THEN
+        RAISE EXCEPTION 'schema outboxd does not exist'
+            USING HINT = 'Apply sql/state.sql first (psql -f sql/outbox.sql -f sql/state.sql -f sql/role.sql).';
+    END IF;
+    GRANT USAGE ON SCHEMA outboxd TO outboxd;
+    GRANT SELECT, INSERT, UPDATE ON outboxd.slots TO outboxd;
+    GRANT SELECT ON outboxd.message_keys TO outboxd;
+    GRANT SELECT, INSERT ON outboxd.dead_letters TO outboxd;
+    -- outboxd replay and setup --backfill-where sign the rows they write to the WAL.
+    GRANT EXECUTE ON FUNCTION outboxd.sign(text, text) TO outboxd;
+END
+$$;
+
+-- 4. Who may write logical decoding messages. pg_logical_emit_message() is executable by
+--    PUBLIC: any role could write messages with outboxd's prefixes. outboxd acts only on
+--    messages signed by outboxd.sign(), so that is no way to publish events; revoking it as
+--    well keeps the WAL free of them. Only the function's owner (a superuser) may revoke it:
+--    elsewhere this step says so and changes nothing (`outboxd check` reports the grant).
+--    outboxd (replay, backfill) and the owner of outbox_emit_message() keep it.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.proname = 'pg_logical_emit_message'
+               AND p.pronamespace = 'pg_catalog'::regnamespace LOOP
+        IF has_function_privilege('public', f, 'EXECUTE') THEN
+            IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO outboxd, %I', f, current_user);
+                EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+            ELSE
+                RAISE NOTICE 'skipped REVOKE EXECUTE ON FUNCTION % FROM PUBLIC (only a superuser may): '
+                    'outboxd ignores unsigned messages, so other roles still cannot publish events', f;
+            END IF;
+        END IF;
+    END LOOP;
 END
 $$;

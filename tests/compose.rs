@@ -91,13 +91,16 @@ fn postgres_is_17_with_logical_wal_and_the_schema_applied_at_init() {
     let script = read(script_path);
     for needle in [
         "/outboxd-sql/outbox.sql",
+        "/outboxd-sql/state.sql",
         "/outboxd-sql/role.sql",
         "ALTER ROLE outboxd PASSWORD",
         "OUTBOXD_PASSWORD",
     ] {
         assert!(script.contains(needle), "{script_path} lacks {needle}");
     }
-    assert!(root().join("sql/outbox.sql").exists() && root().join("sql/role.sql").exists());
+    for file in ["outbox.sql", "state.sql", "role.sql"] {
+        assert!(root().join("sql").join(file).exists(), "sql/{file}");
+    }
 
     // The password the init script sets is the one outboxd connects with.
     let password = env_value(pg, "OUTBOXD_PASSWORD");

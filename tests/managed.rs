@@ -2,7 +2,7 @@
 //! logical decoding behind a provider's own setting.
 //!
 //! - An admin with CREATEROLE that owns the database and the outbox table (as the admin users
-//!   of Cloud SQL, Azure, RDS and Supabase are) applies sql/outbox.sql and sql/role.sql; on
+//!   of Cloud SQL, Azure, RDS and Supabase are) applies sql/outbox.sql, sql/state.sql and sql/role.sql; on
 //!   PostgreSQL 16+ it may give REPLICATION itself (when it has it), before 16 the script
 //!   stops and says who can, the provider's superuser runs the hint's statement on the role
 //!   the script already made, and the script runs again. Then `setup`,
@@ -45,6 +45,10 @@ async fn an_admin_that_is_not_a_superuser_sets_up_and_outboxd_forwards_as_its_ro
         .batch_execute(&sql_file("outbox.sql"))
         .await
         .expect("sql/outbox.sql as the admin");
+    admin
+        .batch_execute(&sql_file("state.sql"))
+        .await
+        .expect("sql/state.sql as the admin");
 
     let role_sql = || pg.psql_file("app_admin", ADMIN_PASSWORD, "app", "role.sql");
     if version < 160_000 {
@@ -221,6 +225,7 @@ async fn a_role_without_replication_gets_the_providers_grant() {
     admin.batch_execute("CREATE DATABASE app").await.unwrap();
     let app = pg.connect("app").await;
     app.batch_execute(&sql_file("outbox.sql")).await.unwrap();
+    app.batch_execute(&sql_file("state.sql")).await.unwrap();
     app.batch_execute(&sql_file("role.sql")).await.unwrap();
     let row = app
         .query_one(

@@ -141,9 +141,12 @@ async fn a_message_that_is_not_an_event_is_dead_lettered_and_later_events_flow()
     let env = table_less_env(Postgres::start(), "").await;
     let mut outboxd = env.run();
     let db = env.db().await;
-    db.batch_execute("SELECT pg_logical_emit_message(true, 'outboxd', 'not json')")
-        .await
-        .unwrap();
+    // Signed (by outboxd.sign(), as outbox_emit_message signs), but not an event.
+    db.batch_execute(
+        "SELECT pg_logical_emit_message(true, 'outboxd', outboxd.sign('outboxd', 'not json'))",
+    )
+    .await
+    .unwrap();
     // Messages of other prefixes are someone else's: skipped.
     db.batch_execute("SELECT pg_logical_emit_message(true, 'another-app', 'hello')")
         .await

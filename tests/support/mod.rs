@@ -1120,7 +1120,7 @@ pub async fn create_outbox_db(pg: &Postgres) {
         .await
         .expect("create database");
     let db = pg.connect("app").await;
-    for file in ["outbox.sql", "role.sql"] {
+    for file in ["outbox.sql", "state.sql", "role.sql"] {
         let sql = sql_file(file);
         db.batch_execute(&sql)
             .await

@@ -194,10 +194,12 @@ async fn emit_rows(
     observe: &mut impl FnMut(Step),
 ) -> Result<u64, BackfillError> {
     // A volatile function in the select list is evaluated after the sort, row by row as the
-    // cursor is read: the messages go into the WAL in `order_by` order.
+    // cursor is read: the messages go into the WAL in `order_by` order. Each is signed by
+    // outboxd.sign() (sql/state.sql), or `run` would refuse it.
+    let prefix = quote_literal(prefix);
     let declare = format!(
-        "DECLARE outboxd_rows NO SCROLL CURSOR FOR SELECT pg_logical_emit_message(true, {}, {}) {}{}",
-        quote_literal(prefix),
+        "DECLARE outboxd_rows NO SCROLL CURSOR FOR \
+         SELECT pg_logical_emit_message(true, {prefix}, outboxd.sign({prefix}, {})) {}{}",
         rows.content_sql(topic),
         rows.source_sql(),
         rows.order()

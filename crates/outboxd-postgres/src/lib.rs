@@ -9,6 +9,8 @@
 //! - [`stream`]: one replication session, as events for the pipeline.
 //! - [`decode`]: pgoutput messages.
 //! - [`message`]: outboxd's own logical decoding messages (table-less events, backfill, replay).
+//! - [`state`]: outboxd's own state in the database (schema `outboxd`): the slots it
+//!   created, the key that signs its messages, dead letters kept whole.
 
 pub mod backfill;
 pub mod catalog;
@@ -17,6 +19,7 @@ pub mod decode;
 pub mod message;
 pub mod prune;
 pub mod slot;
+pub mod state;
 pub mod stream;
 pub mod tls;
 

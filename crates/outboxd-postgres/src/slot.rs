@@ -3,12 +3,19 @@
 //! [`prepare`] is shared by `outboxd setup` (which creates what is missing) and by
 //! `outboxd run` (which creates nothing: a missing slot means events may have been skipped,
 //! and only an operator can decide that). Every refusal says what to do.
+//!
+//! `setup` does not create a slot when outboxd's record (`outboxd.slots`, see
+//! [`state::slots`]) says an earlier slot of the same name or publication is gone: that
+//! slot's events since its last confirmed position would be skipped. It refuses with
+//! [`SlotError::SlotLost`], naming the gap and the two ways on: a backfill, or
+//! [`Creation::NewSlot`], the explicit decision to skip.
 
 use outboxd_core::Lsn;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::{self, Provider, Server, Slot, Table, quote_ident};
+use crate::state::{self, StateError, slots};
 use crate::stream::Source;
 
 /// What to set up or check.
@@ -31,9 +38,19 @@ pub struct SlotSpec<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// `outboxd setup`: create the publication and the slot when missing.
-    Create,
+    Create(Creation),
     /// `outboxd run` and `check`: only check.
     Check,
+}
+
+/// What `setup` does when outboxd's record says an earlier slot is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    /// Refuse ([`SlotError::SlotLost`]): the operator decides.
+    Refuse,
+    /// `--new-slot`: create the slot anyway, skipping what the lost one held, and retire its
+    /// record with that decision.
+    NewSlot,
 }
 
 /// Postgres is not ready for outboxd, and why.
@@ -175,8 +192,10 @@ pub enum SlotError {
     #[error(
         "replication slot {slot:?} was invalidated by Postgres (wal_status = lost, usually because \
          it exceeded max_slot_wal_keep_size): the WAL after its confirmed position {confirmed} is \
-         gone, so events committed since then cannot be streamed. Recover them from the outbox \
-         table if you keep rows, then `outboxd slot drop --yes` and `outboxd setup` to start anew"
+         gone, so events committed since then cannot be streamed. Drop it \
+         (`outboxd slot drop --yes`), then recover them with `outboxd setup --backfill-where \
+         \"created_at >= '...'\"` if the outbox table keeps rows, or start anew with `outboxd \
+         setup --new-slot`, skipping them"
     )]
     SlotInvalidated {
         /// The slot name.
@@ -184,6 +203,20 @@ pub enum SlotError {
         /// Its last confirmed position.
         confirmed: String,
     },
+    /// The slot is gone, and outboxd's record says it (or another slot of the publication)
+    /// was streamed: a new slot would skip what it held.
+    #[error("{}", lost_slot_message(.slot, .records, *.events_from))]
+    SlotLost {
+        /// The slot wanted.
+        slot: String,
+        /// The records of the slots that are gone.
+        records: Vec<slots::SlotRecord>,
+        /// Where events come from (table-less events cannot be backfilled).
+        events_from: Source,
+    },
+    /// outboxd's state in the database cannot be used.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// `failover_slot` on a server older than 17.
     #[error(
         "postgres.failover_slot needs PostgreSQL 17 or newer (server is {version}): set it to false"
@@ -218,7 +251,9 @@ impl SlotError {
             SlotError::SlotMissing { .. }
             | SlotError::SlotForeign { .. }
             | SlotError::SlotInvalidated { .. }
+            | SlotError::SlotLost { .. }
             | SlotError::FailoverUnsupported { .. } => "slot",
+            SlotError::State(_) => "state",
             SlotError::Postgres { .. } => "postgres",
         }
     }
@@ -236,6 +271,35 @@ impl SlotError {
     fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
         move |source| SlotError::Postgres { what, source }
     }
+}
+
+/// The refusal of a lost slot: which slots are gone, since when events may be missing, and
+/// the two ways on.
+fn lost_slot_message(slot: &str, records: &[slots::SlotRecord], source: Source) -> String {
+    let gone: Vec<String> = records.iter().map(slots::SlotRecord::describe).collect();
+    let since = records
+        .iter()
+        .map(slots::SlotRecord::gap_since)
+        .min()
+        .unwrap_or("the slot was lost");
+    let recover = match source {
+        Source::Table => format!(
+            "recover them with `outboxd setup --backfill-where \"created_at >= '{since}'\"` \
+             (it publishes the rows still in the outbox table and creates slot {slot:?} at that \
+             snapshot, so nothing is skipped; widen the window for safety, consumers dedupe \
+             on the event id), or "
+        ),
+        Source::Messages => {
+            "table-less events live only in the WAL and cannot be recovered; ".to_owned()
+        }
+    };
+    format!(
+        "replication slot {slot:?} does not exist, and outboxd streamed it: {}. Events \
+         committed since then may not have been forwarded, and a new slot would start at the \
+         server's current position, skipping them. So setup creates none until you decide: \
+         {recover}accept the gap with `outboxd setup --new-slot`",
+        gone.join("; ")
+    )
 }
 
 /// What the catalogs say about everything outboxd needs, read in one go.
@@ -423,7 +487,8 @@ pub struct Prepared {
 }
 
 /// Checks everything outboxd needs; in [`Mode::Create`], first creates the publication and
-/// the slot when they are missing. Returns the first problem that remains.
+/// the slot when they are missing (and records the slot, or adopts one that has no record).
+/// Returns the first problem that remains.
 pub async fn prepare(
     client: &Client,
     spec: SlotSpec<'_>,
@@ -431,14 +496,49 @@ pub async fn prepare(
 ) -> Result<Prepared, SlotError> {
     let mut found = inspect(client, spec).await?;
     let (mut created_publication, mut created_slot) = (false, false);
-    if mode == Mode::Create {
+    if let Mode::Create(creation) = mode {
         created_publication = ensure_publication(client, spec, &found).await?;
+        let server = &found.server;
+        let (access, _) = state::ensure(client, &server.database, &server.user).await?;
+        if let Some(denied) = access.denied(&server.user) {
+            return Err(denied.into());
+        }
         if found.slot.is_none() {
-            create_slot(client, spec, &found.server).await?;
+            let lost = slots::lost(client, spec.slot, spec.publication).await?;
+            if !lost.is_empty() && creation == Creation::Refuse {
+                return Err(SlotError::SlotLost {
+                    slot: spec.slot.to_owned(),
+                    records: lost,
+                    events_from: spec.source,
+                });
+            }
+            let lsn = create_slot(client, spec, server).await?;
+            let how = match creation {
+                Creation::Refuse => "setup",
+                Creation::NewSlot => "setup --new-slot",
+            };
+            slots::record(client, spec.slot, spec.publication, how, lsn).await?;
+            let note = format!(
+                "replaced by `outboxd setup --new-slot` (slot {:?} created at {lsn}): events \
+                 committed after this slot's last confirmed position and before {lsn} were \
+                 skipped by that decision",
+                spec.slot
+            );
+            slots::retire(client, &lost, &note).await?;
             created_slot = true;
         }
         if created_publication || created_slot {
             found = inspect(client, spec).await?;
+        }
+    } else if found.slot.is_none() && state::access(client).await?.slots {
+        // `run` and `check`: name the gap when the record knows it.
+        let lost = slots::lost(client, spec.slot, spec.publication).await?;
+        if !lost.is_empty() {
+            return Err(SlotError::SlotLost {
+                slot: spec.slot.to_owned(),
+                records: lost,
+                events_from: spec.source,
+            });
         }
     }
     if let Some(first) = found.problems(spec).into_iter().next() {
@@ -450,13 +550,24 @@ pub async fn prepare(
             table,
             slot: Some(slot),
             ..
-        } if table.is_some() || spec.source == Source::Messages => Ok(Prepared {
-            server,
-            table,
-            slot,
-            created_publication,
-            created_slot,
-        }),
+        } if table.is_some() || spec.source == Source::Messages => {
+            if matches!(mode, Mode::Create(_)) {
+                slots::adopt(
+                    client,
+                    spec.slot,
+                    spec.publication,
+                    slot.confirmed_flush_lsn,
+                )
+                .await?;
+            }
+            Ok(Prepared {
+                server,
+                table,
+                slot,
+                created_publication,
+                created_slot,
+            })
+        }
         // problems() reports a missing table or slot.
         Inspection { .. } => Err(SlotError::SlotMissing {
             slot: spec.slot.to_owned(),

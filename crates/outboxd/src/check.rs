@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon};
 use outboxd_postgres::slot;
+use outboxd_postgres::state::{self, keys, slots};
 use outboxd_postgres::{ConnInfo, catalog, probe_replication};
 use outboxd_sinks::{CheckLevel, Preflight};
 
@@ -124,7 +125,19 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         }
     };
     check_connections(config, &conn, &client, &found, report).await;
-    let problems = found.problems(spec);
+    let mut problems = found.problems(spec);
+    if found.slot.is_none() {
+        // A slot outboxd streamed and lost is a decision, not a missing setup step.
+        if let Ok(Err(lost @ slot::SlotError::SlotLost { .. })) = tokio::time::timeout(
+            Duration::from_secs(10),
+            slot::prepare(&client, spec, slot::Mode::Check),
+        )
+        .await
+        {
+            problems.retain(|p| !matches!(p, slot::SlotError::SlotMissing { .. }));
+            problems.push(lost);
+        }
+    }
     for p in &problems {
         report.add(Status::Fail, p.subject(), one_line(p));
     }
@@ -133,6 +146,7 @@ async fn check_postgres(config: &Config, report: &mut Report) -> Option<Lsn> {
         report.add(Status::Ok, "wal_level", "logical");
     }
     check_source(config, &found, &failed, report);
+    check_state(config, &client, &found, report).await;
     if !config.postgres.prune_after.trim().is_empty() {
         check_pruning(config, &client, report).await;
     }
@@ -258,6 +272,135 @@ fn check_source(
             Status::Ok,
             "publication",
             format!("{publication:?} publishes inserts of the table"),
+        );
+    }
+}
+
+/// outboxd's state (schema outboxd): the slot's record, the message keys, and who may write
+/// logical decoding messages.
+async fn check_state(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    found: &slot::Inspection,
+    report: &mut Report,
+) {
+    let table_less = config.postgres.source == SourceKind::Messages;
+    let access = match state::access(client).await {
+        Ok(a) => a,
+        Err(e) => return report.add(Status::Warn, "state", one_line(&e)),
+    };
+    if !access.present {
+        report.add(
+            if table_less {
+                Status::Fail
+            } else {
+                Status::Warn
+            },
+            "state",
+            "schema outboxd is missing: outboxd keeps no record of its slot (a lost slot would \
+             go unnoticed), cannot verify signed messages (table-less events, replays and \
+             backfills are refused) and cannot keep dead letters too large for the broker. As \
+             the admin: apply sql/state.sql, then sql/role.sql",
+        );
+    } else if let Some(denied) = access.denied(&found.server.user) {
+        report.add(Status::Warn, "state", one_line(&denied));
+    } else {
+        report.add(
+            Status::Ok,
+            "state",
+            "schema outboxd: slots are recorded, messages verified, oversized dead letters kept",
+        );
+    }
+    if access.slots && found.slot.is_some() {
+        match slots::live(client, &config.postgres.slot).await {
+            Ok(Some(r)) => report.add(
+                Status::Ok,
+                "slot record",
+                format!(
+                    "recorded {} by {}{}: if the slot is lost, setup refuses to recreate it \
+                     silently",
+                    r.created_at,
+                    r.created_by,
+                    r.confirmed
+                        .as_ref()
+                        .map_or_else(String::new, |(l, at)| format!(", confirmed {l} at {at}"))
+                ),
+            ),
+            Ok(None) => report.add(
+                Status::Warn,
+                "slot record",
+                "the slot is not in outboxd.slots yet (`outboxd setup` or `run` records it): \
+                 until then a lost slot would be recreated without notice",
+            ),
+            Err(e) => report.add(Status::Warn, "slot record", one_line(&e)),
+        }
+    }
+    if access.keys {
+        match keys::load(client).await {
+            Ok(k) if k.is_empty() => report.add(
+                if table_less {
+                    Status::Fail
+                } else {
+                    Status::Warn
+                },
+                "message key",
+                "outboxd.message_keys is empty: no message can be verified; apply sql/state.sql \
+                 again (it makes the first key)",
+            ),
+            Ok(_) => {}
+            Err(e) => report.add(Status::Warn, "message key", one_line(&e)),
+        }
+    }
+    check_message_grants(client, table_less, report).await;
+}
+
+/// Who may write logical decoding messages: `pg_logical_emit_message()` for PUBLIC (refused
+/// by outboxd unless signed, but better revoked), and table-less events for PUBLIC.
+async fn check_message_grants(
+    client: &tokio_postgres::Client,
+    table_less: bool,
+    report: &mut Report,
+) {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p WHERE p.proname = 'pg_logical_emit_message' \
+                              AND p.pronamespace = 'pg_catalog'::regnamespace \
+                              AND has_function_privilege('public', p.oid, 'EXECUTE')), \
+                    to_regprocedure('public.outbox_emit_message(text, text, text, jsonb, jsonb)') \
+                        IS NOT NULL \
+                    AND has_function_privilege('public', \
+                        'public.outbox_emit_message(text, text, text, jsonb, jsonb)', 'EXECUTE')",
+            &[],
+        )
+        .await;
+    let Ok(row) = row else {
+        return;
+    };
+    if row.get::<_, bool>(0) {
+        report.add(
+            Status::Warn,
+            "messages",
+            "every role may call pg_logical_emit_message(): outboxd acts only on messages \
+             signed with outboxd.message_keys, so no role can publish events that way, but \
+             revoke it where you may (a superuser): REVOKE EXECUTE ON FUNCTION \
+             pg_logical_emit_message(boolean, text, text) FROM PUBLIC (and its bytea and \
+             PostgreSQL 17 variants; sql/role.sql does it when run by a superuser)",
+        );
+    } else {
+        report.add(
+            Status::Ok,
+            "messages",
+            "pg_logical_emit_message() is not executable by PUBLIC",
+        );
+    }
+    if table_less && row.get::<_, bool>(1) {
+        report.add(
+            Status::Warn,
+            "messages",
+            "every role may call outbox_emit_message() and so publish table-less events: \
+             REVOKE EXECUTE ON FUNCTION public.outbox_emit_message(text, text, text, jsonb, \
+             jsonb) FROM PUBLIC, and grant it to the roles that write events (sql/outbox.sql \
+             does)",
         );
     }
 }

@@ -61,10 +61,11 @@ pub enum Command {
     ///
     /// Checks that wal_level is logical, that the outbox table exists, and that the role may
     /// read it and stream replication; creates the publication (publish = 'insert') and the
-    /// pgoutput slot when they are missing. Events committed before the slot exists are not
-    /// forwarded.
+    /// pgoutput slot when they are missing, and records the slot in schema outboxd. Events
+    /// committed before the slot exists are not forwarded. A slot that outboxd streamed and
+    /// that is gone is not recreated: setup names the gap and exits 3 (see --new-slot).
     #[command(
-        after_help = "Examples:\n  outboxd setup --config outboxd.toml\n  outboxd setup --backfill-where \"published_at IS NULL\" --dry-run\n  outboxd setup --backfill-where \"published_at IS NULL\""
+        after_help = "Examples:\n  outboxd setup --config outboxd.toml\n  outboxd setup --backfill-where \"published_at IS NULL\" --dry-run\n  outboxd setup --backfill-where \"published_at IS NULL\"\n  outboxd setup --backfill-where \"created_at >= '2026-12-07 10:00'\"   after a lost slot\n  outboxd setup --new-slot                 after a lost slot, skipping its events\n\nExit codes: 0 done, 1 failed, 2 bad configuration, 3 refused until you decide (a lost slot)."
     )]
     Setup(SetupArgs),
 
@@ -124,6 +125,13 @@ pub struct SetupArgs {
     /// With --backfill-where: count the matching rows; create and publish nothing.
     #[arg(long, requires = "backfill_where")]
     pub dry_run: bool,
+
+    /// Create the slot although outboxd's record says an earlier slot of this name or
+    /// publication is gone (dropped, invalidated, or left on a failed primary): the events
+    /// committed since it last confirmed are skipped, by this decision. Without it, setup
+    /// refuses, names the gap and exits 3; `--backfill-where` recovers the rows instead.
+    #[arg(long, conflicts_with = "backfill_where")]
+    pub new_slot: bool,
 }
 
 /// `outboxd replay`.

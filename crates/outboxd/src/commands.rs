@@ -12,7 +12,8 @@ use std::io::IsTerminal;
 
 use outboxd_postgres::backfill::{self, RowSelection, Step};
 use outboxd_postgres::catalog;
-use outboxd_postgres::slot::{self, Mode};
+use outboxd_postgres::slot::{self, Creation, Mode, SlotError};
+use outboxd_postgres::state::{self, slots};
 use outboxd_postgres::{ConnInfo, conninfo::ConnInfoError};
 use tokio_util::sync::CancellationToken;
 
@@ -53,7 +54,12 @@ pub async fn setup(config: &Config, args: &SetupArgs) -> anyhow::Result<()> {
         return setup_with_backfill(config, &conn, &client, predicate, args.dry_run).await;
     }
     let spec = config.slot_spec();
-    let prepared = slot::prepare(&client, spec, Mode::Create).await?;
+    let creation = if args.new_slot {
+        Creation::NewSlot
+    } else {
+        Creation::Refuse
+    };
+    let prepared = slot::prepare(&client, spec, Mode::Create(creation)).await?;
     let table = prepared.table.as_ref().map_or_else(
         || "no table (table-less messages)".to_owned(),
         |t| format!("{}.{}", t.schema, t.name),
@@ -179,6 +185,19 @@ async fn setup_with_backfill(
         return Ok(());
     }
     let created_publication = slot::ensure_publication(client, config.slot_spec(), &found).await?;
+    // The slot is recorded once made, and the records of lost ones retired: check first
+    // that the role may, so that no slot is left unrecorded.
+    let server = &found.server;
+    let (access, _) = state::ensure(client, &server.database, &server.user)
+        .await
+        .map_err(SlotError::from)?;
+    if let Some(denied) = access.denied(&server.user) {
+        return Err(SlotError::from(denied).into());
+    }
+    let publication = &config.postgres.publication;
+    let lost = slots::lost(client, name, publication)
+        .await
+        .map_err(SlotError::from)?;
     if created_publication {
         println!(
             "publication {:?} on {}: created",
@@ -196,12 +215,32 @@ async fn setup_with_backfill(
         show_step("backfill"),
     )
     .await?;
+    let point = done.consistent_point;
+    slots::record(client, name, publication, "setup --backfill-where", point)
+        .await
+        .map_err(SlotError::from)?;
+    let note = format!(
+        "recovered by `outboxd setup --backfill-where {predicate:?}`: slot {name:?} created at \
+         {point}, and the rows matching the predicate in its snapshot published"
+    );
+    slots::retire(client, &lost, &note)
+        .await
+        .map_err(SlotError::from)?;
     println!(
         "backfill: {} rows matching {predicate:?} published (in order of {order_text}) as of \
-         consistent point {}; slot {name:?} created there. `outboxd run` forwards them first, \
-         then every row committed after that point.",
-        done.rows, done.consistent_point
+         consistent point {point}; slot {name:?} created there. `outboxd run` forwards them \
+         first, then every row committed after that point.",
+        done.rows
     );
+    if !lost.is_empty() {
+        println!(
+            "the record of the lost slot is retired: {}",
+            lost.iter()
+                .map(slots::SlotRecord::describe)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     Ok(())
 }
 
@@ -217,6 +256,22 @@ pub async fn replay(config: &Config, args: &ReplayArgs) -> anyhow::Result<()> {
              through it: run `outboxd setup` first (or `outboxd setup --backfill-where ...` to \
              publish kept rows while creating it)"
         );
+    }
+    // Replayed rows are signed (outboxd.sign()), or `run` refuses them.
+    let access = state::access(&client).await.map_err(SlotError::from)?;
+    if !access.present {
+        return Err(SlotError::from(state::StateError::Missing {
+            database: found.server.database.clone(),
+            role: found.server.user.clone(),
+        })
+        .into());
+    }
+    if !access.sign {
+        return Err(SlotError::from(state::StateError::Denied {
+            role: found.server.user.clone(),
+            what: "sign messages with outboxd.sign()",
+        })
+        .into());
     }
     let order = RowSelection::order_columns(&table, &config.backfill.order_by)?;
     let rows = RowSelection {

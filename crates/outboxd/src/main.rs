@@ -1,13 +1,15 @@
 //! `outboxd`: parses the command line, sets up logging, runs the command, and turns its error
 //! into one line and a non-zero exit code (2 for a configuration, or an `OUTBOXD_FAILPOINT`,
-//! it cannot use).
+//! it cannot use; 3 when it stopped for an operator's decision: a lost slot).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use outboxd::cli::{Cli, Command, LogFormat};
+use outboxd::pipeline::RunError;
 use outboxd::report::one_line;
 use outboxd::{commands, failpoint, progress};
+use outboxd_postgres::slot::SlotError;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -63,9 +65,21 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("outboxd: {line}");
             }
-            ExitCode::FAILURE
+            if needs_decision(&e) {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether outboxd stopped for an operator's decision (a lost slot): exit code 3, which the
+/// container's entrypoint does not retry.
+fn needs_decision(e: &anyhow::Error) -> bool {
+    let lost = |s: &SlotError| matches!(s, SlotError::SlotLost { .. });
+    e.downcast_ref::<SlotError>().is_some_and(lost)
+        || matches!(e.downcast_ref::<RunError>(), Some(RunError::Slot(s)) if lost(s))
 }
 
 fn init_logging(format: LogFormat, filter: &str) {

@@ -67,6 +67,9 @@ pub struct Metrics {
     pub pruned_rows: Counter,
     /// `prune_errors_total`: pruning rounds that failed (each is retried).
     pub prune_errors: Counter,
+    /// `messages_refused_total{reason}`: logical decoding messages with one of outboxd's
+    /// prefixes that were not acted on (not transactional, not signed), by reason.
+    pub messages_refused: Family<ReasonLabel, Counter>,
     /// Sum of `events_forwarded` over all topics, for the summary log.
     forwarded_all: AtomicU64,
     /// Sum of `events_dead_lettered` over all reasons, for the summary log.
@@ -162,6 +165,12 @@ impl Metrics {
                 "Pruning rounds that failed (each is retried)",
                 Counter::default(),
             ),
+            messages_refused: registered(
+                &mut r,
+                "messages_refused",
+                "Logical decoding messages with an outboxd prefix not acted on (not transactional, not signed), by reason",
+                Family::default(),
+            ),
             forwarded_all: AtomicU64::new(0),
             dead_lettered_all: AtomicU64::new(0),
             registry: r,
@@ -220,6 +229,11 @@ impl Metrics {
     /// Events dead-lettered since start, over all reasons.
     pub fn dead_lettered_total(&self) -> u64 {
         self.dead_lettered_all.load(Ordering::Relaxed)
+    }
+
+    /// Events the broker took since start: forwarded or dead-lettered.
+    pub fn events_handled_total(&self) -> u64 {
+        self.forwarded_total() + self.dead_lettered_total()
     }
 }
 

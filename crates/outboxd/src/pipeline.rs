@@ -47,7 +47,9 @@ use std::time::Duration;
 
 use outboxd_core::{RouteSpec, Router, Sink, SinkError};
 use outboxd_postgres::message;
-use outboxd_postgres::slot::{self, Mode, Prepared, SlotSpec};
+use outboxd_postgres::slot::{self, Mode, Prepared, SlotError, SlotSpec};
+use outboxd_postgres::state::keys::{self, MessageKeys};
+use outboxd_postgres::state::{self, slots};
 use outboxd_postgres::{ConnInfo, Source, StreamError, StreamOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -110,8 +112,14 @@ where
     S: Sink + 'static,
     F: FnMut() -> Result<S, SinkError>,
 {
-    let (prepared, (columns, column_types), sink) = preflight(&settings, &mut make_sink).await?;
-    let options = stream_options(&settings, &prepared);
+    let Ready {
+        prepared,
+        columns,
+        column_types,
+        keys,
+        sink,
+    } = preflight(&settings, &mut make_sink).await?;
+    let options = stream_options(&settings, &prepared, keys);
     let session = Session {
         settings: &settings,
         options: &options,
@@ -148,12 +156,19 @@ where
     }
 }
 
-/// Startup: everything must be in place, or one clear message. Returns the slot and table as
-/// found, the columns routes read, and a sink whose broker answered.
-async fn preflight<S, F>(
-    settings: &RunSettings,
-    make_sink: &mut F,
-) -> Result<(Prepared, (Vec<String>, Vec<u32>), S), RunError>
+/// What startup found: the slot and table, the columns routes read (and their types, empty
+/// for table-less messages), the keys messages must be signed with, and a sink whose broker
+/// answered.
+struct Ready<S> {
+    prepared: Prepared,
+    columns: Vec<String>,
+    column_types: Vec<u32>,
+    keys: MessageKeys,
+    sink: S,
+}
+
+/// Startup: everything must be in place, or one clear message.
+async fn preflight<S, F>(settings: &RunSettings, make_sink: &mut F) -> Result<Ready<S>, RunError>
 where
     S: Sink,
     F: FnMut() -> Result<S, SinkError>,
@@ -171,6 +186,11 @@ where
         .await
         .map_err(RunError::connect(&settings.conn))?;
     let prepared = slot::prepare(&client, spec, Mode::Check).await?;
+    keep_slot_record(&client, settings, &prepared).await;
+    let keys = keys::load(&client).await.map_err(SlotError::from)?;
+    if keys.is_empty() && settings.source == Source::Messages {
+        return Err(RunError::NoMessageKey);
+    }
     drop(client);
     // The columns routes read: the table's, or the fields of table-less messages.
     let (columns, types) = match (&prepared.table, settings.source) {
@@ -198,11 +218,63 @@ where
         http = %settings.http,
         "outboxd starting"
     );
-    Ok((prepared, (columns, types), sink))
+    Ok(Ready {
+        prepared,
+        columns,
+        column_types: types,
+        keys,
+        sink,
+    })
+}
+
+/// Makes sure outboxd's record knows the slot (adopting one made before it kept records), so
+/// that `setup` notices if it is ever lost. A database without schema outboxd still
+/// streams, with a warning.
+async fn keep_slot_record(
+    client: &tokio_postgres::Client,
+    settings: &RunSettings,
+    prepared: &Prepared,
+) {
+    let access = match state::access(client).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %crate::report::one_line(&e), "cannot read schema outboxd");
+            return;
+        }
+    };
+    if !access.present {
+        tracing::warn!(
+            "schema outboxd is missing: outboxd keeps no record of its slot (if the slot is lost, \
+             setup cannot tell), cannot verify its signed messages (replays and backfills are \
+             refused) and cannot keep dead letters too large for the broker (outboxd stops at \
+             one). As the admin, apply sql/state.sql and sql/role.sql"
+        );
+        return;
+    }
+    if !access.slots {
+        tracing::warn!(
+            "role may not record its slot in outboxd.slots: apply sql/role.sql as the admin"
+        );
+        return;
+    }
+    match slots::adopt(
+        client,
+        &settings.slot,
+        &settings.publication,
+        prepared.slot.confirmed_flush_lsn,
+    )
+    .await
+    {
+        Ok(true) => tracing::info!(slot = %settings.slot, "recorded the slot in outboxd.slots"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %crate::report::one_line(&e), "cannot record the slot in outboxd.slots")
+        }
+    }
 }
 
 /// What every session streams.
-fn stream_options(settings: &RunSettings, prepared: &Prepared) -> StreamOptions {
+fn stream_options(settings: &RunSettings, prepared: &Prepared, keys: MessageKeys) -> StreamOptions {
     StreamOptions {
         slot: settings.slot.clone(),
         publication: settings.publication.clone(),
@@ -215,6 +287,7 @@ fn stream_options(settings: &RunSettings, prepared: &Prepared) -> StreamOptions 
         status_interval: settings.status_interval,
         buffer_messages: 4096,
         source: settings.source,
+        keys,
     }
 }
 

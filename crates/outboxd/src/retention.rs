@@ -11,12 +11,18 @@
 //! [`NUDGE_ABOVE_BYTES`] it calls `pg_log_standby_snapshot()` (PostgreSQL 16+, EXECUTE granted
 //! by sql/role.sql), at most once per [`NUDGE_EVERY`]. The record costs a few bytes of WAL.
 //! Without the function or the grant, Postgres' own cadence applies; that is logged once.
+//!
+//! It also notes, at most once per [`NOTE_EVERY`] and only when events were forwarded since
+//! the last note, the slot's confirmed position in outboxd's record of the slot
+//! (`outboxd.slots`): if the slot is ever lost, that is where the gap starts, and `setup`
+//! says so.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outboxd_postgres::ConnInfo;
 use outboxd_postgres::catalog;
+use outboxd_postgres::state::slots;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +35,8 @@ const POLL_EVERY: Duration = Duration::from_secs(2);
 pub const NUDGE_ABOVE_BYTES: u64 = 4 * 1024 * 1024;
 /// Least time between two requests.
 pub const NUDGE_EVERY: Duration = Duration::from_secs(5);
+/// Least time between two notes of the confirmed position in `outboxd.slots`.
+pub const NOTE_EVERY: Duration = Duration::from_secs(60);
 
 /// Watches `slot` until `stop` is cancelled; also publishes the server's WAL position, for
 /// the backlog shown in logs and the progress line.
@@ -42,6 +50,7 @@ pub async fn watch(
     let mut client = None;
     let mut can_nudge = true;
     let mut last_nudge: Option<Instant> = None;
+    let mut notes = Notes::default();
     let mut ticker = tokio::time::interval(POLL_EVERY);
     loop {
         tokio::select! {
@@ -73,6 +82,11 @@ pub async fn watch(
             }
         };
         status.set_server_wal_end(s.current_wal_lsn.get());
+        if let Some(confirmed) = s.confirmed_flush_lsn {
+            notes
+                .maybe_note(c, &slot, confirmed, metrics.events_handled_total())
+                .await;
+        }
         let Some(retained) = s.retained_wal_bytes() else {
             continue;
         };
@@ -93,6 +107,45 @@ pub async fn watch(
                     );
                 }
                 Err(e) => tracing::debug!(error = %e, "pg_log_standby_snapshot() failed"),
+            }
+        }
+    }
+}
+
+/// When the confirmed position was last noted in `outboxd.slots`, and how many events had
+/// been handled then.
+#[derive(Debug, Default)]
+struct Notes {
+    last: Option<(Instant, u64)>,
+    /// Off once the record cannot be written (no schema outboxd, no grant): said once.
+    off: bool,
+}
+
+impl Notes {
+    async fn maybe_note(
+        &mut self,
+        client: &tokio_postgres::Client,
+        slot: &str,
+        confirmed: outboxd_core::Lsn,
+        handled: u64,
+    ) {
+        let due = match self.last {
+            None => handled > 0,
+            Some((at, before)) => at.elapsed() >= NOTE_EVERY && handled > before,
+        };
+        if self.off || !due {
+            return;
+        }
+        match slots::note_confirmed(client, slot, confirmed).await {
+            Ok(()) => self.last = Some((Instant::now(), handled)),
+            Err(e) => {
+                self.off = true;
+                tracing::info!(
+                    error = %crate::report::one_line(&e),
+                    "cannot note the slot's confirmed position in outboxd.slots; if the slot \
+                     is ever lost, setup will not know since when (apply sql/state.sql and \
+                     sql/role.sql)"
+                );
             }
         }
     }

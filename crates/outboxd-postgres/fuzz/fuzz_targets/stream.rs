@@ -5,7 +5,8 @@
 //! promises:
 //!
 //! - a row or a transactional message only inside a transaction, numbered 0, 1, 2… at the
-//!   transaction's commit LSN;
+//!   transaction's commit LSN; a message acted on only when transactional and signed with
+//!   the session's key, any other refused and not numbered;
 //! - a Commit only for the open transaction, counting exactly the events it gave;
 //! - an Idle (a position safe to confirm) only between transactions;
 //! - after an error the session is over: nothing more is fed, as `WalStream` does.
@@ -17,6 +18,7 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use outboxd_postgres::message;
+use outboxd_postgres::state::keys::MessageKeys;
 use outboxd_postgres::stream::{Machine, Source, StreamOptions, WalEvent};
 use pgwire_replication::{Lsn, ReplicationEvent};
 
@@ -64,11 +66,13 @@ enum Op {
     Raw {
         data: Vec<u8>,
     },
-    /// A logical decoding message; `prefix` picks outboxd's three or another.
+    /// A logical decoding message; `prefix` picks outboxd's three or another; `signed`: its
+    /// content signed with the session's key for that prefix.
     Message {
         transactional: bool,
         lsn: u64,
         prefix: u8,
+        signed: bool,
         content: Vec<u8>,
     },
     StoppedAt,
@@ -143,6 +147,7 @@ fuzz_target!(|session: Session| {
         status_interval: Duration::from_secs(1),
         buffer_messages: 16,
         source,
+        keys: MessageKeys::new([&[5u8; 64][..]]),
     };
     let mut machine = Machine::new(&options);
     let mut open: Option<Open> = None;
@@ -194,15 +199,23 @@ fuzz_target!(|session: Session| {
                 transactional,
                 lsn,
                 prefix,
+                signed,
                 content,
-            } => ReplicationEvent::Message {
-                transactional,
-                lsn: Lsn::from_u64(lsn),
-                prefix: ["outboxd", "outboxd.backfill", "outboxd.replay", "someone"]
-                    [usize::from(prefix % 4)]
-                .into(),
-                content: Bytes::from(content),
-            },
+            } => {
+                let prefix = ["outboxd", "outboxd.backfill", "outboxd.replay", "someone"]
+                    [usize::from(prefix % 4)];
+                let content = if signed {
+                    options.keys.sign(prefix, &content).expect("a key")
+                } else {
+                    content
+                };
+                ReplicationEvent::Message {
+                    transactional,
+                    lsn: Lsn::from_u64(lsn),
+                    prefix: prefix.into(),
+                    content: Bytes::from(content),
+                }
+            }
             Op::StoppedAt => ReplicationEvent::StoppedAt {
                 reached: Lsn::from_u64(1),
             },
@@ -244,22 +257,20 @@ fuzz_target!(|session: Session| {
                 position,
                 ..
             }) => {
-                if transactional && let Some(o) = open.as_mut() {
-                    assert_eq!(
-                        position.commit_lsn.get(),
-                        o.commit_lsn,
-                        "a message of another commit"
-                    );
-                    assert_eq!(position.index, o.given, "messages numbered out of turn");
-                    o.given += 1;
-                } else {
-                    assert_eq!(
-                        position.index, 0,
-                        "a message outside a transaction is alone"
-                    );
-                }
+                assert!(transactional, "a message outside a transaction was acted on");
+                let o = open
+                    .as_mut()
+                    .expect("a message outside an open transaction was acted on");
+                assert_eq!(
+                    position.commit_lsn.get(),
+                    o.commit_lsn,
+                    "a message of another commit"
+                );
+                assert_eq!(position.index, o.given, "messages numbered out of turn");
+                o.given += 1;
                 let _ = message::decode(kind, &content, &columns);
             }
+            Some(WalEvent::Refused { .. }) => {}
             Some(WalEvent::Commit { rows, .. }) => {
                 let o = open.take().expect("a Commit without a Begin was taken");
                 assert_eq!(rows, o.given, "a Commit miscounts its transaction");

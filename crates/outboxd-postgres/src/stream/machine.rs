@@ -8,6 +8,11 @@
 //!                                       │ Message  → Message  (outboxd's, this source)
 //! ```
 //!
+//! A message with one of outboxd's prefixes is acted on only when it is transactional and
+//! signed with one of the keys the session was given (`outboxd.message_keys`); any other is
+//! [`WalEvent::Refused`], with the reason, and takes no position among the transaction's
+//! events.
+//!
 //! [`Machine`] holds the state the shape needs: the open transaction (its commit LSN and how
 //! many events it has given, which numbers their [`Position`]s), the outbox table's OID (which
 //! changes when the table is recreated) and whether its Relation has been seen. It is fed every
@@ -26,13 +31,7 @@ use pgwire_replication::ReplicationEvent;
 use super::{Source, StreamError, StreamOptions, WalEvent};
 use crate::decode::{self, Message};
 use crate::message::MessageKind;
-
-/// Now, in microseconds since the Unix epoch.
-fn unix_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
+use crate::state::keys::{MessageKeys, Refusal};
 
 /// Microseconds from the Unix epoch to Postgres' epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -60,6 +59,8 @@ pub struct Machine {
     txn: Option<Txn>,
     /// Whether messages of the other source were reported in this session.
     warned_source: bool,
+    /// What messages must be signed with.
+    keys: MessageKeys,
 }
 
 impl Machine {
@@ -72,6 +73,7 @@ impl Machine {
             outbox_known: false,
             txn: None,
             warned_source: false,
+            keys: options.keys.clone(),
         }
     }
 
@@ -169,29 +171,31 @@ impl Machine {
             return None;
         }
         // A message outside a transaction (pg_logical_emit_message(false, ...)) is decoded at
-        // once, between transactions: its own LSN orders it.
-        let (position, commit_time_micros) = match (transactional, self.txn.as_mut()) {
-            (true, Some(txn)) => {
-                let position = Position {
-                    commit_lsn: txn.commit_lsn,
-                    index: txn.rows,
-                };
-                txn.rows += 1;
-                (position, txn.commit_time_micros)
+        // once, also when the transaction that wrote it rolls back: never acted on.
+        let txn = match (transactional, self.txn.as_mut()) {
+            (true, Some(txn)) => txn,
+            _ => {
+                return Some(WalEvent::Refused {
+                    kind,
+                    lsn,
+                    reason: Refusal::NotTransactional,
+                });
             }
-            _ => (
-                Position {
-                    commit_lsn: lsn,
-                    index: 0,
-                },
-                unix_micros(),
-            ),
         };
+        let body = match self.keys.verify(prefix, &content) {
+            Ok(body) => content.slice_ref(body),
+            Err(reason) => return Some(WalEvent::Refused { kind, lsn, reason }),
+        };
+        let position = Position {
+            commit_lsn: txn.commit_lsn,
+            index: txn.rows,
+        };
+        txn.rows += 1;
         Some(WalEvent::Message {
             kind,
-            content,
+            content: body,
             position,
-            commit_time_micros,
+            commit_time_micros: txn.commit_time_micros,
         })
     }
 
@@ -261,7 +265,17 @@ mod tests {
             status_interval: Duration::from_secs(1),
             buffer_messages: 16,
             source,
+            keys: keys(),
         })
+    }
+
+    /// The key the test messages are signed with.
+    fn keys() -> MessageKeys {
+        MessageKeys::new([&[42u8; 64][..]])
+    }
+
+    fn signed(prefix: &str, body: &[u8]) -> Bytes {
+        Bytes::from(keys().sign(prefix, body).expect("a key"))
     }
 
     fn lsn(raw: u64) -> pgwire_replication::Lsn {
@@ -415,18 +429,67 @@ mod tests {
             transactional: true,
             lsn: lsn(0x480),
             prefix: prefix.into(),
-            content: Bytes::from_static(b"{}"),
+            content: signed(prefix, b"{}"),
         };
         assert!(m.handle(message("outboxd")).expect("event").is_none());
         assert!(m.handle(message("someone")).expect("foreign").is_none());
         assert!(matches!(
             m.handle(message("outboxd.replay")),
-            Ok(Some(WalEvent::Message { kind: MessageKind::Replay, position, .. }))
-                if position.index == 0
+            Ok(Some(WalEvent::Message { kind: MessageKind::Replay, position, content, .. }))
+                if position.index == 0 && content.as_ref() == b"{}"
         ));
         let Ok(Some(WalEvent::Commit { rows, .. })) = m.handle(commit(0x500)) else {
             panic!("not a commit")
         };
         assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn messages_that_are_not_transactional_or_not_signed_are_refused_and_not_numbered() {
+        let mut m = machine(Source::Messages);
+        let message = |transactional: bool, content: Bytes| ReplicationEvent::Message {
+            transactional,
+            lsn: lsn(0x480),
+            prefix: "outboxd".into(),
+            content,
+        };
+        let body = br#"{"id":"1"}"#;
+        // Outside a transaction: refused even when signed.
+        assert!(matches!(
+            m.handle(message(false, signed("outboxd", body))),
+            Ok(Some(WalEvent::Refused {
+                reason: Refusal::NotTransactional,
+                ..
+            }))
+        ));
+        m.handle(begin(0x500)).expect("begin");
+        for (content, why) in [
+            (Bytes::from_static(body), Refusal::Unsigned),
+            (signed("outboxd.replay", body), Refusal::BadSignature),
+            (
+                Bytes::from(
+                    MessageKeys::new([&[1u8; 64][..]])
+                        .sign("outboxd", body)
+                        .unwrap(),
+                ),
+                Refusal::BadSignature,
+            ),
+        ] {
+            assert!(
+                matches!(
+                    m.handle(message(true, content)),
+                    Ok(Some(WalEvent::Refused { reason, kind: MessageKind::Event, .. })) if reason == why
+                ),
+                "{why:?}"
+            );
+        }
+        assert!(matches!(
+            m.handle(message(true, signed("outboxd", body))),
+            Ok(Some(WalEvent::Message { position, .. })) if position.index == 0
+        ));
+        let Ok(Some(WalEvent::Commit { rows, .. })) = m.handle(commit(0x500)) else {
+            panic!("not a commit")
+        };
+        assert_eq!(rows, 1, "refused messages take no position");
     }
 }

@@ -34,6 +34,7 @@ use crate::catalog::TlsState;
 use crate::conninfo::ConnInfo;
 use crate::decode::{DecodeError, Relation};
 use crate::message::MessageKind;
+use crate::state::keys::{MessageKeys, Refusal};
 
 pub mod machine;
 pub mod shutdown;
@@ -57,6 +58,9 @@ pub struct StreamOptions {
     pub buffer_messages: usize,
     /// Where events come from: the table's rows, or table-less messages.
     pub source: Source,
+    /// The keys outboxd's messages must be signed with (`outboxd.message_keys`): a message
+    /// that is not signed by one of them is refused ([`WalEvent::Refused`]).
+    pub keys: MessageKeys,
 }
 
 /// Where outbox events come from.
@@ -94,6 +98,17 @@ pub enum WalEvent {
         position: Position,
         /// The transaction's commit time, microseconds since the Unix epoch.
         commit_time_micros: i64,
+    },
+    /// A message with one of outboxd's prefixes that is not acted on: not transactional, or
+    /// not signed with a key of `outboxd.message_keys` (see [`crate::state::keys`]). Nothing
+    /// of it reaches a broker.
+    Refused {
+        /// Which kind its prefix claims.
+        kind: MessageKind,
+        /// Its LSN.
+        lsn: Lsn,
+        /// Why.
+        reason: Refusal,
     },
     /// The end of a transaction: its end LSN is safe once its rows are acknowledged.
     Commit {

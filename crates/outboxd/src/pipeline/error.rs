@@ -28,6 +28,13 @@ pub enum RunError {
     /// The replication stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// Table-less events need the key their messages are signed with.
+    #[error(
+        "postgres.source = \"messages\" needs the key table-less events are signed with \
+         (outboxd.message_keys), and this database has none: as the admin, apply sql/state.sql \
+         and sql/role.sql"
+    )]
+    NoMessageKey,
     /// The route does not fit the table.
     #[error("the route does not fit the outbox table: {0}")]
     Route(#[from] RouteError),

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use outboxd_core::{Lsn, Sink, SinkError};
 use outboxd_postgres::catalog;
+use outboxd_postgres::message::MessageKind;
 use outboxd_postgres::slot::SlotError;
+use outboxd_postgres::state::keys::Refusal;
 use outboxd_postgres::{StreamError, StreamOptions, WalEvent, WalStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -33,7 +35,7 @@ use super::{RunError, RunSettings};
 use crate::backoff::Backoff;
 use crate::dispatch::{self, DispatchOptions};
 use crate::failpoint;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::retention;
 use crate::status::{Status, StreamingGuard};
 use crate::tasks::Tasks;
@@ -84,6 +86,8 @@ struct Streaming<'a> {
     ending: CancellationToken,
     /// Logs the summary line every [`SUMMARY_INTERVAL`].
     summary: Summary,
+    /// Says, at most once per [`REFUSALS_INTERVAL`], which messages were refused.
+    refusals: Refusals,
 }
 
 impl Session<'_> {
@@ -198,6 +202,7 @@ impl Session<'_> {
             tasks,
             ending,
             summary: Summary::new(self.metrics.forwarded_total()),
+            refusals: Refusals::default(),
         })
     }
 
@@ -272,6 +277,15 @@ impl Session<'_> {
                 if let Some(lsn) = s.inflight.mark(wal_end) {
                     s.stream.confirm(lsn);
                 }
+            }
+            WalEvent::Refused { kind, lsn, reason } => {
+                self.metrics
+                    .messages_refused
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.label().to_owned(),
+                    })
+                    .inc();
+                s.refusals.report(kind, lsn, reason);
             }
         }
         Ok(())
@@ -378,6 +392,41 @@ impl Session<'_> {
             }),
             None => Ok(()),
         }
+    }
+}
+
+/// Least time between two warnings about refused messages.
+const REFUSALS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Warns about messages with outboxd's prefixes that are not acted on: the first at once,
+/// then at most one line per [`REFUSALS_INTERVAL`] with how many came since.
+#[derive(Debug, Default)]
+struct Refusals {
+    last_warning: Option<std::time::Instant>,
+    since_warning: u64,
+}
+
+impl Refusals {
+    fn report(&mut self, kind: MessageKind, lsn: Lsn, reason: Refusal) {
+        self.since_warning += 1;
+        if self
+            .last_warning
+            .is_some_and(|t| t.elapsed() < REFUSALS_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            kind = ?kind,
+            %lsn,
+            reason = reason.label(),
+            refused = self.since_warning,
+            "a logical decoding message with an outboxd prefix is not acted on: {}. Nothing of \
+             it is published. Whoever writes such messages can write to the WAL but not \
+             through outboxd; see docs/guarantees.md (\"Who can publish\")",
+            reason.explain()
+        );
+        self.last_warning = Some(std::time::Instant::now());
+        self.since_warning = 0;
     }
 }
 
