@@ -20,7 +20,6 @@ use support::kafka::*;
 use support::*;
 use tokio_postgres::Client;
 
-const SLOT: &str = "outboxd";
 const TOPIC: &str = "outbox.order";
 
 fn settings(sink: &str, kafka: &str) -> KafkaSettings {
@@ -150,7 +149,8 @@ async fn replays_after_a_crash_a_postgres_restart_and_a_walsender_kill_are_skipp
     let messages = read_committed_settled(&brokers, TOPIC, 0..4000, Duration::from_secs(90)).await;
     assert_each_once(&messages, 0..4000);
 
-    // The offsets topic holds this slot's position, as compacted JSON values.
+    // The offsets topic holds this slot's position, under its WAL history's key
+    // (`<system id>/<database>/<slot>`), as compacted JSON values with the timeline.
     let offsets = read_topic_isolated(
         &brokers,
         "outboxd.offsets",
@@ -159,9 +159,19 @@ async fn replays_after_a_crash_a_postgres_restart_and_a_walsender_kill_are_skipp
         |m| !m.is_empty(),
     )
     .await;
-    assert!(offsets.iter().all(|m| m.key.as_deref() == Some(SLOT)));
+    let key = marker_key(&db).await;
+    assert!(
+        offsets
+            .iter()
+            .all(|m| m.key.as_deref() == Some(key.as_str())),
+        "{offsets:?}"
+    );
     let last = offsets.last().expect("a committed position");
-    assert!(last.value.contains("\"commit_lsn\""), "{}", last.value);
+    assert!(
+        last.value.contains("\"commit_lsn\"") && last.value.contains("\"timeline\":1"),
+        "{}",
+        last.value
+    );
     println!(
         "effectively-once (Apache Kafka): 4,000 events through a crash after a commit, a Postgres restart and a walsender kill: each exactly once for read_committed; {} positions committed, the last {}",
         offsets.len(),

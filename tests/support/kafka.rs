@@ -20,7 +20,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::{Delivered, SinkEnv, last_header};
+use super::{Delivered, Postgres, SinkEnv, last_header};
 
 static GROUPS: AtomicU32 = AtomicU32::new(0);
 
@@ -39,11 +39,19 @@ pub struct KafkaSettings {
 impl SinkEnv {
     /// Everything ready for `outboxd run` against Kafka at `brokers`.
     pub async fn kafka(brokers: &str, settings: &KafkaSettings) -> SinkEnv {
-        SinkEnv::start(&format!(
-            "[sink]\nkind = \"kafka\"\n{}\n\n[sink.kafka]\nbrokers = \"{brokers}\"\n{}\n\n\
+        Self::kafka_on(Postgres::start(), brokers, settings).await
+    }
+
+    /// [`kafka`](Self::kafka) on a given cluster.
+    pub async fn kafka_on(pg: Postgres, brokers: &str, settings: &KafkaSettings) -> SinkEnv {
+        SinkEnv::start_on(
+            pg,
+            &format!(
+                "[sink]\nkind = \"kafka\"\n{}\n\n[sink.kafka]\nbrokers = \"{brokers}\"\n{}\n\n\
              [sink.kafka.options]\n{}\n",
-            settings.sink, settings.kafka, settings.options
-        ))
+                settings.sink, settings.kafka, settings.options
+            ),
+        )
         .await
     }
 }

@@ -133,6 +133,22 @@ fn run_ok(cmd: &mut Command, what: &str) {
     );
 }
 
+/// `initdb` into `data` (owned by the server's user).
+fn initdb(bin: &Path, data: &Path) {
+    run_ok(
+        pg_command(bin, "initdb").arg("-D").arg(data).args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth=trust",
+            "--no-sync",
+        ]),
+        "initdb",
+    );
+}
+
 /// The initdb'd template for `bin`, made once per build directory.
 fn template(bin: &Path) -> PathBuf {
     let key: String = bin
@@ -155,18 +171,7 @@ fn template(bin: &Path) -> PathBuf {
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).expect("template tmp");
     chown_postgres(&tmp);
-    run_ok(
-        pg_command(bin, "initdb").arg("-D").arg(&tmp).args([
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--auth=trust",
-            "--no-sync",
-        ]),
-        "initdb",
-    );
+    initdb(bin, &tmp);
     // Another test process may have won the race; either template is fine.
     if fs::rename(&tmp, &template).is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -224,15 +229,32 @@ impl Postgres {
         Self::start_configured(&["wal_level = logical"], Some(setup))
     }
 
+    /// Starts a logical-replication-ready cluster of its own system (initdb'd for it, not
+    /// copied from the template every other test cluster shares): its system identifier is
+    /// unlike any other's, as two production clusters' are.
+    pub fn start_new_system() -> Postgres {
+        Self::start_from(&["wal_level = logical"], None, true)
+    }
+
     fn start_configured(conf: &[&str], tls: Option<&PgTlsSetup<'_>>) -> Postgres {
+        Self::start_from(conf, tls, false)
+    }
+
+    fn start_from(conf: &[&str], tls: Option<&PgTlsSetup<'_>>, new_system: bool) -> Postgres {
         let bin = pg_bin();
-        let template = template(&bin);
         let dir = scratch_dir("pg");
         let data = dir.join("data");
-        run_ok(
-            Command::new("cp").arg("-a").arg(&template).arg(&data),
-            "copy template",
-        );
+        if new_system {
+            fs::create_dir_all(&data).expect("data dir");
+            chown_postgres(&dir);
+            initdb(&bin, &data);
+        } else {
+            let template = template(&bin);
+            run_ok(
+                Command::new("cp").arg("-a").arg(&template).arg(&data),
+                "copy template",
+            );
+        }
         chown_postgres(&dir);
         let port = free_port();
         let mut settings = format!(
@@ -341,6 +363,50 @@ impl Postgres {
         };
         standby.pg_ctl_start();
         standby
+    }
+
+    /// Starts a copy of this cluster as a backup restores it: `pg_basebackup` (without
+    /// standby settings, so it starts as a primary of the same system, at the backup's WAL
+    /// position) on a port of its own. Replication slots are not part of a base backup.
+    pub fn start_restored_copy(&self) -> Postgres {
+        let dir = scratch_dir("pg-copy");
+        chown_postgres(&dir);
+        let data = dir.join("data");
+        let mut backup = pg_command(&self.bin, "pg_basebackup");
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-D")
+            .arg(&data);
+        run_ok(&mut backup, "pg_basebackup");
+        let port = free_port();
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "
+port = {port}
+"
+            ),
+        );
+        chown_postgres(&dir);
+        let copy = Postgres {
+            port,
+            bin: self.bin.clone(),
+            dir,
+            socket: None,
+        };
+        copy.pg_ctl_start();
+        copy
     }
 
     fn pg_ctl_start(&self) {
@@ -916,7 +982,11 @@ impl SinkEnv {
     /// Everything ready for `outboxd run`, with `sink`: the `[sink]` section and the
     /// broker's own (`[sink.kafka]`, ...), as TOML.
     pub async fn start(sink: &str) -> SinkEnv {
-        let pg = Postgres::start();
+        Self::start_on(Postgres::start(), sink).await
+    }
+
+    /// [`start`](Self::start) on a given cluster.
+    pub async fn start_on(pg: Postgres, sink: &str) -> SinkEnv {
         create_outbox_db(&pg).await;
         let dir = scratch_dir("sink-env");
         let config = dir.join("outboxd.toml");
@@ -1129,6 +1199,20 @@ pub async fn create_outbox_db(pg: &Postgres) {
     db.batch_execute(&format!("ALTER ROLE outboxd PASSWORD '{OUTBOXD_PASSWORD}'"))
         .await
         .expect("set password");
+}
+
+/// The key effectively-once markers of slot `outboxd` in `db`'s database are kept under:
+/// `<system identifier>/<database>/outboxd`.
+pub async fn marker_key(db: &Client) -> String {
+    let row = db
+        .query_one(
+            "SELECT system_identifier::text || '/' || current_database() || '/outboxd' \
+             FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .expect("read the system identifier");
+    row.get(0)
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.

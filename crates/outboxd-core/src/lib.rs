@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod event;
 pub mod lsn;
+pub mod origin;
 pub mod route;
 pub mod secret;
 pub mod sink;
@@ -21,6 +22,7 @@ pub mod sink;
 pub use checkpoint::Checkpoint;
 pub use event::{Event, Headers, Poison, PoisonKind, Position, Record};
 pub use lsn::{Lsn, WalHorizon};
+pub use origin::{Marker, Trust, WalOrigin};
 pub use route::{
     PayloadEncoding, RouteError, RouteSpec, Router, Template, TimestampSource, glob_escape,
     rfc3339_millis,

@@ -183,6 +183,19 @@ pub enum SinkError {
         #[source]
         source: BoxError,
     },
+    /// The broker refuses the stream rather than one event: an authorization (ACL) that does
+    /// not cover the topic, a topic or stream that does not exist. Retried after a pause, as a
+    /// transient error, and never dead-lettered (one ACL slip would otherwise empty the stream
+    /// into the dead-letter destination); reported loudly, since it lasts until someone fixes
+    /// the broker.
+    #[error("{what}: {source}")]
+    Refused {
+        /// What was being done, and what to fix.
+        what: &'static str,
+        /// The broker client's error.
+        #[source]
+        source: BoxError,
+    },
     /// Retrying cannot help (bad credentials, a dead-letter destination that refuses
     /// entries): stop with a clear message.
     #[error("{what}: {source}")]
@@ -204,6 +217,14 @@ impl SinkError {
         }
     }
 
+    /// The broker refusing the stream while doing `what` (see [`SinkError::Refused`]).
+    pub fn refused(what: &'static str, source: impl Into<BoxError>) -> Self {
+        SinkError::Refused {
+            what,
+            source: source.into(),
+        }
+    }
+
     /// A permanent failure while doing `what`.
     pub fn permanent(what: &'static str, source: impl Into<BoxError>) -> Self {
         SinkError::Permanent {
@@ -212,9 +233,18 @@ impl SinkError {
         }
     }
 
-    /// Whether retrying the same batch may succeed.
+    /// Whether retrying the same batch may succeed (a transient failure, or a refusal that
+    /// someone may fix).
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient { .. })
+        matches!(
+            self,
+            SinkError::Transient { .. } | SinkError::Refused { .. }
+        )
+    }
+
+    /// Whether the broker refuses the stream ([`SinkError::Refused`]).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, SinkError::Refused { .. })
     }
 }
 

@@ -11,7 +11,7 @@
 use std::fmt;
 use std::future::Future;
 
-use outboxd_core::{Lsn, SecretFileError, Sink, SinkError, WalHorizon};
+use outboxd_core::{Lsn, SecretFileError, Sink, SinkError, WalOrigin};
 
 use crate::cloudevents::Envelope;
 use serde::Serialize;
@@ -34,8 +34,11 @@ pub struct SinkContext<'a> {
     pub envelope: Envelope,
     /// `[sink] source`: CloudEvents' `source` attribute.
     pub source: &'a str,
-    /// How far the server's WAL is known to reach (no event outboxd wrote is beyond it).
-    pub wal_horizon: &'a WalHorizon,
+    /// The WAL history the events come from (system, database, slot, timeline), read on the
+    /// replication session the sink serves. Effectively-once sinks keep their markers under
+    /// it and trust a marker only as far as [`WalOrigin::trust`] says; `None` for a sink that
+    /// only answers pings (`check`, the readiness probe), which must not send in that mode.
+    pub origin: Option<&'a WalOrigin>,
 }
 
 /// A sink's configuration section cannot be used.

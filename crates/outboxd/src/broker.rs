@@ -3,7 +3,7 @@
 //! Nothing here names a sink: each one's section, checks and client live in its folder of
 //! `outboxd-sinks`, and the registry there (one line per sink) is how this crate knows them.
 
-use outboxd_core::WalHorizon;
+use outboxd_core::WalOrigin;
 use outboxd_sinks::{AnySink, CheckLevel, SinkContext};
 
 use crate::config::{Config, DeliveryMode};
@@ -47,11 +47,12 @@ impl Broker {
         config.sink.sections.security(&config.sink.kind)
     }
 
-    /// Builds the broker client (connections are made on first use). `horizon` is how far
-    /// the server's WAL is known to reach (effectively-once sinks check replays against it).
+    /// Builds the broker client (connections are made on first use). `origin`: the WAL
+    /// history of the replication session the sink serves (effectively-once sinks keep their
+    /// markers under it); `None` for a sink that only answers pings.
     pub fn build(
         config: &Config,
-        horizon: &WalHorizon,
+        origin: Option<&WalOrigin>,
     ) -> Result<AnySink, outboxd_core::SinkError> {
         let ctx = SinkContext {
             dead_letter: &config.sink.dead_letter,
@@ -60,7 +61,7 @@ impl Broker {
             type_header: config.route.type_header(),
             envelope: config.sink.envelope,
             source: &config.sink.source,
-            wal_horizon: horizon,
+            origin,
         };
         config.sink.sections.build(&config.sink.kind, &ctx)
     }

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use outboxd_core::{Lsn, Router, Sink, Template, WalHorizon};
+use outboxd_core::{Lsn, Router, Sink, Template};
 use outboxd_postgres::slot;
 use outboxd_postgres::state::{self, keys, slots};
 use outboxd_postgres::{ConnInfo, catalog, probe_replication};
@@ -600,7 +600,7 @@ async fn check_broker(config: &Config, wal: Option<Lsn>, report: &mut Report) {
     if let Err(e) = Broker::check(config) {
         return report.add(Status::Fail, "broker", one_line(&e));
     }
-    let mut broker = match Broker::build(config, &WalHorizon::default()) {
+    let mut broker = match Broker::build(config, None) {
         Ok(b) => b,
         Err(e) => return report.add(Status::Fail, "broker", one_line(&e)),
     };

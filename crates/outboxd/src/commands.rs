@@ -26,7 +26,7 @@ use crate::pipeline::{self, RunError, RunSettings};
 use crate::status::Status;
 use crate::tasks::Tasks;
 use crate::{http, otel, progress, prune};
-use outboxd_core::{Sink, WalHorizon};
+use outboxd_core::Sink;
 
 /// Loads the configuration: `path` when given (it must exist), else `./outboxd.toml` if
 /// present; then the environment.
@@ -405,10 +405,9 @@ pub async fn run(config: &Config, show_progress: bool) -> anyhow::Result<()> {
             tasks: &tasks,
         };
         services.start(config, &settings, show_progress).await?;
-        let horizon = status.wal_horizon();
         pipeline::run(
             settings,
-            || Broker::build(config, &horizon),
+            |origin| Broker::build(config, origin),
             metrics.clone(),
             status.clone(),
             shutdown.clone(),
@@ -541,7 +540,7 @@ impl Services<'_> {
 /// that `/readyz` notices a broker that went away while the outbox is idle. Ends when `stop`
 /// is cancelled, also in the middle of a ping.
 async fn probe_broker(config: Config, status: Arc<Status>, stop: CancellationToken) {
-    let mut broker = match Broker::build(&config, &WalHorizon::default()) {
+    let mut broker = match Broker::build(&config, None) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the broker readiness probe");

@@ -115,6 +115,27 @@ async fn send_until_accepted<S: Sink>(
     let delivery = loop {
         match sink.send(batch).await {
             Ok(delivery) => break delivery,
+            Err(e) if e.is_refusal() => {
+                metrics.sink_errors.inc();
+                metrics.sink_refused.set(1);
+                status.set_refusal(Some(crate::report::one_line(&e)));
+                let delay = backoff.next_delay();
+                // Loud: it lasts until someone fixes the broker. Said at once, then every 30 s.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::error!(
+                        broker = options.broker,
+                        error = %e,
+                        attempts = backoff.attempts(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        pending_events = batch.len(),
+                        "the broker refuses the events (an authorization or a missing topic): \
+                         nothing is forwarded or dead-lettered, and the slot stays at the last \
+                         acknowledged event, until the broker takes them; retrying"
+                    );
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(delay).await;
+            }
             Err(e) if e.is_transient() => {
                 metrics.sink_errors.inc();
                 status.set_broker_ok(false);
@@ -137,6 +158,10 @@ async fn send_until_accepted<S: Sink>(
         }
     };
     status.set_broker_ok(true);
+    if status.refusal().is_some() {
+        status.set_refusal(None);
+        metrics.sink_refused.set(0);
+    }
     if backoff.attempts() > 0 {
         tracing::info!(
             broker = options.broker,
@@ -425,7 +450,10 @@ mod tests {
             }
             // While the batch waits for its retry, the broker is reported down.
             tokio::time::sleep(RETRY_INITIAL / 2).await;
-            assert_eq!(d.status.ready(), Err("the broker does not answer"));
+            assert_eq!(
+                d.status.ready(),
+                Err("the broker does not answer".to_owned())
+            );
             assert!(d.acks.try_recv().is_err(), "nothing acknowledged yet");
 
             assert_eq!(d.next_ack().await, 3);

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub events_already_delivered: Family<TopicLabel, Counter>,
     /// `sink_errors_total`: failed attempts to publish a batch (each is retried).
     pub sink_errors: Counter,
+    /// `sink_refused`: 1 while the broker refuses the stream (an authorization, a missing
+    /// topic), 0 otherwise.
+    pub sink_refused: Gauge,
     /// `reconnects_total`: replication sessions started after the first.
     pub reconnects: Counter,
     /// `inflight_events`: events read from the WAL and not yet acknowledged.
@@ -116,6 +119,12 @@ impl Metrics {
                 "sink_errors",
                 "Failed attempts to publish a batch to the broker (each is retried)",
                 Counter::default(),
+            ),
+            sink_refused: registered(
+                &mut r,
+                "sink_refused",
+                "1 while the broker refuses the stream (an authorization, a missing topic or stream): nothing is forwarded or dead-lettered until it is fixed",
+                Gauge::default(),
             ),
             reconnects: registered(
                 &mut r,

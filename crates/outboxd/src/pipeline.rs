@@ -45,7 +45,7 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outboxd_core::{RouteSpec, Router, Sink, SinkError};
+use outboxd_core::{RouteSpec, Router, Sink, SinkError, WalOrigin};
 use outboxd_postgres::message;
 use outboxd_postgres::slot::{self, Mode, Prepared, SlotError, SlotSpec};
 use outboxd_postgres::state::keys::{self, MessageKeys};
@@ -110,14 +110,13 @@ pub async fn run<S, F>(
 ) -> Result<(), RunError>
 where
     S: Sink + 'static,
-    F: FnMut() -> Result<S, SinkError>,
+    F: FnMut(Option<&WalOrigin>) -> Result<S, SinkError>,
 {
     let Ready {
         prepared,
         columns,
         column_types,
         keys,
-        sink,
     } = preflight(&settings, &mut make_sink).await?;
     let options = stream_options(&settings, &prepared, keys);
     let session = Session {
@@ -130,17 +129,9 @@ where
         shutdown: &shutdown,
     };
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-    let mut sink = Some(sink);
     let mut waiting_for_slot = false;
     loop {
-        let s = match sink.take() {
-            Some(s) => s,
-            None => make_sink().map_err(|source| RunError::Sink {
-                broker: settings.broker,
-                source,
-            })?,
-        };
-        let err = match session.run(s, &mut backoff).await {
+        let err = match session.run(&mut make_sink, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => e,
             Err(e) => return Err(e),
@@ -157,21 +148,22 @@ where
 }
 
 /// What startup found: the slot and table, the columns routes read (and their types, empty
-/// for table-less messages), the keys messages must be signed with, and a sink whose broker
-/// answered.
-struct Ready<S> {
+/// for table-less messages), and the keys messages must be signed with. The broker answered.
+struct Ready {
     prepared: Prepared,
     columns: Vec<String>,
     column_types: Vec<u32>,
     keys: MessageKeys,
-    sink: S,
 }
 
 /// Startup: everything must be in place, or one clear message.
-async fn preflight<S, F>(settings: &RunSettings, make_sink: &mut F) -> Result<Ready<S>, RunError>
+///
+/// The broker is asked with a sink of its own (each session builds one for the WAL history
+/// it streams, see [`Session::run`]).
+async fn preflight<S, F>(settings: &RunSettings, make_sink: &mut F) -> Result<Ready, RunError>
 where
     S: Sink,
-    F: FnMut() -> Result<S, SinkError>,
+    F: FnMut(Option<&WalOrigin>) -> Result<S, SinkError>,
 {
     let spec = SlotSpec {
         slot: &settings.slot,
@@ -198,7 +190,7 @@ where
         _ => (message::event_columns(), Vec::new()),
     };
     Router::bind_typed(&settings.route, &columns, &types)?;
-    let mut sink = make_sink().map_err(|source| RunError::Sink {
+    let mut sink = make_sink(None).map_err(|source| RunError::Sink {
         broker: settings.broker,
         source,
     })?;
@@ -223,7 +215,6 @@ where
         columns,
         column_types: types,
         keys,
-        sink,
     })
 }
 

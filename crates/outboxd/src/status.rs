@@ -1,6 +1,7 @@
 //! The live status of a running outboxd, shared by the pipeline, the readiness probe, the
 //! HTTP endpoints and the progress display.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use outboxd_core::{Lsn, WalHorizon};
@@ -12,21 +13,39 @@ pub struct Status {
     streaming: AtomicBool,
     /// The broker answered the last probe or batch.
     broker_ok: AtomicBool,
+    /// Why the broker refuses the stream (an ACL, a missing topic), while it does: set by the
+    /// dispatcher on a refused batch, cleared by an accepted one. A ping still answers then.
+    refused: Mutex<Option<String>>,
     /// The server's current WAL position (read every few seconds, and from keepalives), for
-    /// the backlog and the effectively-once Redis sink.
+    /// the backlog.
     server_wal_end: WalHorizon,
 }
 
 impl Status {
-    /// Whether outboxd is ready: streaming, and the broker answers.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    /// Whether outboxd is ready: streaming, the broker answers and takes the events.
+    pub fn ready(&self) -> Result<(), String> {
         if !self.streaming.load(Ordering::Relaxed) {
-            return Err("not streaming from the replication slot");
+            return Err("not streaming from the replication slot".into());
+        }
+        if let Some(why) = self.refusal() {
+            return Err(format!("the broker refuses the events: {why}"));
         }
         if !self.broker_ok.load(Ordering::Relaxed) {
-            return Err("the broker does not answer");
+            return Err("the broker does not answer".into());
         }
         Ok(())
+    }
+
+    /// The broker refuses the stream, and why; `None`: it takes it again.
+    pub fn set_refusal(&self, why: Option<String>) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused = why;
+        }
+    }
+
+    /// Why the broker refuses the stream, while it does.
+    pub fn refusal(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
     }
 
     /// A session started or ended.
@@ -47,11 +66,6 @@ impl Status {
     /// The newest WAL position the server mentioned (0 before the first).
     pub fn server_wal_end(&self) -> u64 {
         self.server_wal_end.get().map_or(0, Lsn::get)
-    }
-
-    /// The shared horizon itself, for the sink.
-    pub fn wal_horizon(&self) -> WalHorizon {
-        self.server_wal_end.clone()
     }
 }
 

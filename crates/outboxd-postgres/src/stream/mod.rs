@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use outboxd_core::{Lsn, Position};
+use outboxd_core::origin::parse_timeline_history;
+use outboxd_core::{Lsn, Position, WalOrigin};
 use pgwire_replication::{PgWireError, ReplicationClient};
 
 use crate::catalog::TlsState;
@@ -305,6 +306,32 @@ pub async fn probe_replication(
     })
 }
 
+/// `IDENTIFY_SYSTEM`, and on a timeline after the first its `TIMELINE_HISTORY`, on a gated
+/// session: the history its stream will be of.
+async fn identify(client: &mut ReplicationClient, slot: &str) -> Result<WalOrigin, PgWireError> {
+    let system = client.identify_system().await?;
+    let ancestors = if system.timeline > 1 {
+        let history = client.timeline_history(system.timeline).await?;
+        let text = String::from_utf8_lossy(&history.content);
+        parse_timeline_history(&text).ok_or_else(|| {
+            PgWireError::Protocol(format!(
+                "timeline history file {} cannot be read: {text:?}",
+                history.filename
+            ))
+        })?
+    } else {
+        Vec::new()
+    };
+    Ok(WalOrigin {
+        system_id: system.system_id,
+        database: system.dbname.unwrap_or_default(),
+        slot: slot.to_owned(),
+        timeline: system.timeline,
+        wal_end: Lsn::new(system.xlogpos.as_u64()),
+        ancestors,
+    })
+}
+
 /// One replication session on the outbox slot.
 pub struct WalStream {
     client: ReplicationClient,
@@ -313,6 +340,8 @@ pub struct WalStream {
     machine: Machine,
     /// The position the session started from; confirming it again needs no wait.
     start: Lsn,
+    /// The WAL history it streams (system, database, slot, timeline and its ancestors).
+    origin: WalOrigin,
 }
 
 impl std::fmt::Debug for WalStream {
@@ -339,19 +368,26 @@ impl WalStream {
             .with_status_interval(options.status_interval)
             .with_wakeup_interval(Duration::from_secs(10))
             .with_buffer_size(options.buffer_messages);
-        let mut client = ReplicationClient::connect(config)
+        let classify = |e| StreamError::classify_start(&slot, conn, e);
+        let mut client = ReplicationClient::connect_gated(config)
             .await
-            .map_err(|e| StreamError::classify_start(&slot, conn, e))?;
-        client
-            .wait_started()
-            .await
-            .map_err(|e| StreamError::classify_start(&slot, conn, e))?;
+            .map_err(classify)?;
+        // Which history the stream is, read on its own session before it starts.
+        let origin = identify(&mut client, &slot).await.map_err(classify)?;
+        client.start().await.map_err(classify)?;
+        client.wait_started().await.map_err(classify)?;
         Ok(WalStream {
             client,
             machine: Machine::new(&options),
             options,
             start,
+            origin,
         })
+    }
+
+    /// The WAL history this session streams.
+    pub fn origin(&self) -> &WalOrigin {
+        &self.origin
     }
 
     /// The next event. Cancel-safe: dropping the future loses nothing.

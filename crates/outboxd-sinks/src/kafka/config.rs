@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use outboxd_core::{SinkError, read_secret_file};
+use outboxd_core::{SinkError, WalOrigin, read_secret_file};
 use serde::{Deserialize, Serialize};
 
 use super::{KafkaConfig, KafkaSink, Shape, TransactionsConfig};
@@ -19,7 +19,8 @@ pub struct KafkaSection {
     pub brokers: String,
     /// Effectively-once: the compacted topic holding the committed position per slot.
     pub offsets_topic: String,
-    /// Effectively-once: the producer's `transactional.id`; empty for `outboxd-<slot>`.
+    /// Effectively-once: the producer's `transactional.id`; empty for
+    /// `outboxd-<system id>-<database>-<slot>`.
     pub transactional_id: String,
     /// Create missing topics (the routed ones and the dead-letter topic) through the Admin
     /// API, for clusters that do not create topics on first use.
@@ -77,11 +78,15 @@ impl KafkaSection {
     }
 
     /// The producer's `transactional.id` in effectively-once mode: the configured one, or
-    /// `outboxd-<slot>`, so that every instance on the slot shares it (and fences the
-    /// previous one).
-    pub fn transactional_id(&self, slot: &str) -> String {
+    /// `outboxd-<system id>-<database>-<slot>`, so that every instance on the slot shares it
+    /// (and fences the previous one), and services of other clusters or databases on the same
+    /// Kafka cluster never share it.
+    pub fn transactional_id(&self, origin: &WalOrigin) -> String {
         match self.transactional_id.trim() {
-            "" => format!("outboxd-{slot}"),
+            "" => format!(
+                "outboxd-{}-{}-{}",
+                origin.system_id, origin.database, origin.slot
+            ),
             id => id.to_owned(),
         }
     }
@@ -309,10 +314,13 @@ impl SinkPlugin for Kafka {
             topic_replication_factor: config.topic_replication_factor,
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
             timeout: Duration::from_millis(config.timeout_ms),
-            transactions: ctx.effectively_once.then(|| TransactionsConfig {
-                transactional_id: config.transactional_id(ctx.slot),
-                offsets_topic: config.offsets_topic.clone(),
-                slot: ctx.slot.to_owned(),
+            effectively_once: ctx.effectively_once,
+            transactions: ctx.origin.filter(|_| ctx.effectively_once).map(|origin| {
+                TransactionsConfig {
+                    transactional_id: config.transactional_id(origin),
+                    offsets_topic: config.offsets_topic.clone(),
+                    origin: origin.clone(),
+                }
             }),
             shape: Shape {
                 type_header: ctx.type_header,

@@ -5,8 +5,9 @@
 //! | class | codes (examples) | what happens |
 //! |---|---|---|
 //! | too large | `MSG_SIZE_TOO_LARGE`, `RECORD_LIST_TOO_LARGE` | the record goes to the dead-letter topic (`too_large`), the rest of the batch goes on |
-//! | rejected | `TOPIC_AUTHORIZATION_FAILED`, `INVALID_TOPIC_EXCEPTION`, unknown topic, `INVALID_RECORD`, `POLICY_VIOLATION` | the record goes to the dead-letter topic (`rejected`) |
-//! | credentials | SASL authentication, `CLUSTER_AUTHORIZATION_FAILED` | permanent: outboxd stops with a message |
+//! | rejected | `INVALID_TOPIC_EXCEPTION` (a name Kafka cannot take), `INVALID_RECORD`, `POLICY_VIOLATION` | the record goes to the dead-letter topic (`rejected`) |
+//! | refused | `TOPIC_AUTHORIZATION_FAILED`, `CLUSTER_AUTHORIZATION_FAILED`, `TRANSACTIONAL_ID_AUTHORIZATION_FAILED`, unknown topic or partition | the stream stops: the batch is retried with backoff, loudly, never dead-lettered (an ACL slip or a deleted topic would otherwise send every event to the dead-letter topic) |
+//! | credentials | SASL authentication | permanent: outboxd stops with a message |
 //! | fatal | librdkafka's fatal producer errors (idempotence state lost) | the producer is recreated and the batch retried |
 //! | transient | everything else: transport, leader change, timeouts, purges | the batch is retried whole |
 //!
@@ -29,8 +30,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 pub enum ErrorClass {
     /// The message is larger than the broker or the producer accepts: dead-letter it.
     TooLarge,
-    /// The broker refuses this message (its topic): dead-letter it.
+    /// The broker refuses this message (what it holds): dead-letter it.
     Rejected,
+    /// The broker refuses the stream: an authorization (ACL), a topic that does not exist.
+    /// Retry until someone fixes it; never dead-letter.
+    Refused,
     /// The credentials or the permissions of the client are wrong: stop.
     Credentials,
     /// The producer is in a state it cannot leave: recreate it, retry the batch.
@@ -45,10 +49,12 @@ pub fn classify(code: RDKafkaErrorCode) -> ErrorClass {
     match code {
         C::MessageSizeTooLarge | C::MessageBatchTooLarge => ErrorClass::TooLarge,
         C::TopicAuthorizationFailed
-        | C::InvalidTopic
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
         | C::UnknownTopic
         | C::UnknownTopicOrPartition
-        | C::UnknownPartition
+        | C::UnknownPartition => ErrorClass::Refused,
+        C::InvalidTopic
         | C::InvalidRecord
         | C::PolicyViolation
         | C::InvalidTimestamp
@@ -59,8 +65,6 @@ pub fn classify(code: RDKafkaErrorCode) -> ErrorClass {
         | C::SaslAuthenticationFailed
         | C::UnsupportedSASLMechanism
         | C::IllegalSASLState
-        | C::ClusterAuthorizationFailed
-        | C::TransactionalIdAuthorizationFailed
         | C::InvalidRequiredAcks => ErrorClass::Credentials,
         C::Fatal
         | C::OutOfOrderSequenceNumber
@@ -127,12 +131,23 @@ impl ClientContext for Context {
 }
 
 /// An error of the client (metadata, Admin, the offsets topic's consumer): permanent when it
-/// is about the credentials, transient otherwise.
+/// is about the credentials, a refusal when it is an authorization, transient otherwise.
 pub(super) fn client_error(what: &'static str, e: KafkaError) -> SinkError {
     match e.rdkafka_error_code().map(classify) {
         Some(ErrorClass::Credentials) => SinkError::permanent(what, e),
+        Some(ErrorClass::Refused) => refused(e),
         _ => SinkError::transient(what, e),
     }
+}
+
+/// Kafka refuses the stream (`err`): an ACL, or a topic that does not exist.
+pub(super) fn refused(err: impl Into<outboxd_core::sink::BoxError>) -> SinkError {
+    SinkError::refused(
+        "Kafka refuses the events: the user may not write the topic (an ACL: grant Write and \
+         Describe on it, and on the dead-letter and offsets topics), or the topic does not \
+         exist (create it, or set sink.kafka.create_topics). Nothing is dead-lettered meanwhile",
+        err,
+    )
 }
 
 /// The dead-letter topic refused a message: permanent, since the event would otherwise be
@@ -163,21 +178,19 @@ mod tests {
         for code in [C::MessageSizeTooLarge, C::MessageBatchTooLarge] {
             assert_eq!(classify(code), ErrorClass::TooLarge, "{code:?}");
         }
-        for code in [
-            C::TopicAuthorizationFailed,
-            C::InvalidTopic,
-            C::UnknownTopic,
-            C::UnknownTopicOrPartition,
-            C::InvalidRecord,
-            C::PolicyViolation,
-        ] {
+        for code in [C::InvalidTopic, C::InvalidRecord, C::PolicyViolation] {
             assert_eq!(classify(code), ErrorClass::Rejected, "{code:?}");
         }
         for code in [
-            C::SaslAuthenticationFailed,
-            C::Authentication,
+            C::TopicAuthorizationFailed,
             C::ClusterAuthorizationFailed,
+            C::TransactionalIdAuthorizationFailed,
+            C::UnknownTopic,
+            C::UnknownTopicOrPartition,
         ] {
+            assert_eq!(classify(code), ErrorClass::Refused, "{code:?}");
+        }
+        for code in [C::SaslAuthenticationFailed, C::Authentication] {
             assert_eq!(classify(code), ErrorClass::Credentials, "{code:?}");
         }
         for code in [C::Fatal, C::OutOfOrderSequenceNumber, C::UnknownProducerId] {

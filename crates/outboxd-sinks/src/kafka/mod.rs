@@ -44,8 +44,9 @@
 //!
 //! With [`KafkaConfig::transactions`] set, the producer is transactional (see
 //! [`transactions`]): each batch is one Kafka transaction that also writes the WAL position of
-//! the batch's last event to the offsets topic, and a new producer reads that position back
-//! (`read_committed`) and skips what is at or below it.
+//! the batch's last event to the offsets topic, under the key of its WAL history, and a new
+//! producer reads that position back (`read_committed`) and skips what is at or below it, as
+//! far as the position belongs to the server's history.
 //!
 //! # Topics
 //!
@@ -68,7 +69,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
-use outboxd_core::{Delivery, Ledger, Record, Sink, SinkError};
+use outboxd_core::{Delivery, Ledger, Record, Sink, SinkError, WalOrigin};
 use rdkafka::admin::AdminClient;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -109,7 +110,10 @@ pub struct KafkaConfig {
     pub delivery_timeout: Duration,
     /// How long metadata and Admin requests may take.
     pub timeout: Duration,
-    /// Effectively-once delivery through transactions; `None` for at-least-once.
+    /// `[sink] delivery = "effectively-once"`.
+    pub effectively_once: bool,
+    /// Effectively-once delivery through transactions, for the WAL history of one session;
+    /// `None` for at-least-once, and for a sink that only answers pings.
     pub transactions: Option<TransactionsConfig>,
     /// How events are laid out (the `type` header, CloudEvents).
     pub shape: Shape,
@@ -118,13 +122,15 @@ pub struct KafkaConfig {
 /// Settings of the transactional (effectively-once) mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransactionsConfig {
-    /// The producer's `transactional.id`: one per slot, so that a new instance fences the
-    /// previous one.
+    /// The producer's `transactional.id`: one per slot of one cluster and database, so that a
+    /// new instance fences the previous one and two services never fence each other.
     pub transactional_id: String,
-    /// The compacted topic that holds, per slot, the WAL position of the last event committed.
+    /// The compacted topic that holds, per WAL history, the position of the last event
+    /// committed.
     pub offsets_topic: String,
-    /// The key of this slot's records in the offsets topic.
-    pub slot: String,
+    /// The WAL history the events come from: the key of its markers, and what a marker of
+    /// another timeline may be trusted for.
+    pub origin: WalOrigin,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -293,6 +299,13 @@ impl Sink for KafkaSink {
     async fn send(&mut self, batch: &[Record]) -> Result<Delivery, SinkError> {
         if self.config.transactions.is_some() {
             return self.send_transactional(batch).await;
+        }
+        if self.config.effectively_once {
+            return Err(SinkError::permanent(
+                "sending in effectively-once mode",
+                "this Kafka sink was built without the WAL history of a replication session \
+                 (a probe); it may only answer pings",
+            ));
         }
         let mut ledger = Ledger::new(batch);
         let first = self.first_round(&mut ledger);

@@ -24,7 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 
 use super::KafkaSink;
-use super::errors::{Context, ErrorClass, classify};
+use super::errors::{Context, ErrorClass, classify, refused};
 use super::message::Outgoing;
 
 /// How one message of a round ended.
@@ -87,6 +87,11 @@ impl KafkaSink {
                 "Kafka refused the client: check the credentials and permissions in sink.kafka.options",
                 err.clone(),
             )),
+            ErrorClass::Refused => {
+                // A deleted topic is created again (with create_topics) before the retry.
+                self.topics.clear();
+                Err(refused(err.clone()))
+            }
             ErrorClass::Fatal => {
                 let fatal = self
                     .producer

@@ -193,6 +193,7 @@ mod tests {
             topic_replication_factor: -1,
             delivery_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
+            effectively_once: false,
             transactions: None,
             shape: Shape::default(),
         };

@@ -86,6 +86,14 @@ impl KafkaSink {
                             format!("topic {name:?}: {code}"),
                         ));
                     }
+                    ErrorClass::Refused => {
+                        return Err(SinkError::refused(
+                            "creating Kafka topics (sink.kafka.create_topics): the user may not \
+                             create them (grant Create on the topic or the cluster, or create \
+                             them yourself)",
+                            format!("topic {name:?}: {code}"),
+                        ));
+                    }
                     ErrorClass::Credentials => {
                         return Err(SinkError::permanent(
                             "creating Kafka topics (sink.kafka.create_topics): check the credentials and permissions in sink.kafka.options",

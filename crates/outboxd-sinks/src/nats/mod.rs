@@ -22,7 +22,8 @@
 //! | what | class |
 //! |---|---|
 //! | a subject or header NATS cannot carry; a message over the server's `max_payload` or the stream's `max_msg_size` | the record is dead-lettered (`rejected`, `too_large`) |
-//! | no stream captures the subject ("no responders"), an acknowledgement that does not come, a lost connection, a stream that is full | transient: the batch is sent again |
+//! | no stream captures the subject ("no responders"), a subject the user may not publish to (the server's permissions violation) | refused: the batch is sent again, with an ERROR line, `/readyz` and `outboxd_sink_refused`, until it is fixed; nothing is dead-lettered |
+//! | an acknowledgement that does not come, a lost connection, a stream that is full | transient: the batch is sent again |
 //! | a refused authorization, a server without JetStream | permanent: outboxd stops with a message |
 //! | a dead letter the dead-letter subject's stream refuses, or one over the server's `max_payload` | permanent: nothing is dropped |
 //!
@@ -40,6 +41,7 @@
 mod config;
 pub mod message;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
@@ -60,6 +62,9 @@ pub struct NatsSink {
     config: NatsConfig,
     /// Connected on first use; async-nats reconnects it by itself after that.
     js: Option<jetstream::Context>,
+    /// The last permissions violation the server reported on the connection: a publish to a
+    /// subject the user may not publish to gets no acknowledgement, only this.
+    denied: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -83,7 +88,11 @@ enum Acked {
 impl NatsSink {
     /// A sink for `config`; connects on first use.
     pub fn new(config: NatsConfig) -> Self {
-        NatsSink { config, js: None }
+        NatsSink {
+            config,
+            js: None,
+            denied: Arc::default(),
+        }
     }
 
     async fn jetstream(&mut self) -> Result<jetstream::Context, SinkError> {
@@ -102,7 +111,20 @@ impl NatsSink {
 
     async fn connect(&self) -> Result<Client, SinkError> {
         let c = &self.config;
+        let denied = self.denied.clone();
         let mut options = ConnectOptions::new()
+            .event_callback(move |event| {
+                let denied = denied.clone();
+                async move {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) =
+                        event
+                        && text.to_ascii_lowercase().contains("permissions violation")
+                        && let Ok(mut last) = denied.lock()
+                    {
+                        *last = Some(text);
+                    }
+                }
+            })
             .name("outboxd")
             .connection_timeout(c.timeout)
             .request_timeout(Some(c.timeout));
@@ -157,6 +179,17 @@ impl NatsSink {
         })
     }
 
+    /// A permissions violation the server reported since the last call, as a refusal of the
+    /// stream.
+    fn refusal(&self) -> Option<SinkError> {
+        let text = self.denied.lock().ok()?.take()?;
+        Some(SinkError::refused(
+            "NATS refuses the events: the user may not publish to the subject (grant it in \
+             the server's authorization, publish permissions)",
+            text,
+        ))
+    }
+
     /// The message of record `i`: the event to its subject, or its dead letter.
     fn outgoing(&self, ledger: &mut Ledger<'_>, i: usize) -> Outgoing {
         let event = &ledger.batch()[i].event;
@@ -208,7 +241,9 @@ impl NatsSink {
                         .map_err(|e| publish_error(&self.config.dead_letter, e, true))?
                 }
                 Err(e) => {
-                    return Err(publish_error(&m.subject, e, ledger.poison(i).is_some()));
+                    return Err(self.refusal().unwrap_or_else(|| {
+                        publish_error(&m.subject, e, ledger.poison(i).is_some())
+                    }));
                 }
             };
             pending.push((i, ack));
@@ -233,7 +268,12 @@ impl NatsSink {
                     ledger.batch()[i].event.topic
                 ),
             };
-            match acked(ack.await, &subject, ledger.poison(i).is_some())? {
+            let ack = acked(ack.await, &subject, ledger.poison(i).is_some());
+            let ack = match ack {
+                Err(e) if e.is_transient() => return Err(self.refusal().unwrap_or(e)),
+                other => other?,
+            };
+            match ack {
                 Acked::Stored(true) => ledger.duplicate(i),
                 Acked::Stored(false) => {}
                 Acked::Refused(poison) => {
@@ -426,7 +466,7 @@ fn publish_error(
         return SinkError::permanent("a dead letter is over the NATS server's max_payload", e);
     }
     match e.kind() {
-        PublishErrorKind::StreamNotFound => SinkError::transient(
+        PublishErrorKind::StreamNotFound => SinkError::refused(
             "publishing to NATS: no JetStream stream stores this subject (create one, or set \
              sink.nats.create_stream = true)",
             format!("subject {subject:?}: {e}"),

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outboxd_core::{Secret, SinkError, WalHorizon, mask_url, read_secret_file};
+use outboxd_core::{Secret, SinkError, WalOrigin, mask_url, read_secret_file};
 use serde::{Deserialize, Serialize};
 
 use super::RedisSink;
@@ -42,6 +42,9 @@ pub struct RedisSection {
     pub timeout_ms: u64,
     /// Largest event published; a larger one is dead-lettered as `too_large`.
     pub max_event_bytes: u64,
+    /// Effectively-once: the hash holding, per WAL history, the position of the last event
+    /// written.
+    pub offsets_key: String,
     /// The entry's field names, for consumers that read another relay's names.
     pub fields: RedisFields,
 }
@@ -128,6 +131,7 @@ impl Default for RedisSection {
             wait_timeout_ms: 1000,
             timeout_ms: 10_000,
             max_event_bytes: 16 * 1024 * 1024,
+            offsets_key: "outboxd.offsets".into(),
             fields: RedisFields::default(),
         }
     }
@@ -157,10 +161,13 @@ pub struct RedisConfig {
     /// Largest entry (payload, headers, id, key, type, topic) published; a larger event goes
     /// to the dead-letter stream as `too_large`, without its payload.
     pub max_event_bytes: usize,
-    /// Entry ids derived from the WAL position, so that replays are refused by Redis.
+    /// `[sink] delivery = "effectively-once"`.
     pub effectively_once: bool,
-    /// How far the server's WAL is known to reach: no id outboxd wrote can be beyond it.
-    pub wal_horizon: WalHorizon,
+    /// Effectively-once: the WAL history the events come from (the field of its marker in
+    /// `offsets_key`); `None` for a sink that only answers pings.
+    pub origin: Option<WalOrigin>,
+    /// Effectively-once: the hash of the markers.
+    pub offsets_key: String,
     /// The entry's field names; empty ones are left out.
     pub fields: RedisFields,
     /// outboxd's layout, or a CloudEvent.
@@ -318,7 +325,8 @@ impl SinkPlugin for Redis {
             timeout: Duration::from_millis(config.timeout_ms),
             max_event_bytes: usize::try_from(config.max_event_bytes).unwrap_or(usize::MAX),
             effectively_once: ctx.effectively_once,
-            wal_horizon: ctx.wal_horizon.clone(),
+            origin: ctx.origin.cloned(),
+            offsets_key: config.offsets_key.clone(),
             fields: config.fields.clone(),
             envelope: ctx.envelope,
             source: ctx.source.to_owned(),
@@ -330,12 +338,9 @@ impl SinkPlugin for Redis {
         config: &RedisSection,
         ctx: &Preflight<'_>,
     ) -> Vec<CheckLine> {
-        match (ctx.effectively_once, ctx.wal, &ctx.topic_glob) {
-            (true, Some(wal), Some(topics)) => {
-                effectively_once::check_stream_ids(sink, &config.stream_prefix, topics, ctx, wal)
-                    .await
-            }
-            _ => Vec::new(),
+        if !ctx.effectively_once {
+            return Vec::new();
         }
+        vec![effectively_once::check_offsets(sink, &config.offsets_key).await]
     }
 }

@@ -1,414 +1,360 @@
-//! Effectively-once delivery to Redis: entry ids are WAL positions,
-//! `<commit LSN as a number>-<index in the transaction>`, so that Redis itself refuses a
-//! replayed event, and that refusal, and only that one, counts as "already delivered".
+//! Effectively-once delivery to Redis: a marker per WAL history, moved with the entries in one
+//! script, so that a replay is recognised and never written twice.
 //!
-//! A batch with nothing for the dead-letter stream is one `MULTI`/`EXEC` with explicit ids;
-//! any other batch goes through [`SCRIPT`], which adds the entries in order and stops at the
-//! first one Redis refuses for another reason, so that it is dead-lettered before any later
-//! dead-letter entry. A refusal proves delivery only if the stream's newest id can be one
-//! outboxd wrote (not beyond the server's WAL); otherwise the stream has another writer, a
-//! permanent error.
+//! The hash `offsets_key` (`outboxd.offsets`) holds, under the field of the events' WAL
+//! history (`<system id>/<database>/<slot>`, [`WalOrigin::key`]), the marker of the last event
+//! written: `{"timeline", "commit_lsn", "index"}`. A batch is one Lua script ([`SCRIPT`]),
+//! which Redis runs with no other client in between:
+//!
+//! ```text
+//! HGET marker ── not what this sink last read or wrote? ─▶ {-1, current}: someone else
+//!      │                                                   wrote (a frozen outboxd woke up);
+//!      ▼                                                   read it again, redo the batch
+//! XADD each entry in order (ids `*`) ── refused? ─▶ HSET marker = the last entry added;
+//!      │                                             {i, error, marker}: entry i was not
+//!      ▼                                             added, nor anything after it
+//! HSET marker = the batch's last entry; {n, "", marker}
+//! ```
+//!
+//! Before the script, the events the marker covers are skipped as already delivered (a replay
+//! after a crash or a Postgres restart), as far as [`WalOrigin::trust`] says the marker is
+//! this server's history: a new cluster has another field; a restored server, or a standby
+//! promoted without everything the marker covers, skips nothing it cannot prove (said once).
+//! Since the marker moves in the same script as the entries, a batch interrupted anywhere (a
+//! lost connection, a crash, an entry refused) leaves a marker that says exactly which of its
+//! entries are in Redis.
+//!
+//! An entry Redis refuses alone is dead-lettered in the next round, in order; a dead-letter
+//! entry Redis refuses is a permanent error; `OOM`, `LOADING` and the like fail the batch for
+//! a retry (what the script added is then skipped by the marker), `NOPERM` is a refusal of the
+//! stream (retried, loud).
+//!
+//! Entry ids are Redis' own (`*`): the streams may have other writers, and events of several
+//! histories (two services on one Redis, or one service after a restore) may share a stream.
 
-use outboxd_core::{Ledger, Lsn, Poison, PoisonKind, Record, SinkError};
+use outboxd_core::{Ledger, Marker, Poison, Record, SinkError, Trust, WalOrigin};
 use redis::Value;
 
 use super::RedisSink;
-use super::reply::{
-    PERMANENT_CODES, ScriptRound, TRANSIENT_CODES, classify, is_code, rejection, reply_field,
-    server_error,
-};
-use super::transaction::Outcome;
-use crate::plugin::{CheckLevel, CheckLine, Preflight};
+use super::reply::{ScriptReply, classify, rejection, server_text_error};
+use crate::plugin::{CheckLevel, CheckLine};
 
-/// Adds a batch's entries in order (effectively-once mode).
+/// Adds a batch's entries in order and moves its marker (effectively-once mode).
 ///
-/// `KEYS[i]`: the stream of entry `i`. `ARGV[1]`: `MAXLEN ~` value, `0` for none; then for
-/// each entry: the number of field pairs, the entry id, the fields. Returns
-/// `{processed, error, duplicates}`: `error` is empty when every entry was handled, else the
-/// error of entry `processed` (0-based), which was not added and after which nothing was
-/// tried; `duplicates` holds, for each entry refused as not above its stream's top, its index
-/// and that stream's last generated id.
+/// `KEYS[1]`: the hash of markers; `KEYS[1 + i]`: the stream of entry `i`. `ARGV[1]`: the
+/// marker's field; `ARGV[2]`: the value this client expects there (`''`: none); `ARGV[3]`:
+/// `MAXLEN ~` value, `0` for none; then for each entry: the marker after it, the number of
+/// field pairs, the fields. Returns `{-1, current}` when the marker is not the expected one
+/// (nothing done), else `{processed, error, marker}`: `error` is empty when every entry was
+/// added, else Redis' error for entry `processed` (0-based), which was not added and after
+/// which nothing was tried; `marker` is the marker now stored.
 pub const SCRIPT: &str = r"
-local maxlen = ARGV[1]
-local a = 2
-local dups = {}
-local tops = {}
-for i = 1, #KEYS do
-  local pairs_n = tonumber(ARGV[a])
+local field, expected, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local current = redis.call('HGET', KEYS[1], field)
+if not current then current = '' end
+if current ~= expected then return {-1, current} end
+local written = expected
+local a = 4
+for i = 2, #KEYS do
+  local marker = ARGV[a]
+  local pairs_n = tonumber(ARGV[a + 1])
   local cmd = {'XADD', KEYS[i]}
   if maxlen ~= '0' then
     cmd[#cmd + 1] = 'MAXLEN'
     cmd[#cmd + 1] = '~'
     cmd[#cmd + 1] = maxlen
   end
-  for j = a + 1, a + 1 + 2 * pairs_n do
+  cmd[#cmd + 1] = '*'
+  for j = a + 2, a + 1 + 2 * pairs_n do
     cmd[#cmd + 1] = ARGV[j]
   end
   a = a + 2 + 2 * pairs_n
   local r = redis.pcall(unpack(cmd))
   if type(r) == 'table' and r.err then
-    if string.find(r.err, 'equal or smaller than the target stream top', 1, true) then
-      local top = tops[KEYS[i]]
-      if not top then
-        top = ''
-        local info = redis.call('XINFO', 'STREAM', KEYS[i])
-        for k = 1, #info, 2 do
-          if info[k] == 'last-generated-id' then top = info[k + 1] end
-        end
-        tops[KEYS[i]] = top
-      end
-      dups[#dups + 1] = i - 1
-      dups[#dups + 1] = top
-    else
-      return {i - 1, r.err, dups}
-    end
+    if written ~= expected then redis.call('HSET', KEYS[1], field, written) end
+    return {i - 2, r.err, written}
   end
+  written = marker
 end
-return {#KEYS, '', dups}
+if written ~= expected then redis.call('HSET', KEYS[1], field, written) end
+return {#KEYS - 1, '', written}
 ";
 
-/// How Redis refuses an entry id that is not above its stream's top.
-const DUPLICATE_ID: &str = "equal or smaller than the target stream top";
-
-/// The entry id of an event in effectively-once mode: `<commit LSN>-<index>`.
-pub fn entry_id(record: &Record) -> String {
-    let p = record.event.position;
-    format!("{}-{}", p.commit_lsn.get(), p.index)
+/// What this sink knows of its history's marker: the value stored (compared by the script
+/// before it writes), and the marker with how much of it this history trusts.
+#[derive(Debug, Clone)]
+pub(super) struct MarkerState {
+    stored: String,
+    known: Option<(Marker, Trust)>,
 }
 
-/// The first part of a stream entry id (`<ms>-<seq>`): in effectively-once mode, a WAL
-/// position.
-pub(super) fn id_ms(id: &str) -> Option<u64> {
-    id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+impl MarkerState {
+    fn covers(&self, record: &Record) -> bool {
+        self.known
+            .as_ref()
+            .is_some_and(|(m, trust)| m.covers(trust, record.event.position))
+    }
+
+    /// The state after this sink wrote `stored`, a marker of this history.
+    fn written(stored: String) -> Self {
+        let known = Marker::from_json(stored.as_bytes()).map(|m| (m, Trust::Whole));
+        MarkerState { stored, known }
+    }
 }
 
 impl RedisSink {
-    /// Entry ids from the WAL position: see the module documentation.
+    fn origin(&self) -> Result<&WalOrigin, SinkError> {
+        self.config.origin.as_ref().ok_or_else(|| {
+            SinkError::permanent(
+                "sending in effectively-once mode",
+                "this Redis sink was built without the WAL history of a replication session \
+                 (a probe); it may only answer pings",
+            )
+        })
+    }
+
+    /// Reads the marker of this history, and judges how far it can be trusted.
+    async fn read_marker(&mut self) -> Result<MarkerState, SinkError> {
+        let (key, field) = (self.config.offsets_key.clone(), self.origin()?.key());
+        let conn = self.connection().await?;
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(&field)
+            .query_async(conn)
+            .await
+            .map_err(|e| classify("reading the effectively-once marker (HGET)", e))?;
+        let stored = stored.unwrap_or_default();
+        let origin = self.origin()?;
+        let known = Marker::from_json(stored.as_bytes()).map(|m| {
+            let trust = origin.trust(&m);
+            match &trust {
+                Trust::Whole => {}
+                Trust::Below(end) => tracing::warn!(
+                    hash = %key,
+                    %field,
+                    marker = %stored,
+                    "effectively-once: the marker was written on an earlier timeline, which \
+                     ended at {end}; only events committed before that are skipped against it"
+                ),
+                Trust::Foreign(why) => tracing::warn!(
+                    hash = %key,
+                    %field,
+                    marker = %stored,
+                    "effectively-once: the marker is not of this server's WAL history ({why}); \
+                     nothing is skipped against it, so events Redis already holds from before \
+                     may be delivered again"
+                ),
+            }
+            (m, trust)
+        });
+        if known.is_none() && !stored.is_empty() {
+            tracing::warn!(
+                hash = %key,
+                %field,
+                "effectively-once: the marker field holds something outboxd did not write; it \
+                 is replaced at the next batch, and nothing is skipped against it"
+            );
+        }
+        Ok(MarkerState { stored, known })
+    }
+
+    /// One batch, effectively once: see the module documentation.
     pub(super) async fn send_effectively_once(
         &mut self,
         ledger: &mut Ledger<'_>,
     ) -> Result<(), SinkError> {
-        if ledger.any_dead_letter() {
-            return self.send_scripted(ledger).await;
-        }
-        let batch = ledger.batch();
-        let entries: Vec<(&Record, Option<&Poison>)> = batch.iter().map(|r| (r, None)).collect();
-        let mut pipe = redis::pipe();
-        self.build(&mut pipe, &entries, true);
-        let errors = match self.transact(&pipe, entries.len()).await? {
-            Outcome::Executed(errors) => errors,
-            Outcome::Aborted(errors) => {
-                // Nothing was added. Entries refused alone go to the dead-letter stream.
-                for (i, err) in errors {
-                    if is_code(&err, TRANSIENT_CODES) || is_code(&err, PERMANENT_CODES) {
-                        return Err(server_error("queueing a batch in Redis", &err));
-                    }
-                    ledger.reject(i, rejection(&err));
-                }
-                return self.send_scripted(ledger).await;
-            }
+        let state = match self.marker.take() {
+            Some(state) => state,
+            None => self.read_marker().await?,
         };
-        let mut tops: Vec<(String, String)> = Vec::new();
-        for (i, err) in errors {
-            if !err.to_string().contains(DUPLICATE_ID) {
-                // Never retried: later entries of its stream are in, so a retry would be
-                // refused as "already delivered". Dead-lettered, as in at-least-once mode.
-                ledger.reject(i, rejection(&err));
-                continue;
-            }
-            let stream = self.stream(&batch[i], None);
-            let top = match tops.iter().find(|(s, _)| *s == stream) {
-                Some((_, top)) => top.clone(),
-                None => {
-                    let top = self.stream_top(&stream).await?.unwrap_or_default();
-                    tops.push((stream, top.clone()));
-                    top
-                }
-            };
-            self.check_top(&batch[i], &top)?;
-            ledger.duplicate(i);
-        }
-        self.dead_letter_refused_entries(ledger).await
-    }
-
-    /// Writes the dead-letter entries of the records Redis refused when executing (nothing
-    /// of the batch is in the dead-letter stream yet, so their ids are still above its top).
-    async fn dead_letter_refused_entries(
-        &mut self,
-        ledger: &mut Ledger<'_>,
-    ) -> Result<(), SinkError> {
         let batch = ledger.batch();
-        let refused: Vec<(usize, Poison)> =
-            ledger.rejections().map(|(i, p)| (i, p.clone())).collect();
-        if refused.is_empty() {
-            return Ok(());
-        }
-        let letters: Vec<Record> = refused
+        // Positions grow along the batch, so what the marker covers is a prefix.
+        let first_new = batch
             .iter()
-            .map(|(i, p)| Record::dead_letter(batch[*i].event.clone(), p.clone()))
-            .collect();
-        let mut written = Ledger::new(&letters);
-        self.send_scripted(&mut written).await?;
-        for &k in written.finish().duplicates() {
-            ledger.duplicate(refused[k].0);
-        }
-        Ok(())
-    }
-
-    /// The last generated id of `stream` (`None` when Redis does not report one).
-    async fn stream_top(&mut self, stream: &str) -> Result<Option<String>, SinkError> {
-        let conn = self.connection().await?;
-        let info: Value = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(stream)
-            .query_async(conn)
-            .await
-            .map_err(|e| classify("reading a stream's newest id (XINFO STREAM)", e))?;
-        Ok(reply_field(&info, b"last-generated-id"))
-    }
-
-    /// Entry ids from the WAL position, through [`SCRIPT`].
-    async fn send_scripted(&mut self, ledger: &mut Ledger<'_>) -> Result<(), SinkError> {
-        let batch = ledger.batch();
-        let mut start = 0;
+            .position(|r| !state.covers(r))
+            .unwrap_or(batch.len());
+        (0..first_new).for_each(|i| ledger.duplicate(i));
+        let mut expected = state;
+        let mut start = first_new;
         // Each round ends the batch or dead-letters one more entry, so this ends.
         while start < batch.len() {
-            let round = self.script_round(batch, start, ledger).await?;
-            for (i, top) in round.duplicates {
-                self.check_top(&batch[start + i], &top)?;
-                ledger.duplicate(start + i);
-            }
-            let Some((processed, error)) = round.error else {
+            // On an error the script may have run: the marker is read again before the retry.
+            let reply = self.script_round(ledger, start, &expected.stored).await?;
+            let (processed, error, written) = match reply {
+                ScriptReply::Moved(current) => {
+                    return Err(SinkError::transient(
+                        "adding a batch to Redis (effectively-once script)",
+                        format!(
+                            "the marker in {:?} was moved by another writer (another outboxd on \
+                             this slot?) to {current:?}; reading it again",
+                            self.config.offsets_key
+                        ),
+                    ));
+                }
+                ScriptReply::Ran {
+                    processed,
+                    error,
+                    written,
+                } => (processed, error, written),
+            };
+            expected = MarkerState::written(written);
+            let Some(error) = error else {
                 break;
             };
             let i = start + processed;
-            let code = error.split_whitespace().next().unwrap_or("");
             if ledger.poison(i).is_some() {
+                self.marker = Some(expected);
                 return Err(SinkError::permanent(
                     "the dead-letter stream refused an entry (check sink.dead_letter names a \
                      stream the Redis user may write)",
                     format!("stream {:?}: {error}", self.config.dead_letter),
                 ));
             }
-            if TRANSIENT_CODES.contains(&code) || PERMANENT_CODES.contains(&code) {
-                let what = "adding a batch to Redis (effectively-once script)";
-                return Err(if PERMANENT_CODES.contains(&code) {
-                    SinkError::permanent(what, error)
-                } else {
-                    SinkError::transient(what, error)
-                });
+            if let Some(e) =
+                server_text_error("adding a batch to Redis (effectively-once script)", &error)
+            {
+                self.marker = Some(expected);
+                return Err(e);
             }
-            ledger.reject(
-                i,
-                Poison::new(
-                    PoisonKind::Rejected,
-                    format!("redis refused the entry: {error}"),
-                ),
-            );
+            ledger.reject(i, rejection_text(&error));
             start = i;
         }
+        self.marker = Some(expected);
         Ok(())
     }
 
-    /// Runs the script on `batch[start..]`.
+    /// Runs the script on `batch[start..]`, expecting the marker `expected`.
     async fn script_round(
         &mut self,
-        batch: &[Record],
-        start: usize,
         ledger: &Ledger<'_>,
-    ) -> Result<ScriptRound, SinkError> {
-        let entries: Vec<(&Record, Option<&Poison>)> = batch[start..]
-            .iter()
-            .enumerate()
-            .map(|(k, r)| (r, ledger.poison(start + k)))
-            .collect();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(entries.len());
-        self.script_args(&mut cmd, &entries);
-        let reply = match self.query_script(&cmd).await? {
-            Some(reply) => reply,
-            None => {
-                // The script is not in Redis' cache (a restart, SCRIPT FLUSH): send it whole.
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(SCRIPT).arg(entries.len());
-                self.script_args(&mut cmd, &entries);
-                self.query_script(&cmd).await?.ok_or_else(|| {
-                    SinkError::transient(
-                        "running the effectively-once script",
-                        "NOSCRIPT after EVAL",
-                    )
-                })?
-            }
-        };
-        ScriptRound::parse(&reply)
-    }
-
-    fn script_args(&self, cmd: &mut redis::Cmd, entries: &[(&Record, Option<&Poison>)]) {
-        for (record, poison) in entries {
-            cmd.arg(self.stream(record, *poison));
+        start: usize,
+        expected: &str,
+    ) -> Result<ScriptReply, SinkError> {
+        let cmd = self.script_command(true, ledger, start, expected)?;
+        if let Some(reply) = self.query_script(&cmd).await? {
+            return ScriptReply::parse(&reply);
         }
-        cmd.arg(self.config.maxlen);
-        for (record, poison) in entries {
-            // The script takes each entry's pair count first: the fields depend on the
-            // layout (renamed or left-out fields, route headers, the time, CloudEvents).
-            let fields = self.entry(record, *poison);
-            cmd.arg(fields.len()).arg(entry_id(record));
-            for (name, value) in &fields {
-                cmd.arg(*name).arg(value.as_ref());
-            }
-        }
-    }
-
-    /// Sends a script command; `None` when Redis does not have the script cached.
-    async fn query_script(&mut self, cmd: &redis::Cmd) -> Result<Option<Value>, SinkError> {
-        let conn = self.connection().await?;
-        match cmd.query_async::<Value>(conn).await {
-            Ok(Value::ServerError(e)) if e.code() == "NOSCRIPT" => Ok(None),
-            Ok(Value::ServerError(e)) => {
-                Err(server_error("running the effectively-once script", &e))
-            }
-            Ok(reply) => Ok(Some(reply)),
-            Err(e) if e.code() == Some("NOSCRIPT") => Ok(None),
-            Err(e) if e.code().is_some() => {
-                // A server error: the connection is fine.
-                Err(classify("running the effectively-once script", e))
-            }
-            Err(e) => {
-                self.conn = None;
-                Err(classify("running the effectively-once script", e))
-            }
-        }
-    }
-
-    /// A stream refused `record` as not above its top `top`: that proves the record is there
-    /// only if `top` can be an id outboxd wrote, that is, not beyond the server's WAL.
-    fn check_top(&self, record: &Record, top: &str) -> Result<(), SinkError> {
-        let top_ms = id_ms(top);
-        let Some(horizon) = self.config.wal_horizon.get() else {
-            return Err(SinkError::transient(
-                "judging a replayed entry",
-                "the server's WAL position is not known yet",
-            ));
-        };
-        let horizon = horizon.max(record.event.position.commit_lsn);
-        match top_ms {
-            Some(ms) if ms <= horizon.get() => Ok(()),
-            _ => Err(SinkError::permanent(
-                "a Redis stream holds entries outboxd did not write; with sink.delivery = \
-                 \"effectively-once\" outboxd must be the only writer of its streams (entry ids \
-                 are WAL positions). Remove the foreign entries' stream or use another \
-                 sink.redis.stream_prefix",
-                format!(
-                    "stream {:?} refused entry {} because its newest id is {top:?}, beyond the \
-                     server's WAL position {horizon} ({}): not an id outboxd wrote",
-                    self.stream(record, record.poison.as_ref()),
-                    entry_id(record),
-                    horizon.get()
-                ),
+        // The script is not in Redis' cache (a restart, SCRIPT FLUSH): send it whole.
+        let cmd = self.script_command(false, ledger, start, expected)?;
+        match self.query_script(&cmd).await? {
+            Some(reply) => ScriptReply::parse(&reply),
+            None => Err(SinkError::transient(
+                "running the effectively-once script",
+                "NOSCRIPT after EVAL",
             )),
         }
     }
 
-    /// Streams matching `patterns` whose newest id is beyond `wal` (so not written by
-    /// outboxd in effectively-once mode), with that id; for `outboxd check`. Looks at no more
-    /// than `limit` streams.
-    pub async fn foreign_streams(
-        &mut self,
-        patterns: &[String],
-        wal: Lsn,
-        limit: usize,
-    ) -> Result<Vec<(String, String)>, SinkError> {
-        let conn = self.connection().await?;
-        let err = |e| classify("scanning Redis streams", e);
-        let mut names: Vec<String> = Vec::new();
-        for pattern in patterns {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .arg("TYPE")
-                    .arg("stream")
-                    .query_async(conn)
-                    .await
-                    .map_err(err)?;
-                for name in batch {
-                    if !names.contains(&name) {
-                        names.push(name);
-                    }
-                }
-                cursor = next;
-                if cursor == 0 || names.len() >= limit {
-                    break;
-                }
-            }
+    /// `EVALSHA` (`by_hash`) or `EVAL` of [`SCRIPT`] over `batch[start..]`.
+    fn script_command(
+        &self,
+        by_hash: bool,
+        ledger: &Ledger<'_>,
+        start: usize,
+        expected: &str,
+    ) -> Result<redis::Cmd, SinkError> {
+        let origin = self.origin()?;
+        let entries = &ledger.batch()[start..];
+        let mut cmd = if by_hash {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.script.get_hash());
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SCRIPT);
+            cmd
+        };
+        cmd.arg(entries.len() + 1).arg(&self.config.offsets_key);
+        for (k, record) in entries.iter().enumerate() {
+            cmd.arg(self.stream(record, ledger.poison(start + k)));
         }
-        names.truncate(limit);
-        let mut foreign = Vec::new();
-        for name in names {
-            let Some(top) = self.stream_top(&name).await? else {
-                continue;
+        cmd.arg(origin.key()).arg(expected).arg(self.config.maxlen);
+        for (k, record) in entries.iter().enumerate() {
+            let marker = Marker {
+                position: record.event.position,
+                timeline: origin.timeline,
             };
-            if id_ms(&top).is_none_or(|ms| ms > wal.get()) {
-                foreign.push((name, top));
+            // The script takes each entry's pair count: the fields depend on the layout
+            // (renamed or left-out fields, route headers, the time, CloudEvents).
+            let fields = self.entry(record, ledger.poison(start + k));
+            cmd.arg(marker.to_json()).arg(fields.len());
+            for (name, value) in &fields {
+                cmd.arg(*name).arg(value.as_ref());
             }
         }
-        Ok(foreign)
+        Ok(cmd)
+    }
+
+    /// Sends a script command; `None` when Redis does not have the script cached. Any other
+    /// failure forgets the marker, which the script may have moved.
+    async fn query_script(&mut self, cmd: &redis::Cmd) -> Result<Option<Value>, SinkError> {
+        let conn = self.connection().await?;
+        let what = "running the effectively-once script";
+        let result = cmd.query_async::<Value>(conn).await;
+        match result {
+            Ok(Value::ServerError(e)) if e.code() == "NOSCRIPT" => Ok(None),
+            Err(e) if e.code() == Some("NOSCRIPT") => Ok(None),
+            Ok(Value::ServerError(e)) => Err(server_text_error(what, &e.to_string())
+                .unwrap_or_else(|| SinkError::transient(what, e.to_string()))),
+            Ok(reply) => Ok(Some(reply)),
+            Err(e) => {
+                if e.code().is_none() {
+                    // Not a server error: the connection cannot be trusted.
+                    self.conn = None;
+                }
+                Err(classify(what, e))
+            }
+        }
     }
 }
 
-/// `outboxd check`, effectively-once: every stream outboxd may write (those the topic
-/// template can name, and the dead-letter stream) must hold only ids that are WAL positions;
-/// a newer id, such as the timestamp of an `XADD *` by another writer, would make Redis refuse
-/// every event.
-pub(super) async fn check_stream_ids(
-    sink: &mut RedisSink,
-    stream_prefix: &str,
-    topic_glob: &str,
-    ctx: &Preflight<'_>,
-    wal: Lsn,
-) -> Vec<CheckLine> {
-    const LIMIT: usize = 1000;
-    let patterns = vec![
-        outboxd_core::glob_escape(ctx.dead_letter),
-        format!("{}{topic_glob}", outboxd_core::glob_escape(stream_prefix)),
-    ];
+/// The poison of an entry Redis refused alone, from the script's error text.
+fn rejection_text(error: &str) -> Poison {
+    let (code, details) = error.split_once(' ').unwrap_or((error, ""));
+    rejection(code, details)
+}
+
+/// `outboxd check`, effectively-once: the markers' hash can be read, and says how many WAL
+/// histories have a marker there.
+pub(super) async fn check_offsets(sink: &mut RedisSink, key: &str) -> CheckLine {
     let line = |level, message| CheckLine {
         level,
-        subject: "stream ids",
+        subject: "offsets",
         message,
     };
-    match sink.foreign_streams(&patterns, wal, LIMIT).await {
-        Ok(foreign) if foreign.is_empty() => vec![line(
+    let conn = match sink.connection().await {
+        Ok(c) => c,
+        Err(e) => return line(CheckLevel::Warn, format!("cannot read {key:?}: {e}")),
+    };
+    let fields: Result<Vec<String>, _> = redis::cmd("HKEYS").arg(key).query_async(conn).await;
+    match fields {
+        Ok(fields) => line(
             CheckLevel::Ok,
             format!(
-                "effectively-once: every stream matching {} holds only WAL-position ids (at \
-                 most {LIMIT} streams looked at)",
-                patterns.join(" or ")
+                "effectively-once: markers in hash {key:?} ({} WAL histories so far: {})",
+                fields.len(),
+                if fields.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    fields.join(", ")
+                }
             ),
-        )],
-        Ok(foreign) => foreign
-            .into_iter()
-            .map(|(stream, top)| {
-                line(
-                    CheckLevel::Fail,
-                    format!(
-                        "stream {stream:?} has newest id {top}, beyond the server's WAL \
-                         position {wal} ({}): another writer added it, and Redis would refuse \
-                         every event outboxd writes there. With sink.delivery = \
-                         \"effectively-once\" outboxd must be the stream's only writer: delete \
-                         the stream or choose another sink.redis.stream_prefix",
-                        wal.get()
-                    ),
-                )
-            })
-            .collect(),
-        Err(e) => vec![line(
-            CheckLevel::Warn,
-            format!("could not look at the streams' ids: {e}"),
-        )],
+        ),
+        Err(e) if is_code_of(&e, "WRONGTYPE") => line(
+            CheckLevel::Fail,
+            format!(
+                "{key:?} is not a hash: sink.redis.offsets_key must name a key outboxd may keep \
+                 its markers in"
+            ),
+        ),
+        Err(e) if is_code_of(&e, "NOPERM") => line(
+            CheckLevel::Fail,
+            format!("the Redis user may not read {key:?}: grant it the key (ACL ~{key})"),
+        ),
+        Err(e) => line(CheckLevel::Warn, format!("cannot read {key:?}: {e}")),
     }
+}
+
+fn is_code_of(e: &redis::RedisError, code: &str) -> bool {
+    e.code() == Some(code)
 }

@@ -10,8 +10,10 @@
 //! How replies are read:
 //!
 //! - an error while queueing (`OOM`, `LOADING`, …) aborts the transaction: transient errors
-//!   fail the batch for a retry; an error that concerns only that entry (`NOPERM` on one
-//!   stream) dead-letters it, and the rest of the batch is sent again without it;
+//!   fail the batch for a retry; `NOPERM` (the ACL user may not write the stream) is a
+//!   refusal of the stream, retried and reported, never dead-lettered; any other error that
+//!   concerns only that entry dead-letters it, and the rest of the batch is sent again
+//!   without it;
 //! - an error from `EXEC` for one entry (`WRONGTYPE`: the key is not a stream) dead-letters
 //!   that entry in a second transaction;
 //! - a dead-letter entry that Redis refuses is a permanent error: nothing is dropped.
@@ -26,26 +28,11 @@
 //!
 //! # Effectively-once
 //!
-//! With `effectively_once`, each entry's id is not `*` but its WAL position:
-//! `<commit LSN as a number>-<index in the transaction>`. Events reach a stream in commit
-//! order, so ids only grow, and a replay after a crash writes an id that is not greater than
-//! the stream's top: Redis refuses it ("equal or smaller than the target stream top item"),
-//! and that refusal, and only that one, counts as "already delivered". Dead-letter entries get
-//! the same id in the dead-letter stream.
-//!
-//! A batch with no entry for the dead-letter stream is one `MULTI`/`EXEC`, as in
-//! at-least-once mode but with explicit ids: an entry refused when executing is dead-lettered
-//! afterwards, which is safe because nothing of the batch is in the dead-letter stream. A batch
-//! with dead-letter entries is one Lua script (`effectively_once::SCRIPT`): it adds the
-//! entries in order and stops at the first entry Redis refuses for another reason, so that the
-//! entry can be dead-lettered *before* any later dead-letter entry (whose larger id would make
-//! the dead-letter stream refuse it). The script is not atomic across a crash or a transient
-//! error, and need not be: whatever it added is refused as a duplicate on the retry.
-//!
-//! The refusal proves delivery only if every id in the stream is one of outboxd's. An id
-//! beyond the server's WAL position (for example a `*` id, a millisecond timestamp, added by
-//! another writer) cannot be, so a refusal by such a stream is a permanent error that names
-//! it, never "already delivered": the stream must have outboxd as its only writer.
+//! With `effectively_once`, a batch is one Lua script that adds its entries and moves, in the
+//! same step, a marker of the last event written, kept per WAL history in the hash
+//! `offsets_key`; events the marker covers are not written again (see `effectively_once`).
+//! Entry ids stay Redis' own, so streams may be shared with other writers and other
+//! services.
 //!
 //! An event larger than `max_event_bytes` is dead-lettered as `too_large` before it is sent:
 //! Redis answers an argument over its `proto-max-bulk-len` by closing the connection, which
@@ -55,7 +42,7 @@
 
 //!
 //! The files: `config` (the section `[sink.redis]` and the plugin), `transaction`
-//! (`MULTI`/`EXEC` batches), `effectively_once` (WAL-position ids), `reply` (reading
+//! (`MULTI`/`EXEC` batches), `effectively_once` (the marker and its script), `reply` (reading
 //! Redis' replies and errors).
 
 mod config;
@@ -64,7 +51,7 @@ mod reply;
 mod transaction;
 
 pub use config::{Redis, RedisConfig, RedisFields, RedisSection, RedisTls};
-pub use effectively_once::{SCRIPT as EFFECTIVELY_ONCE_SCRIPT, entry_id};
+pub use effectively_once::SCRIPT as EFFECTIVELY_ONCE_SCRIPT;
 
 use bytes::Bytes;
 use outboxd_core::{Delivery, Event, Ledger, Poison, PoisonKind, Record, Sink, SinkError};
@@ -81,6 +68,9 @@ pub struct RedisSink {
     config: RedisConfig,
     conn: Option<MultiplexedConnection>,
     script: redis::Script,
+    /// Effectively-once: this history's marker as last read or written; `None` until read,
+    /// and after anything that may have moved it unseen.
+    marker: Option<effectively_once::MarkerState>,
 }
 
 impl std::fmt::Debug for RedisSink {
@@ -127,6 +117,7 @@ impl RedisSink {
             config,
             conn: None,
             script: redis::Script::new(effectively_once::SCRIPT),
+            marker: None,
         })
     }
 

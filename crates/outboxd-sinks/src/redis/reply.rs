@@ -20,22 +20,8 @@ pub(super) const TRANSIENT_CODES: &[&str] = &[
 /// Server error codes that concern the connection, not one entry.
 pub(super) const PERMANENT_CODES: &[&str] = &["NOAUTH", "WRONGPASS"];
 
-/// The value of `name` in a field/value reply (a flat array in RESP2, a map in RESP3), as
-/// text.
-pub(super) fn reply_field(reply: &Value, name: &[u8]) -> Option<String> {
-    let text = |v: &Value| k_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned());
-    match reply {
-        Value::Array(flat) => flat
-            .chunks(2)
-            .find(|kv| kv.len() == 2 && k_bytes(&kv[0]) == Some(name))
-            .and_then(|kv| text(&kv[1])),
-        Value::Map(map) => map
-            .iter()
-            .find(|(k, _)| k_bytes(k) == Some(name))
-            .and_then(|(_, v)| text(v)),
-        _ => None,
-    }
-}
+/// Server error codes of a refused stream: the ACL does not let the user write the key.
+pub(super) const REFUSED_CODES: &[&str] = &["NOPERM"];
 
 fn k_bytes(v: &Value) -> Option<&[u8]> {
     match v {
@@ -46,43 +32,63 @@ fn k_bytes(v: &Value) -> Option<&[u8]> {
 }
 
 /// What one run of the effectively-once script reported.
-#[derive(Debug, Default)]
-pub(super) struct ScriptRound {
-    /// `(entry, error)`: the first entry Redis refused for a reason other than its id.
-    pub(super) error: Option<(usize, String)>,
-    /// Entries refused as not above their stream's top, with that top id.
-    pub(super) duplicates: Vec<(usize, String)>,
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ScriptReply {
+    /// The marker was not the one expected (another writer moved it): nothing was done.
+    Moved(String),
+    /// The script ran: it added entries `0..processed`; `error` is Redis' refusal of entry
+    /// `processed`, if it stopped there; `written` is the marker now stored.
+    Ran {
+        processed: usize,
+        error: Option<String>,
+        written: String,
+    },
 }
 
-impl ScriptRound {
-    pub(super) fn parse(reply: &Value) -> Result<ScriptRound, SinkError> {
+impl ScriptReply {
+    pub(super) fn parse(reply: &Value) -> Result<ScriptReply, SinkError> {
         let bad = || {
             SinkError::transient(
                 "reading the effectively-once script's reply",
                 format!("unexpected reply {reply:?}"),
             )
         };
+        let text = |v: &Value| k_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned());
         let Value::Array(parts) = reply else {
             return Err(bad());
         };
-        let [Value::Int(processed), error, Value::Array(dups)] = parts.as_slice() else {
-            return Err(bad());
-        };
-        let error = k_bytes(error).ok_or_else(bad)?;
-        let mut round = ScriptRound::default();
-        if !error.is_empty() {
-            let at = usize::try_from(*processed).map_err(|_| bad())?;
-            round.error = Some((at, String::from_utf8_lossy(error).into_owned()));
+        match parts.as_slice() {
+            [Value::Int(-1), current] => Ok(ScriptReply::Moved(text(current).ok_or_else(bad)?)),
+            [Value::Int(processed), error, written] => {
+                let error = text(error).ok_or_else(bad)?;
+                Ok(ScriptReply::Ran {
+                    processed: usize::try_from(*processed).map_err(|_| bad())?,
+                    error: (!error.is_empty()).then_some(error),
+                    written: text(written).ok_or_else(bad)?,
+                })
+            }
+            _ => Err(bad()),
         }
-        for pair in dups.chunks(2) {
-            let [Value::Int(i), top] = pair else {
-                return Err(bad());
-            };
-            let i = usize::try_from(*i).map_err(|_| bad())?;
-            let top = String::from_utf8_lossy(k_bytes(top).ok_or_else(bad)?).into_owned();
-            round.duplicates.push((i, top));
-        }
-        Ok(round)
+    }
+}
+
+/// The error an error reply's `text` (`CODE details`) means for the whole batch: transient
+/// (retry), permanent (stop), a refusal of the stream (`NOPERM`: retried, loud); `None` when it
+/// concerns the one entry (dead-letter it).
+pub(super) fn server_text_error(what: &'static str, text: &str) -> Option<SinkError> {
+    let code = text.split_whitespace().next().unwrap_or("");
+    if TRANSIENT_CODES.contains(&code) {
+        Some(SinkError::transient(what, text.to_owned()))
+    } else if PERMANENT_CODES.contains(&code) {
+        Some(SinkError::permanent(what, text.to_owned()))
+    } else if REFUSED_CODES.contains(&code) {
+        Some(SinkError::refused(
+            "Redis refuses the stream: the ACL user may not write it (grant it the stream's \
+             keys, e.g. ~outbox.* and the dead-letter stream)",
+            text.to_owned(),
+        ))
+    } else {
+        None
     }
 }
 
@@ -90,14 +96,10 @@ pub(super) fn is_code(err: &ServerError, codes: &[&str]) -> bool {
     codes.contains(&err.code())
 }
 
-pub(super) fn rejection(err: &ServerError) -> Poison {
+pub(super) fn rejection(code: &str, details: &str) -> Poison {
     Poison::new(
         PoisonKind::Rejected,
-        format!(
-            "redis refused the entry: {} {}",
-            err.code(),
-            err.details().unwrap_or_default()
-        ),
+        format!("redis refused the entry: {code} {details}"),
     )
 }
 
@@ -113,6 +115,8 @@ pub(super) fn server_error(what: &'static str, err: &ServerError) -> SinkError {
     let source = format!("{err}");
     if is_code(err, PERMANENT_CODES) {
         SinkError::permanent(what, source)
+    } else if is_code(err, REFUSED_CODES) {
+        server_text_error(what, &source).unwrap_or_else(|| SinkError::transient(what, source))
     } else {
         SinkError::transient(what, source)
     }
@@ -152,52 +156,34 @@ mod tests {
     }
 
     #[test]
-    fn a_field_is_found_in_resp2_arrays_and_resp3_maps() {
-        let flat = Value::Array(vec![
-            bulk("length"),
-            Value::Int(3),
-            bulk("last-generated-id"),
-            bulk("123-4"),
-        ]);
+    fn the_scripts_reply_says_where_it_stopped_and_what_marker_is_stored() {
+        let marker = r#"{"timeline":1,"commit_lsn":"0/16B3748","index":2}"#;
+        let done = Value::Array(vec![Value::Int(3), bulk(""), bulk(marker)]);
         assert_eq!(
-            reply_field(&flat, b"last-generated-id").as_deref(),
-            Some("123-4")
+            ScriptReply::parse(&done).unwrap(),
+            ScriptReply::Ran {
+                processed: 3,
+                error: None,
+                written: marker.to_owned()
+            }
         );
-        assert_eq!(reply_field(&flat, b"missing"), None);
-        let map = Value::Map(vec![(
-            Value::SimpleString("last-generated-id".into()),
-            bulk("5-0"),
-        )]);
-        assert_eq!(
-            reply_field(&map, b"last-generated-id").as_deref(),
-            Some("5-0")
-        );
-        assert_eq!(reply_field(&Value::Nil, b"last-generated-id"), None);
-    }
-
-    #[test]
-    fn the_scripts_reply_says_where_it_stopped_and_what_was_already_there() {
-        let done = Value::Array(vec![Value::Int(3), bulk(""), Value::Array(vec![])]);
-        let round = ScriptRound::parse(&done).unwrap();
-        assert!(round.error.is_none() && round.duplicates.is_empty());
-
         let stopped = Value::Array(vec![
             Value::Int(2),
             bulk("WRONGTYPE Operation against a key holding the wrong kind of value"),
-            Value::Array(vec![
-                Value::Int(0),
-                bulk("100-0"),
-                Value::Int(1),
-                bulk("100-0"),
-            ]),
+            bulk(marker),
         ]);
-        let round = ScriptRound::parse(&stopped).unwrap();
-        let (at, error) = round.error.unwrap();
-        assert_eq!(at, 2);
-        assert!(error.starts_with("WRONGTYPE"));
+        let ScriptReply::Ran {
+            processed, error, ..
+        } = ScriptReply::parse(&stopped).unwrap()
+        else {
+            panic!("ran")
+        };
+        assert_eq!(processed, 2);
+        assert!(error.unwrap().starts_with("WRONGTYPE"));
+        let moved = Value::Array(vec![Value::Int(-1), bulk(marker)]);
         assert_eq!(
-            round.duplicates,
-            [(0, "100-0".to_owned()), (1, "100-0".to_owned())]
+            ScriptReply::parse(&moved).unwrap(),
+            ScriptReply::Moved(marker.to_owned())
         );
     }
 
@@ -206,15 +192,29 @@ mod tests {
         for reply in [
             Value::Nil,
             Value::Array(vec![Value::Int(1)]),
-            Value::Array(vec![Value::Int(-1), bulk("ERR x"), Value::Array(vec![])]),
-            Value::Array(vec![
-                Value::Int(1),
-                bulk(""),
-                Value::Array(vec![Value::Int(0)]),
-            ]),
+            Value::Array(vec![Value::Int(-2), bulk("x")]),
+            Value::Array(vec![Value::Int(1), bulk(""), Value::Int(0)]),
         ] {
-            let err = ScriptRound::parse(&reply).unwrap_err();
+            let err = ScriptReply::parse(&reply).unwrap_err();
             assert!(err.is_transient(), "{reply:?}: {err}");
         }
+    }
+
+    #[test]
+    fn an_error_reply_is_for_the_batch_or_for_one_entry() {
+        let what = "adding";
+        assert!(
+            server_text_error(what, "OOM command not allowed")
+                .unwrap()
+                .is_transient()
+        );
+        assert!(
+            !server_text_error(what, "NOAUTH Authentication required")
+                .unwrap()
+                .is_transient()
+        );
+        let refused = server_text_error(what, "NOPERM this user has no permissions").unwrap();
+        assert!(refused.is_refusal() && refused.is_transient());
+        assert!(server_text_error(what, "WRONGTYPE Operation against a key").is_none());
     }
 }

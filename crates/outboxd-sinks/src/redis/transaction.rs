@@ -11,9 +11,8 @@ use redis::aio::ConnectionLike;
 use redis::{ServerError, Value};
 
 use super::RedisSink;
-use super::effectively_once::entry_id;
 use super::reply::{
-    TRANSIENT_CODES, classify, dead_letter_refused, is_code, rejection, server_error,
+    REFUSED_CODES, TRANSIENT_CODES, classify, dead_letter_refused, is_code, rejection, server_error,
 };
 
 /// What a transaction's replies said.
@@ -86,14 +85,8 @@ impl RedisSink {
         outcome
     }
 
-    /// `MULTI`, one `XADD` per entry (with `*` ids, or with [`entry_id`]s when
-    /// `explicit_ids`), `EXEC`.
-    pub(super) fn build(
-        &self,
-        pipe: &mut redis::Pipeline,
-        entries: &[(&Record, Option<&Poison>)],
-        explicit_ids: bool,
-    ) {
+    /// `MULTI`, one `XADD` per entry, `EXEC`.
+    pub(super) fn build(&self, pipe: &mut redis::Pipeline, entries: &[(&Record, Option<&Poison>)]) {
         pipe.clear();
         pipe.cmd("MULTI");
         for (record, poison) in entries {
@@ -102,11 +95,7 @@ impl RedisSink {
             if self.config.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.config.maxlen);
             }
-            if explicit_ids {
-                cmd.arg(entry_id(record));
-            } else {
-                cmd.arg("*");
-            }
+            cmd.arg("*");
             self.fields(&mut cmd, record, *poison);
             pipe.add_command(cmd);
         }
@@ -154,7 +143,7 @@ impl RedisSink {
                 .enumerate()
                 .map(|(i, r)| (r, ledger.poison(i)))
                 .collect();
-            self.build(&mut pipe, &entries, false);
+            self.build(&mut pipe, &entries);
             match self.transact(&pipe, entries.len()).await? {
                 Outcome::Executed(errors) => break errors,
                 Outcome::Aborted(errors) => {
@@ -162,10 +151,10 @@ impl RedisSink {
                         if ledger.poison(i).is_some() {
                             return Err(dead_letter_refused(&self.config.dead_letter, &err));
                         }
-                        if is_code(&err, TRANSIENT_CODES) {
+                        if is_code(&err, TRANSIENT_CODES) || is_code(&err, REFUSED_CODES) {
                             return Err(server_error("queueing a batch in Redis", &err));
                         }
-                        ledger.reject(i, rejection(&err));
+                        ledger.reject(i, entry_rejection(&err));
                     }
                 }
             }
@@ -177,7 +166,10 @@ impl RedisSink {
             if ledger.poison(i).is_some() {
                 return Err(dead_letter_refused(&self.config.dead_letter, &err));
             }
-            ledger.reject(i, rejection(&err));
+            if is_code(&err, REFUSED_CODES) {
+                return Err(server_error("adding a batch to Redis", &err));
+            }
+            ledger.reject(i, entry_rejection(&err));
             late.push(i);
         }
         if !late.is_empty() {
@@ -185,7 +177,7 @@ impl RedisSink {
                 .iter()
                 .map(|&i| (&batch[i], ledger.poison(i)))
                 .collect();
-            self.build(&mut pipe, &entries, false);
+            self.build(&mut pipe, &entries);
             match self.transact(&pipe, entries.len()).await? {
                 Outcome::Executed(errors) | Outcome::Aborted(errors) => {
                     if let Some((_, err)) = errors.first() {
@@ -196,6 +188,11 @@ impl RedisSink {
         }
         Ok(())
     }
+}
+
+/// An entry Redis refused alone.
+fn entry_rejection(err: &ServerError) -> Poison {
+    rejection(err.code(), err.details().unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outboxd_core::{Lsn, Sink, SinkError};
+use outboxd_core::{Lsn, Sink, SinkError, WalOrigin};
 use outboxd_postgres::catalog;
 use outboxd_postgres::message::MessageKind;
 use outboxd_postgres::slot::SlotError;
@@ -92,14 +92,29 @@ struct Streaming<'a> {
 
 impl Session<'_> {
     /// Streams until shutdown (`Ok`) or an error; `backoff` is reset once streaming starts.
-    pub(super) async fn run<S: Sink + 'static>(
+    /// The session's sink is made by `make_sink` for the WAL history the stream turned out to
+    /// be (effectively-once sinks keep their markers under it).
+    pub(super) async fn run<S, F>(
         &self,
-        sink: S,
+        make_sink: &mut F,
         backoff: &mut Backoff,
-    ) -> Result<(), RunError> {
+    ) -> Result<(), RunError>
+    where
+        S: Sink + 'static,
+        F: FnMut(Option<&WalOrigin>) -> Result<S, SinkError>,
+    {
         let (stream, start) = self.open().await?;
+        let sink = make_sink(Some(stream.origin())).map_err(|source| RunError::Sink {
+            broker: self.settings.broker,
+            source,
+        })?;
         backoff.reset();
-        tracing::info!(slot = %self.settings.slot, from = %start, "streaming");
+        tracing::info!(
+            slot = %self.settings.slot,
+            from = %start,
+            timeline = stream.origin().timeline,
+            "streaming"
+        );
         let _streaming = StreamingGuard::new(self.status);
         let mut s = self.begin(stream, start, sink)?;
         let (tasks, ending) = (s.tasks.clone(), s.ending.clone());

@@ -2,13 +2,21 @@
 //! in the offsets topic, how far the source has been delivered.
 //!
 //! ```text
-//! batch ─▶ skip events at or below `committed` (already in Kafka: a replay)
+//! batch ─▶ skip events the committed marker covers (already in Kafka: a replay)
 //!       ─▶ begin ─▶ produce events (and dead letters) ─▶ produce marker ─▶ commit
-//!                   offsets topic, partition 0, key = slot, value = last event's position
+//!                   offsets topic, partition 0, key = <system id>/<database>/<slot>,
+//!                   value = {"timeline", "commit_lsn", "index"} of the last event
 //! new producer ─▶ init_transactions (fences older producers of the same transactional.id,
 //!                 completes or aborts their open transaction)
-//!              ─▶ read the offsets topic (read_committed) ─▶ `committed`
+//!              ─▶ read the offsets topic (read_committed): the newest marker of the key
+//!              ─▶ WalOrigin::trust: how much of it is this server's WAL history
 //! ```
+//!
+//! A marker is trusted only as far as it is this history's (`outboxd_core::origin`): the key
+//! keeps apart other clusters and databases, and two services on one Kafka cluster with the
+//! default names; the timeline and the server's WAL end keep apart a restored server, and a
+//! promoted standby that did not have everything the marker covers. What is not trusted is
+//! sent again (said once, as a warning): duplicates, never a skipped event.
 //!
 //! The marker is the WAL position of the batch's last event, `(commit LSN, index)`, not only a
 //! commit LSN: batches are bounded by the in-flight budget, so a source transaction larger than
@@ -35,7 +43,7 @@
 //! `offsets.rs` starts a transactional producer and reads back how far the source was
 //! delivered.
 
-use outboxd_core::{Lsn, Position, SinkError};
+use outboxd_core::{Marker, Position, SinkError, Trust};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 
@@ -50,8 +58,9 @@ mod send;
 pub struct State {
     /// `init_transactions` ran on the current producer.
     ready: bool,
-    /// The position of the newest event known to be committed in Kafka.
-    committed: Option<Position>,
+    /// The newest marker known to be committed in Kafka, and how much of it this history
+    /// trusts.
+    committed: Option<(Marker, Trust)>,
 }
 
 impl State {
@@ -59,22 +68,13 @@ impl State {
     pub(super) fn producer_lost(&mut self) {
         self.ready = false;
     }
-}
 
-/// The offsets topic's value for `position`: `{"commit_lsn":"16/B374D848","index":12}`.
-pub fn marker_value(position: Position) -> String {
-    format!(
-        "{{\"commit_lsn\":\"{}\",\"index\":{}}}",
-        position.commit_lsn, position.index
-    )
-}
-
-/// The position in an offsets topic value, or `None` when it is not one of outboxd's.
-pub fn parse_marker(value: &[u8]) -> Option<Position> {
-    let v: serde_json::Value = serde_json::from_slice(value).ok()?;
-    let commit_lsn: Lsn = v.get("commit_lsn")?.as_str()?.parse().ok()?;
-    let index = u32::try_from(v.get("index")?.as_u64()?).ok()?;
-    Some(Position { commit_lsn, index })
+    /// Whether the event at `position` is already in Kafka.
+    fn covers(&self, position: Position) -> bool {
+        self.committed
+            .as_ref()
+            .is_some_and(|(marker, trust)| marker.covers(trust, position))
+    }
 }
 
 /// Whether `err` says this producer was fenced by a newer one.
@@ -107,19 +107,24 @@ impl KafkaSink {
     }
 
     /// The offsets topic's record for a batch that ends at `last`.
-    fn marker(&self, last: Position) -> Outgoing {
+    fn marker(&self, last: Position) -> (Marker, Outgoing) {
         let Some(t) = &self.config.transactions else {
             unreachable!("a marker without transactions");
         };
-        Outgoing {
+        let marker = Marker {
+            position: last,
+            timeline: t.origin.timeline,
+        };
+        let outgoing = Outgoing {
             topic: t.offsets_topic.clone(),
             partition: Some(0),
-            key: Some(t.slot.clone().into_bytes().into()),
-            value: marker_value(last).into_bytes().into(),
+            key: Some(t.origin.key().into_bytes().into()),
+            value: marker.to_json().into_bytes().into(),
             tombstone: false,
             timestamp: None,
             headers: Vec::new(),
-        }
+        };
+        (marker, outgoing)
     }
 
     /// The permanent error to stop with when the producer has been fenced: librdkafka then
@@ -134,26 +139,5 @@ impl KafkaSink {
                 | RDKafkaErrorCode::InvalidProducerEpoch
         )
         .then(|| fenced_error(self.transactional_id(), text))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn markers_round_trip_and_foreign_values_are_ignored() {
-        let p = Position {
-            commit_lsn: Lsn::new(0x16_B374_D848),
-            index: 12,
-        };
-        assert_eq!(
-            marker_value(p),
-            r#"{"commit_lsn":"16/B374D848","index":12}"#
-        );
-        assert_eq!(parse_marker(marker_value(p).as_bytes()), Some(p));
-        for bad in [&b"{}"[..], b"not json", br#"{"commit_lsn":"x","index":1}"#] {
-            assert_eq!(parse_marker(bad), None);
-        }
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! `init_transactions` fences every older producer of the same `transactional.id` and
 //! completes or aborts its open transaction, so what the offsets topic holds afterwards, read
-//! with `isolation.level = read_committed`, is final: the newest marker of this slot is the
-//! last event in Kafka, and the sink skips every event at or below it. An offsets topic that
+//! with `isolation.level = read_committed`, is final: the newest marker of this WAL history's
+//! key is the last event in Kafka, and the sink skips every event it covers, as far as
+//! [`WalOrigin::trust`](outboxd_core::WalOrigin::trust) says the marker is this server's
+//! history (a marker of another history skips nothing, and is reported). An offsets topic that
 //! does not exist yet means nothing was committed. With `create_topics`, the offsets topic is
 //! created first, with one partition and `cleanup.policy = compact`.
 //!
@@ -13,7 +15,7 @@
 
 use std::time::Duration;
 
-use outboxd_core::{Position, SinkError};
+use outboxd_core::{Marker, SinkError, Trust};
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -21,7 +23,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::parse_marker;
 use crate::kafka::KafkaSink;
 use crate::kafka::errors::{ErrorClass, classify, client_error};
 
@@ -61,8 +62,13 @@ impl KafkaSink {
             self.discard_producer();
             return Err(match e.rdkafka_error_code().map(classify) {
                 Some(ErrorClass::Credentials) => SinkError::permanent(
-                    "Kafka refused the transactional producer: check that the user may use \
-                     transactional.id (TransactionalIdAuthorization) in sink.kafka.options",
+                    "Kafka refused the transactional producer: check the credentials in \
+                     sink.kafka.options",
+                    e,
+                ),
+                Some(ErrorClass::Refused) => SinkError::refused(
+                    "Kafka refuses the transactional producer: grant the user Write and Describe \
+                     on its transactional.id (an ACL on TransactionalId)",
                     e,
                 ),
                 _ => SinkError::transient(
@@ -74,14 +80,44 @@ impl KafkaSink {
         if self.config.create_topics {
             self.ensure_offsets_topic(&t.offsets_topic).await?;
         }
-        let committed = self.read_marker(&t.offsets_topic, &t.slot).await?;
-        self.txn.committed = self.txn.committed.max(committed);
+        let key = t.origin.key();
+        let read = self.read_marker(&t.offsets_topic, &key).await?;
+        // What this sink committed itself is final too (a producer discarded after a commit).
+        let newest = match (read, self.txn.committed.as_ref().map(|(m, _)| *m)) {
+            (Some(read), Some(mine)) if mine.timeline == read.timeline => {
+                Some(read.max_by_position(mine))
+            }
+            (read, mine) => read.or(mine),
+        };
+        self.txn.committed = newest.map(|m| {
+            let trust = t.origin.trust(&m);
+            if let Trust::Foreign(why) = &trust {
+                tracing::warn!(
+                    key = %key,
+                    offsets_topic = %t.offsets_topic,
+                    marker = %m.to_json(),
+                    "effectively-once: the offsets topic's marker is not of this server's WAL \
+                     history ({why}); nothing is skipped against it, so events Kafka already \
+                     holds from before may be delivered again"
+                );
+            } else if let Trust::Below(end) = trust {
+                tracing::warn!(
+                    key = %key,
+                    marker = %m.to_json(),
+                    %end,
+                    "effectively-once: the marker was written on an earlier timeline, which \
+                     ended at {end}; only events committed before that are skipped against it"
+                );
+            }
+            (m, trust)
+        });
         self.txn.ready = true;
         tracing::info!(
             transactional_id = %t.transactional_id,
             offsets_topic = %t.offsets_topic,
-            committed = %self.txn.committed.map_or_else(|| "nothing yet".to_owned(), |p| p.to_string()),
-            "Kafka transactions ready; events at or below the committed position are skipped"
+            key = %key,
+            committed = %self.txn.committed.as_ref().map_or_else(|| "nothing yet".to_owned(), |(m, _)| m.to_json()),
+            "Kafka transactions ready; events the committed marker covers are skipped"
         );
         Ok(())
     }
@@ -129,9 +165,9 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// The newest position recorded for `slot` in the offsets topic's partition 0, read with
-    /// `isolation.level = read_committed`.
-    async fn read_marker(&self, topic: &str, slot: &str) -> Result<Option<Position>, SinkError> {
+    /// The newest marker recorded under `key` in the offsets topic's partition 0 (the last by
+    /// offset), read with `isolation.level = read_committed`.
+    async fn read_marker(&self, topic: &str, key: &str) -> Result<Option<Marker>, SinkError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.config.brokers);
         for (name, value) in &self.config.options {
@@ -143,14 +179,14 @@ impl KafkaSink {
             }
         }
         config
-            .set("group.id", format!("outboxd-offsets-{slot}"))
+            .set("group.id", format!("outboxd-offsets-{key}"))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest");
-        let (topic, slot) = (topic.to_owned(), slot.to_owned());
+        let (topic, key) = (topic.to_owned(), key.to_owned());
         let timeout = self.config.timeout;
-        tokio::task::spawn_blocking(move || read_marker_blocking(&config, &topic, &slot, timeout))
+        tokio::task::spawn_blocking(move || read_marker_blocking(&config, &topic, &key, timeout))
             .await
             .map_err(|e| SinkError::transient("reading the offsets topic", e.to_string()))?
     }
@@ -161,9 +197,9 @@ impl KafkaSink {
 fn read_marker_blocking(
     config: &ClientConfig,
     topic: &str,
-    slot: &str,
+    key: &str,
     timeout: Duration,
-) -> Result<Option<Position>, SinkError> {
+) -> Result<Option<Marker>, SinkError> {
     let err = |e| client_error("reading the offsets topic", e);
     let consumer: BaseConsumer = config.create().map_err(|e| {
         SinkError::permanent(
@@ -193,14 +229,15 @@ fn read_marker_blocking(
         .map_err(err)?;
     consumer.assign(&partitions).map_err(err)?;
     let deadline = std::time::Instant::now() + timeout * 3;
-    let mut newest: Option<Position> = None;
+    let mut newest: Option<Marker> = None;
     loop {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
-                if message.key() == Some(slot.as_bytes())
-                    && let Some(p) = message.payload().and_then(parse_marker)
+                // The last one by offset: after a new timeline, positions may go down.
+                if message.key() == Some(key.as_bytes())
+                    && let Some(m) = message.payload().and_then(Marker::from_json)
                 {
-                    newest = newest.max(Some(p));
+                    newest = Some(m);
                 }
                 if message.offset() + 1 >= high {
                     break;

@@ -1,8 +1,8 @@
 //! One batch as one Kafka transaction: its events (and dead letters) and the marker of its
 //! last event, committed together.
 //!
-//! Events at or below the committed position are duplicates, already in Kafka, and are not
-//! sent again. A round produces the rest, then the marker, and commits only when every
+//! Events the committed marker covers (as far as this WAL history trusts it) are duplicates,
+//! already in Kafka, and are not sent again. A round produces the rest, then the marker, and commits only when every
 //! delivery report says the message was written. Otherwise the transaction is aborted: a
 //! record Kafka refused alone is dead-lettered in the redo (each redo dead-letters at least one
 //! more record, so the loop ends); anything else fails the batch, transient or permanent, and
@@ -10,13 +10,13 @@
 //! abortable discards the producer, and the next one reads the marker again, so a commit that
 //! did happen is never repeated.
 
-use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, SinkError};
+use outboxd_core::{Delivery, Ledger, Poison, PoisonKind, Record, SinkError, Trust};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use super::{fenced_error, is_fenced};
 use crate::kafka::KafkaSink;
-use crate::kafka::errors::{Context, ErrorClass, classify, dead_letter_refused};
+use crate::kafka::errors::{Context, ErrorClass, classify, dead_letter_refused, refused};
 use crate::kafka::message::{Outgoing, too_large};
 use crate::kafka::produce::produce_until_failure;
 
@@ -70,10 +70,9 @@ impl KafkaSink {
     ) -> Result<Delivery, SinkError> {
         self.ensure_transactional().await?;
         let mut ledger = Ledger::new(batch);
-        let committed = self.txn.committed;
         let first_new = batch
             .iter()
-            .position(|r| committed.is_none_or(|c| r.event.position > c))
+            .position(|r| !self.txn.covers(r.event.position))
             .unwrap_or(batch.len());
         (0..first_new).for_each(|i| ledger.duplicate(i));
         let Some(last) = batch.last().map(|r| r.event.position) else {
@@ -82,7 +81,7 @@ impl KafkaSink {
         if first_new == batch.len() {
             return Ok(ledger.finish());
         }
-        let marker = self.marker(last);
+        let (written, marker) = self.marker(last);
         // Each round commits, fails, or dead-letters at least one more record, so this ends.
         loop {
             let mut messages = self.transaction_messages(&mut ledger, first_new);
@@ -97,7 +96,7 @@ impl KafkaSink {
             let round = self.judge_transaction(&ledger, first_new, outcomes)?;
             if round.is_clean() {
                 self.commit(&producer).await?;
-                self.txn.committed = Some(last);
+                self.txn.committed = Some((written, Trust::Whole));
                 return Ok(ledger.finish());
             }
             self.abort(&producer).await;
@@ -212,6 +211,9 @@ impl KafkaSink {
                 ErrorClass::TooLarge | ErrorClass::Rejected if is_dead_letter => {
                     round.failure = Some(dead_letter_refused(&self.config.dead_letter, &err, None));
                 }
+                ErrorClass::Refused => {
+                    round.failure = Some(refused(err.clone()));
+                }
                 ErrorClass::TooLarge | ErrorClass::Rejected | ErrorClass::Credentials => {
                     round.failure = Some(SinkError::permanent(
                         "Kafka refused the offsets topic or the client (check \
@@ -266,6 +268,7 @@ impl KafkaSink {
         }
         match err.rdkafka_error_code().map(classify) {
             Some(ErrorClass::Credentials) => SinkError::permanent(what, err),
+            Some(ErrorClass::Refused) => refused(err),
             _ => SinkError::transient(what, err),
         }
     }
