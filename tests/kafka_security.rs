@@ -2,6 +2,8 @@
 //! over TLS, the broker's certificate signed by a CA the test makes with `openssl`. TLS and
 //! SASL are in every build (librdkafka with OpenSSL), configured through
 //! `[sink.kafka.options]` alone. The test's own consumers read through a plaintext listener.
+//! With an authorizer, a topic ACL revoked mid-stream, and a topic deleted, stop forwarding
+//! without dead-lettering anything, until the broker takes the events again.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 #![cfg(feature = "kafka")] // the sink this file tests: built in, or nothing to run
 
@@ -11,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::apache_kafka::{Kafka, SCRAM_USER, Security};
+use support::apache_kafka::{
+    AUTHORIZER, Kafka, SCRAM_USER, Security, create_topic, delete_topic, set_acls,
+};
 use support::kafka::*;
 use support::*;
 
@@ -284,4 +288,124 @@ async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
         failures[0],
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Waits until outboxd reports the broker refusing (`refusing`) or taking the events again:
+/// the metric, and `/readyz`.
+async fn wait_refusal(port: u16, refusing: bool) {
+    wait_until(
+        if refusing {
+            "outboxd to report the refusal"
+        } else {
+            "outboxd to report it over"
+        },
+        Duration::from_secs(60),
+        || async move {
+            let metric = metric_value(port, "outboxd_sink_refused")
+                .await
+                .unwrap_or(-1.0);
+            let ready = http_get(port, "/readyz").await;
+            let said = ready
+                .as_ref()
+                .is_some_and(|(code, body)| *code == 503 && body.contains("refuses the events"));
+            if refusing {
+                metric == 1.0 && said
+            } else {
+                metric == 0.0 && ready.is_some_and(|(code, _)| code == 200)
+            }
+        },
+    )
+    .await;
+}
+
+/// Kafka with an authorizer: outboxd (SCRAM user `outboxd`) may write the topic and the
+/// dead-letter topic. Its ACL on the topic is revoked while events are committed: nothing goes
+/// to the dead-letter topic, the slot stays before them, and they arrive once the ACL is back.
+/// Then the topic is deleted: the same, until it exists again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_acl_or_a_deleted_topic_stops_forwarding_and_dead_letters_nothing() {
+    let dir = scratch_dir("kafka-acl");
+    let (ca, keystore) = make_certificates(&dir);
+    let kafka = Kafka::start_with(
+        1,
+        Security::SaslSsl {
+            keystore,
+            password: PASSWORD.into(),
+        },
+        AUTHORIZER,
+    );
+    let plain = kafka.brokers();
+    let user = format!("User:{SCRAM_USER}");
+    create_topic(&plain, TOPIC, 1, &[]).await;
+    create_topic(&plain, "outboxd.dlq", 1, &[]).await;
+    set_acls(&plain, true, &user, &[TOPIC, "outboxd.dlq"]);
+    let settings = KafkaSettings {
+        sink: "delivery = \"at-least-once\"".into(),
+        kafka: "delivery_timeout_ms = 10000".into(),
+        options: format!(
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"{SCRAM_USER}\"\n\"sasl.password\" = \"{PASSWORD}\"\n\
+             \"ssl.ca.location\" = \"{}\"",
+            ca.display()
+        ),
+    };
+    let env = SinkEnv::kafka(&kafka.secure_brokers(), &settings).await;
+    let mut outboxd = env.run();
+    let db = env.db().await;
+    let port = env.http_port;
+    let read = |want: std::ops::Range<u64>| {
+        let plain = plain.clone();
+        async move {
+            read_topic(&plain, TOPIC, Duration::from_secs(90), move |m| {
+                has_all(m, want.clone())
+            })
+            .await
+        }
+    };
+    emit_txn(&db, 0, 50, 5).await;
+    assert!(has_all(&read(0..50).await, 0..50));
+
+    // The ACL revoked: the events wait, the slot waits, the dead-letter topic stays empty.
+    set_acls(&plain, false, &user, &[TOPIC]);
+    let before = wal_insert_lsn(&db).await;
+    emit_txn(&db, 50, 50, 5).await;
+    wait_refusal(port, true).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        confirmed_flush(&db, "outboxd").await <= before,
+        "the slot passed events the broker refused"
+    );
+    assert_eq!(
+        count_to_end(&plain, "outboxd.dlq", "read_uncommitted").await,
+        0
+    );
+    assert!(
+        outboxd.log_text().contains("the broker refuses the events"),
+        "{}",
+        outboxd.log_text()
+    );
+    // Given back: they arrive.
+    set_acls(&plain, true, &user, &[TOPIC]);
+    let messages = read(0..100).await;
+    assert!(has_all(&messages, 0..100));
+    wait_refusal(port, false).await;
+
+    // The topic deleted: the same, until it exists again.
+    delete_topic(&plain, TOPIC).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    emit_txn(&db, 100, 50, 5).await;
+    wait_refusal(port, true).await;
+    assert_eq!(
+        count_to_end(&plain, "outboxd.dlq", "read_uncommitted").await,
+        0
+    );
+    create_topic(&plain, TOPIC, 1, &[]).await;
+    assert!(has_all(&read(100..150).await, 100..150));
+    wait_refusal(port, false).await;
+    assert_eq!(
+        count_to_end(&plain, "outboxd.dlq", "read_uncommitted").await,
+        0
+    );
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
 }

@@ -614,3 +614,50 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, configs: 
         r.unwrap_or_else(|(name, code)| panic!("creating topic {name}: {code}"));
     }
 }
+
+/// Deletes `topic` through the Admin API.
+pub async fn delete_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("delete topic");
+    for r in results {
+        r.unwrap_or_else(|(name, code)| panic!("deleting topic {name}: {code}"));
+    }
+}
+
+/// `server.properties` lines for an authorizer: ACLs decide, nothing is allowed without one,
+/// and the plaintext listener's clients (the brokers, the tests' own consumers: `ANONYMOUS`)
+/// are super users. The client under test, on the SASL_SSL listener, needs ACLs.
+pub const AUTHORIZER: &str = "\nauthorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
+     super.users=User:ANONYMOUS\nallow.everyone.if.no.acl.found=false\n";
+
+/// Grants (`grant`) or revokes `principal`'s WRITE, DESCRIBE and CREATE on `topics`, through
+/// the Admin API (tests/support/java/KafkaAcl.java, run by Java's source-file mode) as a super
+/// user on the plaintext listener `brokers`. Returns once the brokers apply it.
+pub fn set_acls(brokers: &str, grant: bool, principal: &str, topics: &[&str]) {
+    let source =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/support/java/KafkaAcl.java");
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/*", jars_dir().display()))
+        .arg(source)
+        .arg(brokers)
+        .arg(if grant { "grant" } else { "revoke" })
+        .arg(principal)
+        .args(topics)
+        .output()
+        .expect("run java");
+    assert!(
+        out.status.success(),
+        "KafkaAcl.java: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

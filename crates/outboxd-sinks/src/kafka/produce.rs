@@ -43,6 +43,12 @@ impl KafkaSink {
             Ok(outcomes) => Ok(outcomes),
             Err(_) => {
                 self.discard_producer();
+                if let Some(refused) = self
+                    .missing_topic(messages.iter().flatten().map(|m| m.topic.as_str()))
+                    .await
+                {
+                    return Err(refused);
+                }
                 let last = self.context.last_error.take();
                 let count = messages.iter().flatten().count();
                 if let Some((code, text)) = &last

@@ -120,3 +120,49 @@ fn replication_copy<'a>(r: &TopicReplication<'a>) -> TopicReplication<'a> {
         TopicReplication::Variable(v) => TopicReplication::Variable(v),
     }
 }
+
+impl KafkaSink {
+    /// After a batch timed out: the first of `topics` that the cluster says does not exist
+    /// (deleted while outboxd produced to it: librdkafka then holds its messages instead of
+    /// failing them), as a refusal of the stream. Forgets which topics exist, so that
+    /// `create_topics` makes it again.
+    pub(super) async fn missing_topic<'a>(
+        &mut self,
+        topics: impl IntoIterator<Item = &'a str>,
+    ) -> Option<SinkError> {
+        let mut wanted: Vec<String> = topics.into_iter().map(str::to_owned).collect();
+        wanted.sort();
+        wanted.dedup();
+        let timeout = self.config.timeout.min(std::time::Duration::from_secs(5));
+        let mut config = self.client_config.clone();
+        config
+            .remove("transactional.id")
+            .remove("transaction.timeout.ms");
+        let client: rdkafka::producer::FutureProducer<Context> =
+            config.create_with_context(self.context.clone()).ok()?;
+        let missing = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            let client = client.client();
+            wanted.into_iter().find(|topic| {
+                client.fetch_metadata(Some(topic), timeout).is_ok_and(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == topic
+                            && matches!(
+                                t.error().map(RDKafkaErrorCode::from),
+                                Some(
+                                    RDKafkaErrorCode::UnknownTopicOrPartition
+                                        | RDKafkaErrorCode::UnknownTopic
+                                )
+                            )
+                    })
+                })
+            })
+        })
+        .await
+        .ok()??;
+        self.topics.clear();
+        Some(super::errors::refused(format!(
+            "topic {missing:?} does not exist (deleted?); its events wait"
+        )))
+    }
+}

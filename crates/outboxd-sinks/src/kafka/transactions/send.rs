@@ -151,6 +151,12 @@ impl KafkaSink {
         .await;
         let Ok(outcomes) = produced else {
             self.abort(producer).await;
+            if let Some(refused) = self
+                .missing_topic(messages.iter().flatten().map(|m| m.topic.as_str()))
+                .await
+            {
+                return Err(refused);
+            }
             return Err(SinkError::transient(
                 "waiting for Kafka delivery reports in a transaction",
                 format!(
