@@ -138,7 +138,8 @@ CREATE TABLE IF NOT EXISTS outboxd.dead_letters (
     event_key      bytea       NOT NULL,
     event_type     text        NOT NULL,
     payload        bytea,
-    headers        jsonb       NOT NULL,
+    -- The event's headers as a JSON object's text.
+    headers        text        NOT NULL,
     -- Why it went to the dead-letter destination.
     reason         text        NOT NULL,
     detail         text        NOT NULL,

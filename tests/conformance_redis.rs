@@ -28,6 +28,10 @@ impl BrokerUnderTest for RedisServer {
         format!("[sink.redis]\nurl = \"{}\"\n", self.0.url())
     }
 
+    fn limited_section(&self) -> String {
+        format!("{}max_event_bytes = 1048576\n", self.section())
+    }
+
     async fn down(&mut self) {
         self.0.stop();
     }

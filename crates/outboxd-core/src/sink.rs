@@ -16,6 +16,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///   alone) in the dead-letter destination with the reason, reported in [`Delivery`].
 ///   "Accepted" means what the broker can promise: a Kafka delivery report with `acks=all`,
 ///   a Redis reply (and `WAIT` when replicas are configured).
+/// - A dead letter carries the event's payload unless the broker cannot take it (larger
+///   than its limit): then the dead letter carries the rest, says so, and the record is
+///   reported in [`Delivery::payload_omitted`]; the caller keeps the whole event elsewhere
+///   before it counts the record as delivered. No dead letter is too large to write.
 /// - Records reach the broker in the order of the batch. Across calls, batches reach it in
 ///   the order of the calls.
 /// - An `Err` says nothing about which records arrived. The caller sends the same batch
@@ -48,6 +52,7 @@ pub trait Sink: Send {
 pub struct Delivery {
     rejected: Vec<(usize, Poison)>,
     duplicates: Vec<usize>,
+    payload_omitted: Vec<usize>,
 }
 
 impl Delivery {
@@ -55,6 +60,12 @@ impl Delivery {
     /// instead: their index in the batch and the reason, ascending.
     pub fn rejected(&self) -> &[(usize, Poison)] {
         &self.rejected
+    }
+
+    /// Records whose dead letter was written without the payload, which the broker could not
+    /// take: their index, ascending. The caller keeps these events whole elsewhere.
+    pub fn payload_omitted(&self) -> &[usize] {
+        &self.payload_omitted
     }
 
     /// Records that were already at the broker (in their topic or the dead-letter
@@ -87,6 +98,8 @@ enum Fate {
 pub struct Ledger<'a> {
     batch: &'a [Record],
     fates: Vec<Fate>,
+    /// Per record: its dead letter was written without the payload.
+    omitted: Vec<bool>,
 }
 
 impl<'a> Ledger<'a> {
@@ -95,6 +108,7 @@ impl<'a> Ledger<'a> {
         Ledger {
             batch,
             fates: vec![Fate::Sent; batch.len()],
+            omitted: vec![false; batch.len()],
         }
     }
 
@@ -118,6 +132,18 @@ impl<'a> Ledger<'a> {
         if !matches!(fate, Fate::Duplicate) {
             *fate = Fate::Rejected(poison);
         }
+    }
+
+    /// Record `i`'s dead letter is written without its payload (the broker cannot take it);
+    /// reported in [`Delivery::payload_omitted`] unless the record turns out a duplicate.
+    pub fn omit_payload(&mut self, i: usize) {
+        self.at(i);
+        self.omitted[i] = true;
+    }
+
+    /// Whether record `i`'s dead letter goes without its payload.
+    pub fn is_payload_omitted(&self, i: usize) -> bool {
+        self.omitted[i]
     }
 
     /// Record `i` was already at the broker.
@@ -161,10 +187,19 @@ impl<'a> Ledger<'a> {
     pub fn finish(self) -> Delivery {
         let mut delivery = Delivery::default();
         for (i, fate) in self.fates.into_iter().enumerate() {
-            match fate {
-                Fate::Sent => {}
-                Fate::Rejected(p) => delivery.rejected.push((i, p)),
-                Fate::Duplicate => delivery.duplicates.push(i),
+            let dead_letter = match fate {
+                Fate::Sent => self.batch[i].poison.is_some(),
+                Fate::Rejected(p) => {
+                    delivery.rejected.push((i, p));
+                    true
+                }
+                Fate::Duplicate => {
+                    delivery.duplicates.push(i);
+                    false
+                }
+            };
+            if dead_letter && self.omitted[i] {
+                delivery.payload_omitted.push(i);
             }
         }
         delivery
@@ -321,6 +356,24 @@ mod tests {
         );
         assert!(ledger.any_dead_letter());
         assert_eq!(ledger.rejections().count(), 1);
+    }
+
+    #[test]
+    fn an_omitted_payload_is_reported_only_for_a_dead_letter_written_now() {
+        let mut records = batch(4);
+        records[3] = Record::dead_letter(
+            records[3].event.clone(),
+            Poison::new(PoisonKind::TooLarge, "big"),
+        );
+        let mut ledger = Ledger::new(&records);
+        ledger.reject(0, refused("too large"));
+        ledger.omit_payload(0);
+        ledger.omit_payload(1); // sent to its topic: no dead letter
+        ledger.reject(2, refused("too large"));
+        ledger.omit_payload(2);
+        ledger.duplicate(2); // its dead letter was already there
+        ledger.omit_payload(3);
+        assert_eq!(ledger.finish().payload_omitted(), [0, 3]);
     }
 
     #[test]

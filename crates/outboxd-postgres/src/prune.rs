@@ -57,14 +57,25 @@ pub struct PruneSpec<'a> {
     pub older_than_secs: u64,
     /// Rows per delete.
     pub batch_rows: u32,
+    /// The column of the event id, when `outboxd.dead_letters` exists: rows of events kept
+    /// there (their dead letter went without the payload) are not deleted.
+    pub keep_dead_letters: Option<&'a str>,
 }
 
 impl PruneSpec<'_> {
-    /// The rows older than the retention that `horizon` proves confirmed.
+    /// The rows older than the retention that `horizon` proves confirmed, less those of
+    /// events kept in `outboxd.dead_letters`.
     fn selection(&self) -> String {
+        let kept = self.keep_dead_letters.map_or_else(String::new, |id| {
+            format!(
+                " AND NOT EXISTS (SELECT 1 FROM outboxd.dead_letters d \
+                 WHERE d.event_id = o.{}::text)",
+                quote_ident(id)
+            )
+        });
         format!(
-            "FROM {} WHERE created_at < now() - make_interval(secs => $1::float8) \
-             AND age(xmin) > age($2::text::xid)",
+            "FROM {} o WHERE created_at < now() - make_interval(secs => $1::float8) \
+             AND age(o.xmin) > age($2::text::xid){kept}",
             self.table.quoted()
         )
     }

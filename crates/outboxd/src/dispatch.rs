@@ -18,6 +18,10 @@
 //! ([`RETRY_INITIAL`], doubling up to [`RETRY_MAX`], with jitter), as often as it takes; the
 //! broker is reported down meanwhile. A permanent error ends the driver with that error.
 //!
+//! A dead letter the broker could not take with its payload (`Delivery::payload_omitted`) is
+//! kept whole in Postgres first ([`crate::dead_letters`]): only then is the batch
+//! acknowledged.
+//!
 //! Each acknowledgement is the number of records acknowledged since the session began, which
 //! is what [`outboxd_core::Checkpoint::ack`] takes; records the broker dead-lettered or already
 //! held count as acknowledged (and in their metrics, not as forwarded). Acknowledging also
@@ -57,13 +61,19 @@ pub struct DispatchOptions {
     pub spans: Option<Spans>,
 }
 
+/// Where the events whose dead letter went without its payload are kept before they count as
+/// delivered; `None` (tests with a fake sink) keeps nothing: such a batch then fails.
+pub type DeadLetterKeeper = Option<crate::dead_letters::Keeper>;
+
 /// Sends records until the channel closes (then returns `Ok`) or the sink fails permanently.
+#[allow(clippy::too_many_arguments)] // each is one of the driver's own ends; see the module docs
 pub async fn run<S: Sink>(
     mut sink: S,
     mut records: mpsc::Receiver<Queued>,
     acks: mpsc::UnboundedSender<u64>,
     budget: Arc<Semaphore>,
     options: DispatchOptions,
+    mut keeper: DeadLetterKeeper,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
 ) -> Result<(), SinkError> {
@@ -83,6 +93,17 @@ pub async fn run<S: Sink>(
         let delivery =
             send_until_accepted(&mut sink, &batch, &mut backoff, &options, &metrics, &status)
                 .await?;
+        if !delivery.payload_omitted().is_empty() {
+            match keeper.as_mut() {
+                Some(keeper) => keeper.keep(&batch, &delivery).await?,
+                None => {
+                    return Err(SinkError::permanent(
+                        "keeping dead letters without their payload",
+                        "no keeper",
+                    ));
+                }
+            }
+        }
         account(&batch, &delivery, &metrics, options.spans.as_ref());
         acknowledged += batch.len() as u64;
         batch.clear();
@@ -400,6 +421,7 @@ mod tests {
                         broker: "fake",
                         spans: None,
                     },
+                    None,
                     metrics.clone(),
                     status.clone(),
                 ));

@@ -11,6 +11,7 @@ pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dead_letters;
 pub mod dispatch;
 pub mod failpoint;
 #[cfg(test)]

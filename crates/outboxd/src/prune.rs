@@ -37,6 +37,9 @@ pub struct Pruning {
     pub older_than: Duration,
     /// Rows per delete.
     pub batch_rows: u32,
+    /// The event id's column, when `outboxd.dead_letters` exists: the rows of events kept
+    /// there are not deleted.
+    pub keep_dead_letters: Option<String>,
 }
 
 impl Pruning {
@@ -45,6 +48,7 @@ impl Pruning {
             table: &self.table,
             older_than_secs: self.older_than.as_secs(),
             batch_rows: self.batch_rows,
+            keep_dead_letters: self.keep_dead_letters.as_deref(),
         }
     }
 }
@@ -79,10 +83,23 @@ pub async fn prepare(
             prune::grant_sql(&table, &role)
         );
     }
+    // Rows whose event's dead letter lacks the payload stay (their whole event is kept in
+    // outboxd.dead_letters too), so that they can be replayed once the broker takes them.
+    let id = &config.route.id_column;
+    let kept: bool = client
+        .query_one(
+            "SELECT to_regclass('outboxd.dead_letters') IS NOT NULL \
+                    AND has_table_privilege('outboxd.dead_letters', 'SELECT')",
+            &[],
+        )
+        .await?
+        .get(0);
+    let keep_dead_letters = (kept && table.columns.iter().any(|c| c == id)).then(|| id.clone());
     Ok(Pruning {
         table,
         older_than,
         batch_rows: config.postgres.prune_batch_rows,
+        keep_dead_letters,
     })
 }
 

@@ -60,6 +60,12 @@ pub trait BrokerUnderTest {
     /// committed (Kafka: a `read_committed` consumer). Empty when the topic does not exist.
     async fn read(&self, topic: &str) -> Vec<Arrived>;
 
+    /// [`section`](Self::section) with the broker's size limit at its default (about 1 MB)
+    /// where the sink's own is larger (Redis), so that a 2 MB event is too large.
+    fn limited_section(&self) -> String {
+        self.section()
+    }
+
     /// Makes the broker itself refuse events sent to `topic` (set up before outboxd
     /// starts), and says how it refuses; `None` when this broker cannot be made to.
     async fn refuse(&self, topic: &str) -> Option<Refusal>;
@@ -137,11 +143,14 @@ impl Delivery {
 /// Postgres, the outbox, and a configuration for `broker` with `delivery` and more `[sink]`
 /// lines; `outboxd setup` done.
 async fn start_env<B: BrokerUnderTest>(broker: &B, delivery: Delivery, sink: &str) -> SinkEnv {
+    start_env_with(broker.section(), B::KIND, delivery, sink).await
+}
+
+/// [`start_env`] with the broker's section `section`.
+async fn start_env_with(section: String, kind: &str, delivery: Delivery, sink: &str) -> SinkEnv {
     SinkEnv::start(&format!(
-        "[sink]\nkind = \"{}\"\ndelivery = \"{}\"\n{sink}\n\n{}",
-        B::KIND,
+        "[sink]\nkind = \"{kind}\"\ndelivery = \"{}\"\n{sink}\n\n{section}",
         delivery.as_str(),
-        broker.section()
     ))
     .await
 }
@@ -238,6 +247,11 @@ macro_rules! conformance_tests {
                 $crate::support::conformance::Delivery::EffectivelyOnce,
             )
             .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_event_too_large_for_the_broker_is_kept_whole_and_its_row_is_not_pruned() {
+            $crate::support::conformance::scenarios::too_large_event_is_kept_whole($start).await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

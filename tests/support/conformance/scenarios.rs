@@ -14,8 +14,8 @@ use super::{
 };
 use crate::support::{
     Delivered, Load, Outboxd, Rng, SinkEnv, assert_each_once, check_complete_and_ordered,
-    confirmed_flush, emit_txn, metric_value, wait_slot_active, wait_until, wal_insert_lsn,
-    write_events,
+    confirmed_flush, emit_txn, metric_value, output_text, wait_slot_active, wait_until,
+    wal_insert_lsn, write_events,
 };
 
 /// How long a wait for events may take: long for a loaded machine, still a bound.
@@ -280,6 +280,83 @@ pub async fn poison<B: BrokerUnderTest>(broker: B, delivery: Delivery) {
             .collect::<Vec<_>>()
             .join(", "),
         arrived.len()
+    );
+}
+
+/// A 2 MB event, over the broker's limit (about 1 MB by default): its dead letter goes
+/// without the payload and says where the event is kept; the whole event is in
+/// `outboxd.dead_letters`; `prune` keeps its row while deleting the others; the events around
+/// it flow.
+pub async fn too_large_event_is_kept_whole<B: BrokerUnderTest>(broker: B) {
+    let env =
+        super::start_env_with(broker.limited_section(), B::KIND, Delivery::AtLeastOnce, "").await;
+    let db = env.db().await;
+    db.batch_execute("GRANT DELETE ON outbox TO outboxd")
+        .await
+        .expect("grant delete");
+    let mut outboxd = env.run();
+    emit_txn(&db, 0, 5, 2).await;
+    let big: String = db
+        .query_one(
+            "SELECT outbox_emit('order', 'k0', 'order.created', \
+                    jsonb_build_object('seq', 1000000, 'pad', repeat('x', 2000000)))::text",
+            &[],
+        )
+        .await
+        .expect("emit a 2 MB event")
+        .get(0);
+    emit_txn(&db, 5, 5, 2).await;
+    let (arrived, _) = settle(&broker, &db, 10, 2, ARRIVAL).await;
+    assert!(arrived.iter().all(|a| a.seq() != 1_000_000));
+    wait_count(&broker, DEAD_LETTER, 1, ARRIVAL).await;
+    let dead = broker.read(DEAD_LETTER).await;
+    let letter = dead_letter(&dead, "too_large");
+    assert_eq!(letter.header("id"), Some(big.as_str()), "{letter:#?}");
+    assert!(
+        letter.payload.is_empty(),
+        "the dead letter fits: {} bytes",
+        letter.payload.len()
+    );
+    assert!(
+        letter
+            .header("detail")
+            .is_some_and(|d| d.contains("outboxd.dead_letters")),
+        "{letter:#?}"
+    );
+    // Kept before the slot may pass it (the dead letter may be read a moment before).
+    wait_until("the event kept in outboxd.dead_letters", ARRIVAL, || async {
+        db.query_opt("SELECT 1 FROM outboxd.dead_letters WHERE event_id = $1", &[&big])
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    let kept = db
+        .query_one(
+            "SELECT reason, length(payload), topic FROM outboxd.dead_letters WHERE event_id = $1",
+            &[&big],
+        )
+        .await
+        .expect("the event is kept whole");
+    assert_eq!(kept.get::<_, String>(0), "too_large");
+    assert!(kept.get::<_, i32>(1) > 2_000_000);
+    assert_eq!(kept.get::<_, String>(2), TOPIC);
+    // Pruning deletes every confirmed row but that one.
+    let out = env.command_with(&["prune", "--older-than", "0s"], &[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let left: Vec<String> = db
+        .query("SELECT id::text FROM outbox", &[])
+        .await
+        .expect("read the outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, [big], "only the row of the kept event stays");
+    assert!(outboxd.is_running(), "{}", outboxd.log_text());
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+    println!(
+        "{}: a 2 MB event dead-lettered without its payload, kept whole in outboxd.dead_letters, its row kept by prune",
+        B::KIND
     );
 }
 

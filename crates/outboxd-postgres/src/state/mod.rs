@@ -14,6 +14,7 @@
 //! grants). `setup` creates it itself when it is missing and the role may (a superuser, or a
 //! role with CREATE on the database), from the same file.
 
+pub mod dead_letters;
 pub mod keys;
 pub mod slots;
 
@@ -61,7 +62,8 @@ pub enum StateError {
 }
 
 impl StateError {
-    pub(crate) fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
+    /// A failure of Postgres while doing `what`.
+    pub fn pg(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StateError {
         move |source| StateError::Postgres { what, source }
     }
 }

@@ -150,7 +150,8 @@ impl Outgoing {
         }
         let mut noted = poison.clone();
         noted.detail.push_str(&format!(
-            "; payload ({} bytes) omitted from this dead-letter message to fit message.max.bytes ({max_bytes})",
+            "; payload ({} bytes) omitted from this dead-letter message to fit message.max.bytes \
+             ({max_bytes}): the whole event is kept in Postgres, table outboxd.dead_letters",
             event.payload.len()
         ));
         let without_payload = build(&noted, false, true);
@@ -159,6 +160,11 @@ impl Outgoing {
         }
         noted.detail.push_str(", and so are the row's headers");
         build(&noted, false, false)
+    }
+
+    /// Whether this dead letter of `event` lacks the event's payload (it did not fit).
+    pub(super) fn omits_payload_of(&self, event: &Event) -> bool {
+        !event.payload.is_empty() && self.value.is_empty()
     }
 
     /// An upper bound of the message's size as librdkafka counts it for `message.max.bytes`.

@@ -207,13 +207,12 @@ impl KafkaSink {
         for (i, record) in ledger.batch().iter().enumerate() {
             let event = &record.event;
             if let Some(poison) = &record.poison {
-                first.push(Some(Outgoing::dead_letter(
-                    event,
-                    poison,
-                    dead_letter,
-                    max,
-                    &self.config.shape,
-                )));
+                let letter =
+                    Outgoing::dead_letter(event, poison, dead_letter, max, &self.config.shape);
+                if letter.omits_payload_of(event) {
+                    ledger.omit_payload(i);
+                }
+                first.push(Some(letter));
                 continue;
             }
             let message = match Outgoing::event(event, &self.config.shape) {
@@ -263,20 +262,29 @@ impl KafkaSink {
     }
 
     /// Round 2: the records Kafka (or the size check) refused, to the dead-letter topic.
-    async fn dead_letter_round(&mut self, ledger: &Ledger<'_>) -> Result<(), SinkError> {
+    async fn dead_letter_round(&mut self, ledger: &mut Ledger<'_>) -> Result<(), SinkError> {
         let dead_letter = self.config.dead_letter.clone();
+        let mut omitted = Vec::new();
         let second: Vec<Option<Outgoing>> = ledger
             .rejections()
             .map(|(i, poison)| {
-                Some(Outgoing::dead_letter(
-                    &ledger.batch()[i].event,
+                let event = &ledger.batch()[i].event;
+                let letter = Outgoing::dead_letter(
+                    event,
                     poison,
                     &dead_letter,
                     self.max_message_bytes,
                     &self.config.shape,
-                ))
+                );
+                if letter.omits_payload_of(event) {
+                    omitted.push(i);
+                }
+                Some(letter)
             })
             .collect();
+        for i in omitted {
+            ledger.omit_payload(i);
+        }
         if second.is_empty() {
             return Ok(());
         }
@@ -324,7 +332,7 @@ impl Sink for KafkaSink {
             .await?;
         let outcomes = self.round(&first).await?;
         self.judge_round(&mut ledger, outcomes)?;
-        self.dead_letter_round(&ledger).await?;
+        self.dead_letter_round(&mut ledger).await?;
         Ok(ledger.finish())
     }
 

@@ -74,8 +74,14 @@ impl Outgoing {
         })
     }
 
-    /// The dead letter of `event` for `poison`, to `subject`.
-    pub fn dead_letter(event: &Event, poison: &Poison, subject: &str) -> Outgoing {
+    /// The dead letter of `event` for `poison`, to `subject`; `with_payload`: false when the
+    /// broker cannot take it (the dead letter then says where the event is kept).
+    pub fn dead_letter(
+        event: &Event,
+        poison: &Poison,
+        subject: &str,
+        with_payload: bool,
+    ) -> Outgoing {
         let mut headers = HeaderMap::new();
         let id = format!("{}:dead-letter", message_id(event));
         headers.insert("Nats-Msg-Id", id.as_str());
@@ -84,14 +90,42 @@ impl Outgoing {
         headers.insert("type", lossy(&event.event_type));
         headers.insert("key", lossy(&event.key));
         headers.insert("headers", lossy(&event.headers.json));
-        for (name, value) in dead_letter::context(event, poison) {
+        let mut poison = poison.clone();
+        if !with_payload {
+            poison.detail.push_str(&format!(
+                "; payload ({} bytes) omitted from this dead letter, which NATS would not take \
+                 with it: the whole event is kept in Postgres, table outboxd.dead_letters",
+                event.payload.len()
+            ));
+        }
+        for (name, value) in dead_letter::context(event, &poison) {
             headers.insert(name, lossy(&value));
         }
         Outgoing {
             subject: subject.to_owned(),
             headers,
-            payload: event.payload.clone(),
+            payload: if with_payload {
+                event.payload.clone()
+            } else {
+                Bytes::new()
+            },
         }
+    }
+
+    /// About how many bytes the message takes on the wire (headers and payload), to compare
+    /// with the server's `max_payload`.
+    pub fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|v| name_text(name).len() + v.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum();
+        headers + 16 + self.payload.len()
     }
 }
 
@@ -222,7 +256,7 @@ mod tests {
     fn a_dead_letter_carries_the_context_under_its_own_id() {
         let e = event("outbox.order", &[("note", "two\nlines")]);
         let poison = Poison::new(PoisonKind::Rejected, "header \"note\" holds a line break");
-        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq");
+        let m = Outgoing::dead_letter(&e, &poison, "outboxd.dlq", true);
         assert_eq!(m.subject, "outboxd.dlq");
         assert_eq!(header(&m, "reason"), Some("rejected"));
         assert_eq!(header(&m, "topic"), Some("outbox.order"));

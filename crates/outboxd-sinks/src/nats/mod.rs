@@ -190,20 +190,42 @@ impl NatsSink {
         ))
     }
 
-    /// The message of record `i`: the event to its subject, or its dead letter.
-    fn outgoing(&self, ledger: &mut Ledger<'_>, i: usize) -> Outgoing {
+    /// The message of record `i`: the event to its subject, or its dead letter. A dead letter
+    /// that would be over the server's `max_payload` (`max`) goes without the payload.
+    fn outgoing(&self, ledger: &mut Ledger<'_>, i: usize, max: usize) -> Outgoing {
         let event = &ledger.batch()[i].event;
-        if let Some(poison) = ledger.poison(i) {
-            return Outgoing::dead_letter(event, poison, &self.config.dead_letter);
-        }
-        match Outgoing::event(event, &self.config.subject_prefix) {
-            Ok(message) => message,
-            Err(poison) => {
-                let letter = Outgoing::dead_letter(event, &poison, &self.config.dead_letter);
-                ledger.reject(i, poison);
-                letter
+        let poison = match ledger.poison(i) {
+            Some(poison) => poison.clone(),
+            None => match Outgoing::event(event, &self.config.subject_prefix) {
+                Ok(message) => return message,
+                Err(poison) => {
+                    ledger.reject(i, poison.clone());
+                    poison
+                }
+            },
+        };
+        self.dead_letter(ledger, i, &poison, max)
+    }
+
+    /// The dead letter of record `i`: with its payload when it fits in `max` bytes and the
+    /// payload was not already found too large for the dead-letter stream.
+    fn dead_letter(
+        &self,
+        ledger: &mut Ledger<'_>,
+        i: usize,
+        poison: &Poison,
+        max: usize,
+    ) -> Outgoing {
+        let event = &ledger.batch()[i].event;
+        let subject = &self.config.dead_letter;
+        if !ledger.is_payload_omitted(i) {
+            let letter = Outgoing::dead_letter(event, poison, subject, true);
+            if letter.size() <= max || event.payload.is_empty() {
+                return letter;
             }
         }
+        ledger.omit_payload(i);
+        Outgoing::dead_letter(event, poison, subject, false)
     }
 
     /// Publishes `messages` in order; a message the client refuses before sending (over the
@@ -215,8 +237,9 @@ impl NatsSink {
         indexes: &[usize],
     ) -> Result<Vec<(usize, PublishAckFuture)>, SinkError> {
         let mut pending = Vec::with_capacity(indexes.len());
+        let max = js.client().server_info().max_payload;
         for &i in indexes {
-            let m = self.outgoing(ledger, i);
+            let m = self.outgoing(ledger, i, max);
             let published = js
                 .publish_with_headers(m.subject.clone(), m.headers.clone(), m.payload.clone())
                 .await;
@@ -230,12 +253,8 @@ impl NatsSink {
                         PoisonKind::TooLarge,
                         format!("nats refused the message: {e}"),
                     );
-                    let letter = Outgoing::dead_letter(
-                        &ledger.batch()[i].event,
-                        &poison,
-                        &self.config.dead_letter,
-                    );
-                    ledger.reject(i, poison);
+                    ledger.reject(i, poison.clone());
+                    let letter = self.dead_letter(ledger, i, &poison, max);
                     js.publish_with_headers(letter.subject, letter.headers, letter.payload)
                         .await
                         .map_err(|e| publish_error(&self.config.dead_letter, e, true))?
@@ -357,12 +376,22 @@ impl Sink for NatsSink {
             // The stream refused these alone (too large for it): their dead letters now.
             let pending = self.publish_all(&js, &mut ledger, &refused).await?;
             let again = self.read_acks(&mut ledger, pending).await?;
-            if let Some(&i) = again.first() {
-                return Err(SinkError::permanent(
-                    "the dead-letter subject refused a message (check sink.dead_letter and the \
-                     stream that stores it)",
-                    format!("record {i} of the batch"),
-                ));
+            // A dead letter the dead-letter stream finds too large: once more, without the
+            // payload (the whole event is kept in Postgres).
+            let retry: Vec<usize> = again
+                .iter()
+                .copied()
+                .filter(|&i| !ledger.is_payload_omitted(i))
+                .collect();
+            if again.len() == retry.len() && !retry.is_empty() {
+                retry.iter().for_each(|&i| ledger.omit_payload(i));
+                let pending = self.publish_all(&js, &mut ledger, &retry).await?;
+                let last = self.read_acks(&mut ledger, pending).await?;
+                if let Some(&i) = last.first() {
+                    return Err(dead_letter_refused(i));
+                }
+            } else if let Some(&i) = again.first() {
+                return Err(dead_letter_refused(i));
             }
         }
         Ok(ledger.finish())
@@ -404,6 +433,15 @@ impl Sink for NatsSink {
             )),
         }
     }
+}
+
+/// The dead-letter subject's stream refused record `i`'s dead letter even without payload.
+fn dead_letter_refused(i: usize) -> SinkError {
+    SinkError::permanent(
+        "the dead-letter subject refused a message (check sink.dead_letter and the stream that \
+         stores it)",
+        format!("record {i} of the batch"),
+    )
 }
 
 /// Creates the stream when it does not exist (an existing one is left as it is).

@@ -37,8 +37,9 @@
 //! An event larger than `max_event_bytes` is dead-lettered as `too_large` before it is sent:
 //! Redis answers an argument over its `proto-max-bulk-len` by closing the connection, which
 //! would otherwise look like an outage and stall the stream. Its dead-letter entry carries an
-//! empty payload (and empty headers if those are too large too); the row is in the outbox
-//! table under its id.
+//! empty payload (and empty headers if those are too large too), and is reported in
+//! `Delivery::payload_omitted`: outboxd keeps the whole event in Postgres
+//! (`outboxd.dead_letters`) before it counts it as delivered.
 
 //!
 //! The files: `config` (the section `[sink.redis]` and the plugin), `transaction`
@@ -243,6 +244,10 @@ impl RedisSink {
         let limit = self.config.max_event_bytes;
         for (i, r) in ledger.batch().iter().enumerate() {
             if r.poison.is_some() {
+                // Already a dead letter: too large, it goes without its payload.
+                if entry_bytes(&r.event) > limit && !r.event.payload.is_empty() {
+                    ledger.omit_payload(i);
+                }
                 continue;
             }
             if self.config.envelope != Envelope::Plain
@@ -254,10 +259,12 @@ impl RedisSink {
             let size = entry_bytes(&r.event);
             if size > limit {
                 let detail = format!(
-                    "the event is {size} bytes, over sink.redis.max_event_bytes = {limit}; \
-                     its payload is not copied here: read it from the outbox table by id"
+                    "the event is {size} bytes, over sink.redis.max_event_bytes = {limit}; its \
+                     payload is not copied here: the whole event is kept in Postgres, table \
+                     outboxd.dead_letters"
                 );
                 ledger.reject(i, Poison::new(PoisonKind::TooLarge, detail));
+                ledger.omit_payload(i);
             }
         }
     }

@@ -188,6 +188,7 @@ mod tests {
                 broker: "fake",
                 spans: None,
             },
+            None,
             metrics.clone(),
             Arc::new(Status::default()),
         ));

@@ -203,6 +203,10 @@ impl Session<'_> {
                     broker: settings.broker,
                     spans: settings.spans.clone(),
                 },
+                Some(crate::dead_letters::Keeper::new(
+                    settings.conn.clone(),
+                    settings.slot.clone(),
+                )),
                 self.metrics.clone(),
                 self.status.clone(),
             ),

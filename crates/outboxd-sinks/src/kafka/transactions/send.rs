@@ -132,6 +132,9 @@ impl KafkaSink {
                     }
                 },
             };
+            if ledger.poison(i).is_some() && message.omits_payload_of(&record.event) {
+                ledger.omit_payload(i);
+            }
             messages.push(Some(message));
         }
         messages
