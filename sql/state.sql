@@ -42,8 +42,8 @@ CREATE TABLE IF NOT EXISTS outboxd.slots (
     -- when (written at most once a minute).
     confirmed_lsn pg_lsn,
     confirmed_at  timestamptz,
-    -- Set when an operator decided about the slot: dropped it (`outboxd slot drop`), or
-    -- replaced a lost one (`setup --new-slot`, `setup --backfill-where`).
+    -- Set when an operator decided about a lost slot (dropped, invalidated, or left on a
+    -- failed primary): replaced it with `setup --backfill-where` or `setup --new-slot`.
     retired_at    timestamptz,
     retired_note  text,
     PRIMARY KEY (slot, created_at)

@@ -302,3 +302,72 @@ async fn credentials_in_the_url_authenticate() {
         assert!(!log.contains("wrong-"), "the secret shows: {log}");
     }
 }
+
+/// A subject no JetStream stream takes is the broker refusing the events, not poison: nothing
+/// is forwarded past it and nothing dead-lettered, outboxd says so (ERROR line, `/readyz`,
+/// `outboxd_sink_refused`), and once a stream takes the subject the events arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_no_stream_takes_stops_forwarding_and_dead_letters_nothing() {
+    let server = NatsServer::start();
+    server.ready().await;
+    let js = server.jetstream().await;
+    // A stream for the dead letters only: outboxd creates none (create_stream = false).
+    js.create_stream(stream::Config {
+        name: "dead".into(),
+        subjects: vec!["outboxd.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let section = format!(
+        "[sink]\nkind = \"nats\"\n[sink.nats]\nurl = \"{}\"\ntimeout_ms = 5000\n",
+        server.url()
+    );
+    let env = support::SinkEnv::start(&section).await;
+    let mut run = env.run();
+    let db = env.db().await;
+    let before = support::wal_insert_lsn(&db).await;
+    support::emit_txn(&db, 0, 20, 4).await;
+    support::wait_refusal(env.http_port, true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        support::confirmed_flush(&db, "outboxd").await <= before,
+        "the slot passed events no stream took"
+    );
+    assert!(server.read("outboxd.dlq").await.is_empty());
+    let log = run.log_text();
+    assert!(
+        log.contains("ERROR") && log.contains("no JetStream stream stores this subject"),
+        "{log}"
+    );
+
+    js.create_stream(stream::Config {
+        name: "outbox".into(),
+        subjects: vec![support::conformance::TOPIC.to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_until("the events in NATS", Duration::from_secs(60), || async {
+        server.read(support::conformance::TOPIC).await.len() >= 20
+    })
+    .await;
+    support::wait_refusal(env.http_port, false).await;
+    let arrived = server.read(support::conformance::TOPIC).await;
+    let seqs: Vec<u64> = arrived
+        .iter()
+        .map(|a| {
+            serde_json::from_str::<serde_json::Value>(&a.payload).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (0..20).collect::<Vec<_>>(),
+        "each once, in commit order"
+    );
+    assert!(server.read("outboxd.dlq").await.is_empty());
+    run.sigterm();
+    assert!(run.wait(Duration::from_secs(30)).success());
+}

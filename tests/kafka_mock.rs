@@ -94,14 +94,8 @@ async fn injected_produce_errors_lose_nothing_and_reorder_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() {
+async fn an_oversized_event_is_dead_lettered_and_later_events_flow() {
     let mock = mock(1);
-    // The broker refuses the topic `outbox.secret` (an ACL would).
-    mock.topic_error(
-        "outbox.secret",
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-    )
-    .unwrap();
     let brokers = mock.bootstrap_servers();
     let settings = KafkaSettings {
         options: "\"message.max.bytes\" = \"20000\"".into(),
@@ -122,19 +116,13 @@ async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() 
         .await
         .unwrap()
         .get(0);
-    db.execute(
-        "SELECT outbox_emit('secret', 'k0', 'secret.created', jsonb_build_object('seq', 2))",
-        &[],
-    )
-    .await
-    .unwrap();
     write_events(&db, 3, 200, 200, 1, 1).await;
 
     let dead = read_topic(&brokers, "outboxd.dlq", Duration::from_secs(60), |m| {
-        m.len() >= 2
+        !m.is_empty()
     })
     .await;
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 1, "{dead:?}");
     let too_large = dead
         .iter()
         .find(|m| m.header("reason") == Some("too_large"))
@@ -152,15 +140,6 @@ async fn oversized_and_refused_events_are_dead_lettered_and_later_events_flow() 
     );
     assert!(too_large.header("lsn").unwrap().contains('/'));
     assert_eq!(too_large.header("index"), Some("0"));
-
-    let refused = dead
-        .iter()
-        .find(|m| m.header("reason") == Some("rejected"))
-        .expect("a rejected dead letter");
-    assert_eq!(refused.header("topic"), Some("outbox.secret"));
-    assert_eq!(refused.seq(), 2);
-    let detail = refused.header("detail").unwrap();
-    assert!(detail.contains("TopicAuthorizationFailed"), "{detail}");
 
     // Everything else arrived, in order, and the stream went on.
     let messages = read_topic(&brokers, "outbox.order", Duration::from_secs(60), |m| {

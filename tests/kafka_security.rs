@@ -290,34 +290,6 @@ async fn a_wrong_password_is_one_clear_line_and_a_non_zero_exit() {
     );
 }
 
-/// Waits until outboxd reports the broker refusing (`refusing`) or taking the events again:
-/// the metric, and `/readyz`.
-async fn wait_refusal(port: u16, refusing: bool) {
-    wait_until(
-        if refusing {
-            "outboxd to report the refusal"
-        } else {
-            "outboxd to report it over"
-        },
-        Duration::from_secs(60),
-        || async move {
-            let metric = metric_value(port, "outboxd_sink_refused")
-                .await
-                .unwrap_or(-1.0);
-            let ready = http_get(port, "/readyz").await;
-            let said = ready
-                .as_ref()
-                .is_some_and(|(code, body)| *code == 503 && body.contains("refuses the events"));
-            if refusing {
-                metric == 1.0 && said
-            } else {
-                metric == 0.0 && ready.is_some_and(|(code, _)| code == 200)
-            }
-        },
-    )
-    .await;
-}
-
 /// Kafka with an authorizer: outboxd (SCRAM user `outboxd`) may write the topic and the
 /// dead-letter topic. Its ACL on the topic is revoked while events are committed: nothing goes
 /// to the dead-letter topic, the slot stays before them, and they arrive once the ACL is back.

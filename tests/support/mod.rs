@@ -1096,6 +1096,34 @@ pub async fn metric_value(port: u16, series: &str) -> Option<f64> {
     metric(&text, series)
 }
 
+/// Waits until outboxd reports the broker refusing (`refusing`) or taking the events again:
+/// the metric, and `/readyz`.
+pub async fn wait_refusal(port: u16, refusing: bool) {
+    wait_until(
+        if refusing {
+            "outboxd to report the refusal"
+        } else {
+            "outboxd to report it over"
+        },
+        Duration::from_secs(60),
+        || async move {
+            let metric = metric_value(port, "outboxd_sink_refused")
+                .await
+                .unwrap_or(-1.0);
+            let ready = http_get(port, "/readyz").await;
+            let said = ready
+                .as_ref()
+                .is_some_and(|(code, body)| *code == 503 && body.contains("refuses the events"));
+            if refusing {
+                metric == 1.0 && said
+            } else {
+                metric == 0.0 && ready.is_some_and(|(code, _)| code == 200)
+            }
+        },
+    )
+    .await;
+}
+
 /// A finished command's stdout and stderr, for messages and searches.
 pub fn output_text(out: &Output) -> String {
     format!(

@@ -24,6 +24,14 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// The most distinct `topic` label values a metric gets: topics come from row data, and a
+/// label value per distinct topic could grow without end. Events of further topics are
+/// counted under [`OTHER_TOPICS`].
+pub const MAX_TOPIC_LABELS: usize = 1000;
+
+/// The `topic` label of the events of topics beyond [`MAX_TOPIC_LABELS`].
+pub const OTHER_TOPICS: &str = "_other";
+
 /// Now, in microseconds since the Unix epoch (the unit of `Event::commit_time_micros`).
 pub fn unix_micros_now() -> i64 {
     SystemTime::now()
@@ -73,6 +81,10 @@ pub struct Metrics {
     /// `messages_refused_total{reason}`: logical decoding messages with one of outboxd's
     /// prefixes that were not acted on (not transactional, not signed), by reason.
     pub messages_refused: Family<ReasonLabel, Counter>,
+    /// The topics that have a label value of their own (at most [`MAX_TOPIC_LABELS`]).
+    topics: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Whether [`MAX_TOPIC_LABELS`] was reached (said once).
+    topics_capped: std::sync::atomic::AtomicBool,
     /// Sum of `events_forwarded` over all topics, for the summary log.
     forwarded_all: AtomicU64,
     /// Sum of `events_dead_lettered` over all reasons, for the summary log.
@@ -180,6 +192,8 @@ impl Metrics {
                 "Logical decoding messages with an outboxd prefix not acted on (not transactional, not signed), by reason",
                 Family::default(),
             ),
+            topics: std::sync::Mutex::default(),
+            topics_capped: std::sync::atomic::AtomicBool::new(false),
             forwarded_all: AtomicU64::new(0),
             dead_lettered_all: AtomicU64::new(0),
             registry: r,
@@ -203,9 +217,7 @@ impl Metrics {
     ) {
         for (topic, n) in forwarded {
             self.events_forwarded
-                .get_or_create(&TopicLabel {
-                    topic: topic.to_owned(),
-                })
+                .get_or_create(&self.topic_label(topic))
                 .inc_by(n);
             self.forwarded_all.fetch_add(n, Ordering::Relaxed);
         }
@@ -223,10 +235,34 @@ impl Metrics {
     pub fn record_already_delivered<'a>(&self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
         for (topic, n) in counts {
             self.events_already_delivered
-                .get_or_create(&TopicLabel {
-                    topic: topic.to_owned(),
-                })
+                .get_or_create(&self.topic_label(topic))
                 .inc_by(n);
+        }
+    }
+
+    /// The label of `topic`: itself while fewer than [`MAX_TOPIC_LABELS`] topics have one,
+    /// [`OTHER_TOPICS`] after (said once).
+    fn topic_label(&self, topic: &str) -> TopicLabel {
+        let own = match self.topics.lock() {
+            Ok(topics) if topics.contains(topic) => true,
+            Ok(mut topics) if topics.len() < MAX_TOPIC_LABELS => {
+                topics.insert(topic.to_owned());
+                true
+            }
+            Ok(_) => {
+                if !self.topics_capped.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        topic,
+                        "{MAX_TOPIC_LABELS} topics have their own metric label; events of \
+                         further topics are counted under topic=\"{OTHER_TOPICS}\""
+                    );
+                }
+                false
+            }
+            Err(_) => false,
+        };
+        TopicLabel {
+            topic: if own { topic } else { OTHER_TOPICS }.to_owned(),
         }
     }
 
@@ -254,6 +290,26 @@ impl Default for Metrics {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn topic_labels_are_bounded() {
+        let m = super::Metrics::new();
+        let topics: Vec<String> = (0..super::MAX_TOPIC_LABELS + 5)
+            .map(|i| format!("t{i}"))
+            .collect();
+        m.record_batch(topics.iter().map(|t| (t.as_str(), 1)), []);
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("outboxd_events_forwarded_total{"))
+            .count();
+        assert_eq!(series, super::MAX_TOPIC_LABELS + 1);
+        assert!(
+            text.contains("outboxd_events_forwarded_total{topic=\"_other\"} 5"),
+            "{text}"
+        );
+        assert_eq!(m.forwarded_total(), topics.len() as u64);
+    }
+
     use super::*;
 
     /// Metric families as the exposition names them (`# TYPE <name> <type>`).

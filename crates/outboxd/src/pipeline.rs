@@ -20,7 +20,9 @@
 //! Memory is bounded by the in-flight budget: at most `max_inflight_events` records and
 //! `max_inflight_bytes` bytes are read and not yet acknowledged. When the budget is spent the
 //! loop stops reading the WAL, pgwire-replication keeps the session alive with status
-//! updates, and TCP flow control holds the walsender back.
+//! updates, and TCP flow control holds the walsender back. The replication client reads at
+//! most `read_ahead_messages(max_inflight_bytes)` messages ahead of the loop (as many 1 MiB
+//! rows as the budget holds), so the read-ahead stays within the budget too.
 //!
 //! Failures. At startup, anything wrong (Postgres unreachable, slot missing, broker
 //! unreachable) stops the process with one clear message. Once streaming, a lost replication
@@ -276,10 +278,22 @@ fn stream_options(settings: &RunSettings, prepared: &Prepared, keys: MessageKeys
             .map(|t| (t.schema.clone(), t.name.clone()))
             .unwrap_or_default(),
         status_interval: settings.status_interval,
-        buffer_messages: 4096,
+        buffer_messages: read_ahead_messages(settings.max_inflight_bytes),
         source: settings.source,
         keys,
     }
+}
+
+/// The row size the read-ahead is sized for: larger rows are rare, and take more.
+const READ_AHEAD_ROW_BYTES: u64 = 1024 * 1024;
+
+/// How many messages the replication client may read ahead of the pipeline: as many rows of
+/// [`READ_AHEAD_ROW_BYTES`] as the in-flight budget holds (16 with the default budget), at
+/// least 16 and at most 4096. While the budget is spent (a broker outage) the client holds
+/// this many messages and stops reading the socket: with rows up to 1 MiB, the read-ahead
+/// takes no more than the budget itself; a larger row counts as one message.
+fn read_ahead_messages(max_inflight_bytes: u64) -> usize {
+    usize::try_from((max_inflight_bytes / READ_AHEAD_ROW_BYTES).clamp(16, 4096)).unwrap_or(4096)
 }
 
 /// Logs why a session ended before the next one starts after `delay`: a slot taken by

@@ -324,11 +324,18 @@ pub async fn too_large_event_is_kept_whole<B: BrokerUnderTest>(broker: B) {
         "{letter:#?}"
     );
     // Kept before the slot may pass it (the dead letter may be read a moment before).
-    wait_until("the event kept in outboxd.dead_letters", ARRIVAL, || async {
-        db.query_opt("SELECT 1 FROM outboxd.dead_letters WHERE event_id = $1", &[&big])
+    wait_until(
+        "the event kept in outboxd.dead_letters",
+        ARRIVAL,
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM outboxd.dead_letters WHERE event_id = $1",
+                &[&big],
+            )
             .await
             .is_ok_and(|r| r.is_some())
-    })
+        },
+    )
     .await;
     let kept = db
         .query_one(

@@ -82,14 +82,19 @@ pub(super) fn server_text_error(what: &'static str, text: &str) -> Option<SinkEr
     } else if PERMANENT_CODES.contains(&code) {
         Some(SinkError::permanent(what, text.to_owned()))
     } else if REFUSED_CODES.contains(&code) {
-        Some(SinkError::refused(
-            "Redis refuses the stream: the ACL user may not write it (grant it the stream's \
-             keys, e.g. ~outbox.* and the dead-letter stream)",
-            text.to_owned(),
-        ))
+        Some(refused_stream(text.to_owned()))
     } else {
         None
     }
+}
+
+/// A refusal of the stream (`NOPERM`), with Redis' words.
+fn refused_stream(text: String) -> SinkError {
+    SinkError::refused(
+        "Redis refuses the stream: the ACL user may not write it (grant it the stream's keys, \
+         e.g. ~outbox.* and the dead-letter stream)",
+        text,
+    )
 }
 
 pub(super) fn is_code(err: &ServerError, codes: &[&str]) -> bool {
@@ -116,7 +121,12 @@ pub(super) fn server_error(what: &'static str, err: &ServerError) -> SinkError {
     if is_code(err, PERMANENT_CODES) {
         SinkError::permanent(what, source)
     } else if is_code(err, REFUSED_CODES) {
-        server_text_error(what, &source).unwrap_or_else(|| SinkError::transient(what, source))
+        // Redis' own words (`NOPERM this user has no permissions ...`), as an operator greps.
+        refused_stream(format!(
+            "{} {}",
+            err.code(),
+            err.details().unwrap_or_default()
+        ))
     } else {
         SinkError::transient(what, source)
     }

@@ -234,7 +234,12 @@ mod tests {
             resp("-EXECABORT Transaction discarded because of previous errors.\r\n"),
         ];
         match read_replies(&replies, 2).unwrap() {
-            Outcome::Aborted(errors) => assert_eq!(codes(&errors), [(0, "NOPERM".into())]),
+            Outcome::Aborted(errors) => {
+                assert_eq!(codes(&errors), [(0, "NOPERM".into())]);
+                // NOPERM refuses the stream, not the entry: the batch waits, loud.
+                let e = server_error("queueing a batch in Redis", &errors[0].1);
+                assert!(e.is_refusal(), "{e}");
+            }
             Outcome::Executed(_) => panic!("aborted"),
         }
     }
