@@ -611,3 +611,79 @@ async fn one_megabyte_rows_through_a_60_s_outage_stay_within_the_memory_bound() 
     );
     assert!(peak <= BOUND_KIB, "peak RSS {peak} KiB over the bound");
 }
+
+// ------------------------------------------------------------------------------ shutdown
+
+/// SIGTERM under load while the broker hangs (Redis SIGSTOPped: it takes the connection and
+/// answers nothing). Once: outboxd gives up the drain and exits 0 within Kubernetes' default
+/// 30 s grace period. Twice: the second signal exits at once (code 130). Either way nothing is
+/// confirmed past what Redis acknowledged before it hung, and the next start delivers every
+/// event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_hung_broker_exits_within_30_s_and_a_second_signal_at_once() {
+    for twice in [false, true] {
+        let env = Env::start().await;
+        let mut outboxd = env.run();
+        let db = env.db().await;
+        let redis = env.redis.connect().await;
+        emit_txn(&db, 0, 100, 4).await;
+        wait_complete(&redis, "outbox.order", 0..100, Duration::from_secs(30)).await;
+
+        env.redis.signal("STOP");
+        let hung_at = wal_insert_lsn(&db).await;
+        write_events(&db, 100, 2000, 50, 4, 0x5157).await;
+        let port = env.http_port;
+        wait_until("events in flight", Duration::from_secs(30), || async move {
+            metric_value(port, "outboxd_inflight_events")
+                .await
+                .is_some_and(|n| n > 0.0)
+        })
+        .await;
+
+        let asked = Instant::now();
+        outboxd.sigterm();
+        let (status, took) = if twice {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let again = Instant::now();
+            outboxd.sigterm();
+            let status = outboxd.wait(Duration::from_secs(10));
+            (status, again.elapsed())
+        } else {
+            let status = outboxd.wait(Duration::from_secs(40));
+            (status, asked.elapsed())
+        };
+        let log = outboxd.log_text();
+        if twice {
+            assert_eq!(status.code(), Some(130), "{log}");
+            assert!(
+                took < Duration::from_secs(1),
+                "{took:?} after the second SIGTERM\n{log}"
+            );
+            assert!(log.contains("second stop signal"), "{log}");
+        } else {
+            assert!(status.success(), "{log}");
+            assert!(
+                took < Duration::from_secs(30),
+                "{took:?} after SIGTERM\n{log}"
+            );
+        }
+        assert!(
+            confirmed_flush(&db, "outboxd").await <= hung_at,
+            "confirmed past what Redis acknowledged\n{log}"
+        );
+        println!(
+            "a hung broker, {}: exited {:.1} s after the {} SIGTERM",
+            if twice {
+                "SIGTERM twice"
+            } else {
+                "SIGTERM once"
+            },
+            took.as_secs_f64(),
+            if twice { "second" } else { "first" }
+        );
+
+        env.redis.signal("CONT");
+        let _again = env.run();
+        wait_complete(&redis, "outbox.order", 0..2100, Duration::from_secs(60)).await;
+    }
+}

@@ -701,6 +701,17 @@ impl Redis {
         }
     }
 
+    /// Sends `signal` (`STOP`: it hangs, taking connections and answering nothing; `CONT`)
+    /// to the server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Stops the server (SIGKILL: everything it held is gone).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -94,9 +94,11 @@ pub enum Command {
     /// Stream outbox events to the broker until stopped.
     ///
     /// SIGTERM or SIGINT: stop reading, wait for in-flight events to be acknowledged (up to
-    /// sink.drain_timeout_ms), confirm the final position to the slot, exit 0.
+    /// sink.drain_timeout_ms, 20 s), confirm the final position to the slot, exit 0: within
+    /// 30 s in all. A second SIGTERM or SIGINT exits at once (code 130); nothing is
+    /// confirmed that the broker did not acknowledge.
     #[command(
-        after_help = "Example:\n  OUTBOXD_POSTGRES__URL=postgres://outboxd:pw@db/app outboxd run --config outboxd.toml"
+        after_help = "Example:\n  OUTBOXD_POSTGRES__URL=postgres://outboxd:pw@db/app outboxd run --config outboxd.toml\n\nExit codes: 0 stopped cleanly, 1 failed, 2 bad configuration, 130 stopped by a second signal."
     )]
     Run,
 

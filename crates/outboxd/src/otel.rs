@@ -78,7 +78,7 @@ impl Exporter {
     pub async fn shutdown(self) {
         let provider = self.provider;
         let done = tokio::task::spawn_blocking(move || {
-            provider.shutdown_with_timeout(Duration::from_secs(5))
+            provider.shutdown_with_timeout(Duration::from_secs(2))
         })
         .await;
         if let Ok(Err(e)) = done {

@@ -114,12 +114,21 @@ where
     S: Sink + 'static,
     F: FnMut(Option<&WalOrigin>) -> Result<S, SinkError>,
 {
+    // A stop asked for during the startup checks (a Postgres or broker that does not answer
+    // yet) is a clean stop: nothing was read.
+    let ready = tokio::select! {
+        ready = preflight(&settings, &mut make_sink) => ready?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped during the startup checks");
+            return Ok(());
+        }
+    };
     let Ready {
         prepared,
         columns,
         column_types,
         keys,
-    } = preflight(&settings, &mut make_sink).await?;
+    } = ready;
     let options = stream_options(&settings, &prepared, keys);
     let session = Session {
         settings: &settings,

@@ -255,6 +255,24 @@ macro_rules! conformance_tests {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_clean_run_logs_no_warning_or_error() {
+            $crate::support::conformance::scenarios::a_clean_run_logs_no_warning_or_error(
+                $start,
+                $crate::support::conformance::Delivery::AtLeastOnce,
+            )
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_clean_effectively_once_run_logs_no_warning_or_error() {
+            $crate::support::conformance::scenarios::a_clean_run_logs_no_warning_or_error(
+                $start,
+                $crate::support::conformance::Delivery::EffectivelyOnce,
+            )
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn kill_9_while_streaming_loses_nothing() {
             $crate::support::conformance::scenarios::kill_9_while_streaming($start).await;
         }

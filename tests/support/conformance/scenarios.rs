@@ -450,6 +450,52 @@ pub async fn kill_9_while_streaming<B: BrokerUnderTest>(broker: B) {
     );
 }
 
+/// The happy path in `delivery`: 500 events in transactions of up to 50 while outboxd
+/// streams, SIGTERM, a restart (which reads back what the first run left: Kafka's offsets
+/// topic, Redis' markers), 500 more, SIGTERM. Every event arrives once, outboxd exits 0 both
+/// times, and neither log holds a WARN or ERROR line: a warning in a clean run teaches
+/// operators to ignore them. (Nothing to do for effectively-once on a sink without it.)
+pub async fn a_clean_run_logs_no_warning_or_error<B: BrokerUnderTest>(
+    broker: B,
+    delivery: Delivery,
+) {
+    const EVENTS: u64 = 1000;
+    const KEYS: u64 = 10;
+    if delivery == Delivery::EffectivelyOnce && !B::EFFECTIVELY_ONCE {
+        return;
+    }
+    let env = start_env(&broker, delivery, "").await;
+    let db = env.db().await;
+    for run in 0..2 {
+        let mut outboxd = env.run();
+        wait_slot_active(&db).await;
+        write_events(&db, run * EVENTS / 2, EVENTS / 2, 50, KEYS, 0xc1ea + run).await;
+        wait_arrived(&broker, TOPIC, 0..(run + 1) * EVENTS / 2, ARRIVAL).await;
+        if run == 1 {
+            let (arrived, all) = settle(&broker, &db, EVENTS, KEYS, ARRIVAL).await;
+            assert_each_once(&arrived, all);
+        }
+        outboxd.sigterm();
+        let status = outboxd.wait(Duration::from_secs(30));
+        let log = outboxd.log_text();
+        assert!(status.success(), "{log}");
+        let alarming: Vec<&str> = log
+            .lines()
+            .filter(|l| matches!(l.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+            .collect();
+        assert!(
+            alarming.is_empty(),
+            "{} ({delivery:?}, run {run}): a clean run logged warnings or errors:\n{}",
+            B::KIND,
+            alarming.join("\n")
+        );
+    }
+    println!(
+        "{} ({delivery:?}): two clean runs, no WARN or ERROR line",
+        B::KIND
+    );
+}
+
 /// Effectively-once: SIGKILLs at 6 random moments while applications write, then a Postgres
 /// restart (on 16 and older the slot can fall back to its last saved position, so forwarded
 /// events come again) and a walsender kill while more are written, 20,000 events or more in

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use outboxd_core::SinkError;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// What to do about an error code from librdkafka or the broker.
@@ -129,6 +130,11 @@ impl ClientContext for Context {
         self.last_error.set(code, reason.to_owned());
     }
 }
+
+/// The offsets topic's consumer reports through the same context: its end-of-partition
+/// "error" (`enable.partition.eof`, how the reader knows it read everything) is normal, and
+/// librdkafka's default context would log it at ERROR at every start.
+impl ConsumerContext for Context {}
 
 /// An error of the client (metadata, Admin, the offsets topic's consumer): permanent when it
 /// is about the credentials, a refusal when it is an authorization, transient otherwise.

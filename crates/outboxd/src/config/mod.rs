@@ -287,7 +287,7 @@ impl Default for SinkConfig {
             linger_ms: 1,
             max_inflight_events: 10_000,
             max_inflight_bytes: 16 * 1024 * 1024,
-            drain_timeout_ms: 30_000,
+            drain_timeout_ms: 20_000,
             envelope: Envelope::Plain,
             source: "outboxd".into(),
             sections: SinkSections::default(),

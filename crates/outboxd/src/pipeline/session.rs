@@ -48,10 +48,12 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a session's tasks get to stop once it ended, before they are aborted. The
 /// dispatcher has ended or been aborted by then; the retention watch stops at once.
-const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Part of the shutdown budget (`crate::commands::run`).
+const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the final position may take to reach Postgres at shutdown.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the final position may take to reach Postgres at shutdown (part of the shutdown
+/// budget).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What one replication session works with; the same for every session of a run.
 pub(super) struct Session<'a> {
@@ -103,7 +105,11 @@ impl Session<'_> {
         S: Sink + 'static,
         F: FnMut(Option<&WalOrigin>) -> Result<S, SinkError>,
     {
-        let (stream, start) = self.open().await?;
+        // A stop while connecting (Postgres not answering) ends here: nothing was read.
+        let (stream, start) = tokio::select! {
+            opened = self.open() => opened?,
+            () = self.shutdown.cancelled() => return Ok(()),
+        };
         let sink = make_sink(Some(stream.origin())).map_err(|source| RunError::Sink {
             broker: self.settings.broker,
             source,

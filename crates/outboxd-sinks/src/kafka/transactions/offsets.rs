@@ -24,7 +24,7 @@ use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::kafka::KafkaSink;
-use crate::kafka::errors::{ErrorClass, classify, client_error};
+use crate::kafka::errors::{Context, ErrorClass, classify, client_error};
 
 /// Producer-only options of `sink.kafka.options` that the offsets topic's consumer is not
 /// given (librdkafka would warn about each).
@@ -201,7 +201,7 @@ fn read_marker_blocking(
     timeout: Duration,
 ) -> Result<Option<Marker>, SinkError> {
     let err = |e| client_error("reading the offsets topic", e);
-    let consumer: BaseConsumer = config.create().map_err(|e| {
+    let consumer: BaseConsumer<Context> = config.create_with_context(Context::default()).map_err(|e| {
         SinkError::permanent(
             "the Kafka consumer configuration for the offsets topic was refused (check sink.kafka.options)",
             e,
