@@ -299,11 +299,12 @@ async fn a_transaction_left_open_by_a_killed_outboxd_is_never_visible() {
     );
 }
 
-/// Fencing for real: outboxd A is frozen (SIGSTOP) inside a Kafka transaction; its walsender
-/// is terminated, so outboxd B (same slot, same `transactional.id`) takes the slot over. B's
-/// producer fences A's (the broker bumps the transactional.id's epoch and aborts A's open
-/// transaction) and delivers everything. A is resumed (SIGCONT): it commits nothing, stops
-/// with one clear line and a non-zero exit, and the consumer sees no duplicate.
+/// Fencing for real: outboxd A is frozen (SIGSTOP) inside a Kafka transaction. Postgres ends
+/// its session after outboxd's `wal_sender_timeout` (10 s), and outboxd B (same slot, same
+/// `transactional.id`, standing by) takes the slot over: forwarding resumes within 15 s of the
+/// freeze. B's producer fences A's (the broker bumps the transactional.id's epoch and aborts
+/// A's open transaction) and delivers everything. A is resumed (SIGCONT): it commits nothing,
+/// stops with one clear line and a non-zero exit, and the consumer sees no duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothing() {
     let kafka = Kafka::single();
@@ -325,12 +326,14 @@ async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothi
     kafka.throttle_producer("outboxd", Some(1_000_000));
     let mut next = 10;
     let mut frozen = false;
+    let mut frozen_at = Instant::now();
     // A kill can land just after a commit on a loaded machine: try up to 15 times.
     for _ in 0..15 {
         emit_padded(&db, next, 4_000, 1000).await;
         next += 4_000;
         if wait_open_transaction(&brokers, Duration::from_secs(60)).await {
             a.signal("STOP");
+            frozen_at = Instant::now();
             let b = brokers.clone();
             frozen = tokio::task::spawn_blocking(move || transaction_open(&b, TOPIC))
                 .await
@@ -345,14 +348,21 @@ async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothi
     kafka.throttle_producer("outboxd", None);
     let committed_when_frozen = count_to_end(&brokers, TOPIC, "read_committed").await;
 
-    // A's walsender goes (as it would after wal_sender_timeout); B takes the slot over.
-    db.batch_execute(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'outboxd'",
-    )
-    .await
-    .unwrap();
+    // B stands by; Postgres ends A's session at its wal_sender_timeout, and B takes over.
     // A, frozen, still holds the HTTP port: B serves none.
     let mut b = env.run_with(&[("OUTBOXD_HTTP__LISTEN", "")]);
+    let b_brokers = brokers.clone();
+    wait_until("B to forward", Duration::from_secs(120), || {
+        let brokers = b_brokers.clone();
+        async move { count_to_end(&brokers, TOPIC, "read_committed").await > committed_when_frozen }
+    })
+    .await;
+    let takeover = frozen_at.elapsed();
+    assert!(
+        takeover < Duration::from_secs(15),
+        "B forwarded {takeover:?} after A froze\n{}",
+        b.log_text()
+    );
     let messages = read_committed_settled(&brokers, TOPIC, 0..next, Duration::from_secs(180)).await;
     assert_each_once(&messages, 0..next);
     let b_log = b.log_text();
@@ -379,7 +389,8 @@ async fn a_frozen_instance_is_fenced_by_the_one_that_took_over_and_commits_nothi
     assert_each_once(&messages, 0..next + 100);
     assert!(b.is_running(), "B stopped:\n{}", b.log_text());
     println!(
-        "fencing: A frozen inside a transaction with {committed_when_frozen} records committed; B took over and delivered all {next}; A resumed and stopped with: {last}; read_committed saw each of {} events once",
+        "fencing: A frozen inside a transaction with {committed_when_frozen} records committed; B forwarded {:.1} s after the freeze and delivered all {next}; A resumed and stopped with: {last}; read_committed saw each of {} events once",
+        takeover.as_secs_f64(),
         next + 100
     );
 }

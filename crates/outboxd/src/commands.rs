@@ -442,6 +442,10 @@ fn run_settings(config: &Config) -> anyhow::Result<RunSettings> {
         source: config.postgres.source.stream_source(),
         route: config.route_spec(),
         status_interval: Duration::from_millis(config.postgres.status_interval_ms),
+        wal_sender_timeout: match config.postgres.wal_sender_timeout_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
         max_batch_events: config.sink.max_batch_events,
         linger: Duration::from_millis(config.sink.linger_ms),
         max_inflight_events: config.sink.max_inflight_events,

@@ -81,6 +81,8 @@ pub struct RunSettings {
     pub route: RouteSpec,
     /// How often confirmed positions are reported.
     pub status_interval: Duration,
+    /// The replication sessions' `wal_sender_timeout` (`None`: the server's).
+    pub wal_sender_timeout: Option<Duration>,
     /// Most records per batch.
     pub max_batch_events: usize,
     /// How long a short batch waits for more records.
@@ -147,7 +149,12 @@ where
             Err(e) if e.is_transient() => e,
             Err(e) => return Err(e),
         };
-        let delay = backoff.next_delay();
+        let delay = match err {
+            // Standing by: look again soon, so that a takeover follows the other session's
+            // end (at most wal_sender_timeout after it stopped answering) within seconds.
+            RunError::Stream(StreamError::SlotInUse { .. }) => STANDBY_POLL,
+            _ => backoff.next_delay(),
+        };
         log_session_end(&settings, &err, delay, &mut waiting_for_slot);
         metrics.reconnects.inc();
         failpoint::hit(failpoint::DURING_RECONNECT);
@@ -157,6 +164,9 @@ where
         }
     }
 }
+
+/// How often an instance standing by (the slot streamed by another session) tries it again.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// What startup found: the slot and table, the columns routes read (and their types, empty
 /// for table-less messages), and the keys messages must be signed with. The broker answered.
@@ -287,6 +297,7 @@ fn stream_options(settings: &RunSettings, prepared: &Prepared, keys: MessageKeys
             .map(|t| (t.schema.clone(), t.name.clone()))
             .unwrap_or_default(),
         status_interval: settings.status_interval,
+        wal_sender_timeout: settings.wal_sender_timeout,
         buffer_messages: read_ahead_messages(settings.max_inflight_bytes),
         source: settings.source,
         keys,

@@ -145,6 +145,7 @@ fuzz_target!(|session: Session| {
         table_oid: OUTBOX_OID,
         table_name: ("public".into(), "outbox".into()),
         status_interval: Duration::from_secs(1),
+        wal_sender_timeout: None,
         buffer_messages: 16,
         source,
         keys: MessageKeys::new([&[5u8; 64][..]]),

@@ -263,6 +263,7 @@ mod tests {
             table_oid: OID,
             table_name: ("public".into(), "outbox".into()),
             status_interval: Duration::from_secs(1),
+            wal_sender_timeout: None,
             buffer_messages: 16,
             source,
             keys: keys(),

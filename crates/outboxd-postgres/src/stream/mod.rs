@@ -55,6 +55,9 @@ pub struct StreamOptions {
     pub table_name: (String, String),
     /// How often confirmed positions are sent to the server.
     pub status_interval: Duration,
+    /// The session's `wal_sender_timeout` (`None`: the server's): how soon the server ends
+    /// the session of a client that stopped answering, which frees the slot for another.
+    pub wal_sender_timeout: Option<Duration>,
     /// How many undecoded messages may wait between the socket and the pipeline.
     pub buffer_messages: usize,
     /// Where events come from: the table's rows, or table-less messages.
@@ -361,13 +364,17 @@ impl WalStream {
         start: Lsn,
     ) -> Result<Self, StreamError> {
         let slot = options.slot.clone();
-        let config = conn
+        let mut config = conn
             .replication_config(&options.slot, &options.publication)
             .await
             .map_err(|e| StreamError::classify_start(&slot, conn, e))?
             .with_status_interval(options.status_interval)
             .with_wakeup_interval(Duration::from_secs(10))
             .with_buffer_size(options.buffer_messages);
+        if let Some(timeout) = options.wal_sender_timeout {
+            // A user setting since PostgreSQL 12: per session, through the startup packet.
+            config = config.with_options(format!("-c wal_sender_timeout={}", timeout.as_millis()));
+        }
         let classify = |e| StreamError::classify_start(&slot, conn, e);
         let mut client = ReplicationClient::connect_gated(config)
             .await

@@ -170,6 +170,10 @@ pub struct PostgresConfig {
     pub failover_slot: bool,
     /// How often confirmed positions are reported to Postgres, in milliseconds.
     pub status_interval_ms: u64,
+    /// `wal_sender_timeout` of outboxd's replication sessions, in milliseconds: how soon
+    /// Postgres ends the session of an outboxd that stopped answering (frozen, its host cut
+    /// off), so that a standing-by instance takes the slot over; 0: the server's setting.
+    pub wal_sender_timeout_ms: u64,
     /// Where events come from: `table` (inserts into `table`) or `messages` (table-less:
     /// `outbox_emit_message`, PostgreSQL 14+).
     pub source: SourceKind,
@@ -212,6 +216,7 @@ impl Default for PostgresConfig {
             table: "public.outbox".into(),
             failover_slot: false,
             status_interval_ms: 1000,
+            wal_sender_timeout_ms: 10_000,
             source: SourceKind::Table,
             prune_after: String::new(),
             prune_interval_ms: 60_000,
@@ -404,6 +409,18 @@ impl Config {
                 });
             }
         }
+        let (timeout, interval) = (
+            self.postgres.wal_sender_timeout_ms,
+            self.postgres.status_interval_ms,
+        );
+        if timeout != 0 && timeout < 3 * interval {
+            return Err(ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: format!(
+                    "postgres.wal_sender_timeout_ms = {timeout} must be at least three times                      postgres.status_interval_ms ({interval}), or 0 for the server's setting:                      Postgres would end sessions between two status updates"
+                ),
+            });
+        }
         if !self.postgres.prune_after.trim().is_empty() {
             if let Err(message) = parse_duration(&self.postgres.prune_after) {
                 return Err(ConfigError::Invalid {
@@ -440,7 +457,7 @@ impl Config {
 
     /// The numeric keys of the shared sections, with the values each accepts: beyond them a
     /// budget, a batch or a timer would exhaust memory or overflow a clock.
-    fn numeric_keys(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 9] {
+    fn numeric_keys(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 10] {
         let (pg, sink) = (&self.postgres, &self.sink);
         [
             (
@@ -464,6 +481,11 @@ impl Config {
                 "postgres.status_interval_ms",
                 pg.status_interval_ms,
                 1..=600_000,
+            ),
+            (
+                "postgres.wal_sender_timeout_ms",
+                pg.wal_sender_timeout_ms,
+                0..=HOUR_MS,
             ),
             (
                 "postgres.prune_interval_ms",

@@ -157,6 +157,14 @@ impl Session<'_> {
         if slot.is_invalidated() {
             return Err(SlotError::invalidated(&slot).into());
         }
+        // Streamed by another session: standing by costs no replication connection.
+        if let Some(pid) = slot.active_pid.filter(|_| slot.active) {
+            return Err(StreamError::SlotInUse {
+                slot: settings.slot.clone(),
+                detail: format!("active for PID {pid}"),
+            }
+            .into());
+        }
         let start = slot.confirmed_flush_lsn.unwrap_or_default();
         let stream = WalStream::start(&settings.conn, self.options.clone(), start).await?;
         Ok((stream, start))
