@@ -58,6 +58,18 @@ BEGIN
                 'checkpoints instead of within seconds';
         END;
     END IF;
+
+    -- To name what holds decoding back (an old transaction, the walsender's wait) when a
+    -- session stalls or a new slot waits: other roles' sessions are hidden without it.
+    IF NOT pg_has_role('outboxd', 'pg_read_all_stats', 'USAGE') THEN
+        BEGIN
+            GRANT pg_read_all_stats TO outboxd;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE NOTICE 'skipped GRANT pg_read_all_stats TO outboxd (this role may not grant '
+                'it): outboxd works without it, and names an old transaction or a waiting '
+                'walsender by PID only';
+        END;
+    END IF;
 END
 $$;
 

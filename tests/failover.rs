@@ -153,3 +153,143 @@ async fn a_promoted_standby_continues_from_the_synced_slot_or_outboxd_says_what_
     })
     .await;
 }
+
+/// PostgreSQL 17+: a standby cloned with `pg_basebackup` after the primary set
+/// `synchronized_standby_slots = 'standby_1'` inherits the setting, and once promoted names
+/// its own former slot, which it does not have: it accepts outboxd's session and then sends
+/// nothing (logical decoding waits for that slot). `check` warns about it before the failover;
+/// after the promotion outboxd says within 30 s that it is stalled, naming the setting and the
+/// statement that fixes it (log, `/readyz`, `outboxd_stalled`, `slot status`); once fixed,
+/// every event arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inherited_synchronized_standby_slots_is_named_before_and_after_the_promotion() {
+    let env = Env::new(Postgres::start(), "").await;
+    if env.pg.version_num().await < 170_000 {
+        println!("synchronized_standby_slots needs PostgreSQL 17: nothing to show here");
+        return;
+    }
+    let admin = env.db().await;
+    // Set before the standby is cloned, as on a primary that had a standby before.
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby_1'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let standby = env
+        .pg
+        .start_standby_with(&["sync_replication_slots = on", "hot_standby_feedback = on"]);
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=outboxd password={OUTBOXD_PASSWORD} \
+         dbname=app target_session_attrs=read-write",
+        env.pg.port, standby.port
+    );
+    env.write_config_with(
+        &format!("url = \"{url}\"\nfailover_slot = true"),
+        "\n[sink]\ndelivery = \"effectively-once\"\n",
+    );
+    env.setup();
+    let mut outboxd = env.run();
+    emit_txn(&admin, 0, 100, 4).await;
+    let redis = env.redis.connect().await;
+    wait_stream_len(&redis, "outbox.order", 100, Duration::from_secs(60)).await;
+    let standby_db = standby.connect("app").await;
+    wait_until(
+        "the slot synchronised to the standby",
+        Duration::from_secs(90),
+        || {
+            let db = &standby_db;
+            async move { synced_slot(db).await == Some((true, false)) }
+        },
+    )
+    .await;
+
+    // Before the failover, check names the trap on the standby.
+    let text = output_text(&env.command(&["check"]));
+    assert!(
+        text.contains(&format!(
+            "127.0.0.1:{} (standby) has synchronized_standby_slots = 'standby_1'",
+            standby.port
+        )) && text.contains("ALTER SYSTEM SET synchronized_standby_slots = ''"),
+        "check warns about the inherited setting: {text}"
+    );
+
+    drop(admin);
+    env.pg.stop_immediately();
+    standby.promote();
+    let promoted = std::time::Instant::now();
+    let new_primary = standby.connect("app").await;
+    emit_txn(&new_primary, 100, 100, 4).await;
+
+    let port = env.http_port;
+    wait_until("outboxd to name the stall", Duration::from_secs(60), || {
+        let log = outboxd.log_text();
+        async move {
+            log.contains("connected but not advancing")
+                && log.contains("synchronized_standby_slots")
+        }
+    })
+    .await;
+    let named_after = promoted.elapsed();
+    let log = outboxd.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connected but not advancing"))
+        .unwrap();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains("ALTER SYSTEM SET synchronized_standby_slots = ''"),
+        "names the fix: {line}"
+    );
+    assert!(
+        named_after < Duration::from_secs(30),
+        "named {named_after:?} after the promotion"
+    );
+    let (code, body) = http_get(port, "/readyz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stalled") && body.contains("synchronized_standby_slots"),
+        "{body}"
+    );
+    assert_eq!(metric_value(port, "outboxd_stalled").await, Some(1.0));
+    let status = output_text(&env.command(&["slot", "status", "--json"]));
+    assert!(
+        status.contains("\"kind\":\"synchronized_standby_slots\""),
+        "{status}"
+    );
+
+    // The fix the line names: everything arrives, once.
+    new_primary
+        .batch_execute("ALTER SYSTEM SET synchronized_standby_slots = ''")
+        .await
+        .unwrap();
+    new_primary
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let entries = wait_stream_len(&redis, "outbox.order", 200, Duration::from_secs(60)).await;
+    assert_each_once(&entries, 0..200);
+    wait_until(
+        "the stall to be over",
+        Duration::from_secs(30),
+        || async move { metric_value(port, "outboxd_stalled").await == Some(0.0) },
+    )
+    .await;
+    assert!(outboxd.log_text().contains("advancing again"));
+    println!(
+        "an inherited synchronized_standby_slots: check warned before the failover; outboxd named it {:.1} s after the promotion; after the fix every event once",
+        named_after.as_secs_f64()
+    );
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+}

@@ -768,3 +768,45 @@ async fn a_long_catch_up_shows_progress_on_a_terminal_only() {
     );
     drop(db);
 }
+
+/// Creating a slot waits for every transaction that holds an xid to end: `setup` names the
+/// one it waits for (PID, how long it has been open, the fix) instead of hanging without a
+/// word, and finishes once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_names_the_open_transaction_a_new_slot_waits_for() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    db.batch_execute("SELECT pg_drop_replication_slot('outboxd')")
+        .await
+        .unwrap();
+    // A transaction with an xid, left open (another application's).
+    let holder = env.db().await;
+    holder
+        .batch_execute("BEGIN; CREATE TABLE held (x int)")
+        .await
+        .unwrap();
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let config = env.config.clone();
+    let setup =
+        tokio::task::spawn_blocking(move || command(&config, &["setup", "--new-slot"], &[]));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !setup.is_finished(),
+        "the slot waits for the open transaction"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let out = setup.await.unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("creating the slot waits for this transaction to end")
+            && text.contains(&format!("pid={pid}"))
+            && text.contains(&format!("pg_terminate_backend({pid})")),
+        "{text}"
+    );
+}

@@ -1049,7 +1049,7 @@ fn setup(config: &Path) {
 }
 
 /// Runs `outboxd <args> --config <config>` to completion.
-fn command(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub fn command(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(outboxd_bin())
         .args(args)
         .arg("--config")

@@ -3,6 +3,8 @@
 //! - [`conninfo`]: the connection string, never displayed with its password.
 //! - [`tls`]: TLS with libpq's `sslmode` meanings, for both connections.
 //! - [`catalog`]: what outboxd reads from the catalogs (server, table, publication, slot).
+//! - [`holdups`]: what holds logical decoding back (`synchronized_standby_slots`, the
+//!   walsender's wait, an old transaction).
 //! - [`slot`]: setting up and checking the publication and the slot.
 //! - [`backfill`]: publishing rows already in the table (backfill at setup, replay).
 //! - [`prune`]: deleting old rows once the slot has confirmed them.
@@ -16,6 +18,7 @@ pub mod backfill;
 pub mod catalog;
 pub mod conninfo;
 pub mod decode;
+pub mod holdups;
 pub mod message;
 pub mod prune;
 pub mod slot;

@@ -623,6 +623,29 @@ async fn create_slot(
     spec: SlotSpec<'_>,
     server: &Server,
 ) -> Result<Lsn, SlotError> {
+    // A new slot starts only once every transaction that holds an xid now has ended: say
+    // which, rather than wait without a word.
+    if let Ok(waits) = crate::holdups::writing_transactions(client, 5).await {
+        for w in &waits {
+            if let crate::holdups::HoldUp::OldTransaction {
+                pid,
+                age_secs,
+                application,
+                state,
+            } = w
+            {
+                tracing::warn!(
+                    pid,
+                    open_s = age_secs,
+                    application = %application,
+                    state = %state,
+                    "creating the slot waits for this transaction to end (a logical slot starts \
+                     once every transaction older than it has ended): commit or roll it back, or \
+                     SELECT pg_terminate_backend({pid})"
+                );
+            }
+        }
+    }
     let result = if spec.failover {
         if server.version_num < 170_000 {
             return Err(SlotError::FailoverUnsupported {

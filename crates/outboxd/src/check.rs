@@ -10,7 +10,7 @@ use std::time::Duration;
 use outboxd_core::{Lsn, Router, Sink, Template};
 use outboxd_postgres::slot;
 use outboxd_postgres::state::{self, keys, slots};
-use outboxd_postgres::{ConnInfo, catalog, probe_replication};
+use outboxd_postgres::{ConnInfo, catalog, holdups, probe_replication};
 use outboxd_sinks::{CheckLevel, Preflight};
 
 use crate::broker::Broker;
@@ -482,6 +482,10 @@ async fn check_slot(
         ),
         _ => {}
     }
+    // Here and now: decoding that waits for standby slots sends outboxd nothing.
+    if let Ok(Some(h)) = holdups::standby_slots(client).await {
+        report.add(Status::Warn, "failover", h.describe());
+    }
 }
 
 /// A failover slot: whether the other hosts of `postgres.url` hold a synchronised copy that
@@ -550,6 +554,68 @@ async fn check_standbys(conn: &ConnInfo, slot: &str, report: &mut Report) {
             ),
             Err(e) => report.add(Status::Warn, "failover", format!("{host}: {e}")),
         }
+        if let Ok(true) = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+        {
+            check_standby_settings(&client, host, report).await;
+        }
+    }
+}
+
+/// A standby's settings that would stall or lose the slot once it is promoted.
+async fn check_standby_settings(client: &tokio_postgres::Client, host: &str, report: &mut Report) {
+    // Inherited from the primary by pg_basebackup, it names the primary's slot for this very
+    // standby: after the promotion logical decoding would wait for it forever.
+    match holdups::standby_slots(client).await {
+        Ok(Some(holdups::HoldUp::StandbySlots {
+            setting, missing, ..
+        })) if !missing.is_empty() => report.add(
+            Status::Warn,
+            "failover",
+            format!(
+                "{host} (standby) has synchronized_standby_slots = '{setting}', naming {} it \
+                 does not have: once promoted it would send outboxd nothing (logical decoding \
+                 waits for those slots). On the standby: ALTER SYSTEM SET \
+                 synchronized_standby_slots = ''; SELECT pg_reload_conf(); and after a \
+                 promotion name the new standbys' slots there",
+                missing.join(", ")
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => report.add(Status::Warn, "failover", format!("{host}: {e}")),
+    }
+    let settings = client
+        .query_one(
+            "SELECT current_setting('hot_standby_feedback'), \
+             coalesce(current_setting('sync_replication_slots', true), 'off'), \
+             current_setting('primary_slot_name')",
+            &[],
+        )
+        .await;
+    let Ok(row) = settings else { return };
+    let (feedback, sync, primary_slot): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    let mut fixes = Vec::new();
+    if feedback != "on" {
+        fixes.push("hot_standby_feedback = on (else the primary may remove rows the synchronised slot still needs, and the slot is invalidated)");
+    }
+    if sync != "on" {
+        fixes.push("sync_replication_slots = on (else the slot is not copied to this standby)");
+    }
+    if primary_slot.is_empty() {
+        fixes.push("primary_slot_name = '<its physical slot on the primary>' (slot synchronisation needs one)");
+    }
+    if !fixes.is_empty() {
+        report.add(
+            Status::Warn,
+            "failover",
+            format!(
+                "{host} (standby): set {} (ALTER SYSTEM SET ...; SELECT pg_reload_conf();)",
+                fixes.join("; ")
+            ),
+        );
     }
 }
 

@@ -24,5 +24,6 @@ pub mod progress;
 pub mod prune;
 pub mod report;
 pub mod retention;
+pub mod stall;
 pub mod status;
 pub mod tasks;

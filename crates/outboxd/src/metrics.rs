@@ -61,6 +61,9 @@ pub struct Metrics {
     /// `sink_refused`: 1 while the broker refuses the stream (an authorization, a missing
     /// topic), 0 otherwise.
     pub sink_refused: Gauge,
+    /// `stalled`: 1 while a session streams but does not advance (WAL waits on the server,
+    /// nothing is acknowledged or confirmed), 0 otherwise; see `crate::stall`.
+    pub stalled: Gauge,
     /// `reconnects_total`: replication sessions started after the first.
     pub reconnects: Counter,
     /// `inflight_events`: events read from the WAL and not yet acknowledged.
@@ -136,6 +139,12 @@ impl Metrics {
                 &mut r,
                 "sink_refused",
                 "1 while the broker refuses the stream (an authorization, a missing topic or stream): nothing is forwarded or dead-lettered until it is fixed",
+                Gauge::default(),
+            ),
+            stalled: registered(
+                &mut r,
+                "stalled",
+                "1 while connected but not advancing: WAL waits on the server and nothing is acknowledged or confirmed (the log and /readyz say why)",
                 Gauge::default(),
             ),
             reconnects: registered(

@@ -12,6 +12,9 @@
 //! by sql/role.sql), at most once per [`NUDGE_EVERY`]. The record costs a few bytes of WAL.
 //! Without the function or the grant, Postgres' own cadence applies; that is logged once.
 //!
+//! Each reading also goes to the session's [`stall::Watch`], which notices a session that is
+//! connected but not advancing and says why.
+//!
 //! It also notes, at most once per [`NOTE_EVERY`] and only when events were forwarded since
 //! the last note, the slot's confirmed position in outboxd's record of the slot
 //! (`outboxd.slots`): if the slot is ever lost, that is where the gap starts, and `setup`
@@ -27,6 +30,7 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::stall;
 use crate::status::Status;
 
 /// How often the slot is read.
@@ -51,10 +55,14 @@ pub async fn watch(
     let mut can_nudge = true;
     let mut last_nudge: Option<Instant> = None;
     let mut notes = Notes::default();
+    let mut stall = stall::Watch::default();
     let mut ticker = tokio::time::interval(POLL_EVERY);
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                stall.end(&metrics, &status);
+                return;
+            }
             _ = ticker.tick() => {}
         }
         if client.is_none() {
@@ -86,6 +94,12 @@ pub async fn watch(
             notes
                 .maybe_note(c, &slot, confirmed, metrics.events_handled_total())
                 .await;
+            let reading = stall::Reading {
+                confirmed,
+                wal: s.current_wal_lsn,
+                handled: metrics.events_handled_total(),
+            };
+            stall.observe(c, &slot, reading, &metrics, &status).await;
         }
         let Some(retained) = s.retained_wal_bytes() else {
             continue;

@@ -16,6 +16,8 @@ pub struct Status {
     /// Why the broker refuses the stream (an ACL, a missing topic), while it does: set by the
     /// dispatcher on a refused batch, cleared by an accepted one. A ping still answers then.
     refused: Mutex<Option<String>>,
+    /// Why the session is connected and not advancing, while it is (`crate::stall`).
+    stalled: Mutex<Option<String>>,
     /// The server's current WAL position (read every few seconds, and from keepalives), for
     /// the backlog.
     server_wal_end: WalHorizon,
@@ -33,7 +35,22 @@ impl Status {
         if !self.broker_ok.load(Ordering::Relaxed) {
             return Err("the broker does not answer".into());
         }
+        if let Some(why) = self.stall() {
+            return Err(format!("stalled: {why}"));
+        }
         Ok(())
+    }
+
+    /// The session is connected and does not advance, and why; `None`: it advances.
+    pub fn set_stall(&self, why: Option<String>) {
+        if let Ok(mut stalled) = self.stalled.lock() {
+            *stalled = why;
+        }
+    }
+
+    /// Why the session does not advance, while it does not.
+    pub fn stall(&self) -> Option<String> {
+        self.stalled.lock().ok().and_then(|s| s.clone())
     }
 
     /// The broker refuses the stream, and why; `None`: it takes it again.

@@ -2,8 +2,8 @@
 //! Postgres shows it, and its removal (refused without `--yes`, or while a session streams it).
 
 use anyhow::{Context, bail};
-use outboxd_postgres::catalog;
 use outboxd_postgres::{ConnInfo, slot};
+use outboxd_postgres::{catalog, holdups};
 
 use super::connect;
 
@@ -16,10 +16,25 @@ pub(super) async fn status(conn: &ConnInfo, name: &str, json: bool) -> anyhow::R
     else {
         bail!("replication slot {name:?} does not exist: run `outboxd setup` to create it");
     };
+    // What holds decoding back now (nothing, usually): the same search as a stalled run's.
+    let holdups = holdups::find(&client, name, 60)
+        .await
+        .context("looking for what holds decoding back")?;
     if json {
-        println!("{}", slot_json(&s));
+        let mut value = slot_json(&s);
+        value["holdups"] = holdups
+            .iter()
+            .map(|h| serde_json::json!({"kind": h.kind(), "detail": h.describe()}))
+            .collect();
+        println!("{value}");
     } else {
         print_slot(&s);
+        if holdups.is_empty() {
+            println!("held back by         nothing found");
+        }
+        for h in &holdups {
+            println!("held back by         {}", h.describe());
+        }
     }
     Ok(())
 }

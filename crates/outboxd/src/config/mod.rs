@@ -417,7 +417,9 @@ impl Config {
             return Err(ConfigError::Invalid {
                 origin: "configuration".into(),
                 message: format!(
-                    "postgres.wal_sender_timeout_ms = {timeout} must be at least three times                      postgres.status_interval_ms ({interval}), or 0 for the server's setting:                      Postgres would end sessions between two status updates"
+                    "postgres.wal_sender_timeout_ms = {timeout} must be at least three times \
+                     postgres.status_interval_ms ({interval}), or 0 for the server's setting: \
+                     Postgres would end sessions between two status updates"
                 ),
             });
         }

@@ -523,3 +523,23 @@ fn numbers_and_durations_out_of_range_name_the_key_and_the_range() {
     assert!(parse_duration("36500d").is_ok());
     assert!(parse_duration("1e400").is_err());
 }
+
+#[test]
+fn a_wal_sender_timeout_shorter_than_three_status_intervals_is_refused() {
+    let f = write("[postgres]\nurl = \"postgres://u@h/d\"\nstatus_interval_ms = 5000\n");
+    let env = [(
+        "OUTBOXD_POSTGRES__WAL_SENDER_TIMEOUT_MS".to_owned(),
+        "10000".to_owned(),
+    )];
+    let text = Config::load(f.path(), true, env).unwrap_err().to_string();
+    assert!(
+        text.contains("postgres.wal_sender_timeout_ms = 10000 must be at least three times"),
+        "{text}"
+    );
+    // 0 keeps the server's setting, whatever the interval.
+    let env = [(
+        "OUTBOXD_POSTGRES__WAL_SENDER_TIMEOUT_MS".to_owned(),
+        "0".to_owned(),
+    )];
+    assert!(Config::load(f.path(), true, env).is_ok());
+}
