@@ -810,3 +810,44 @@ async fn setup_names_the_open_transaction_a_new_slot_waits_for() {
         "{text}"
     );
 }
+
+/// The server's warnings on outboxd's SQL connections reach the log at WARN, with their
+/// DETAIL and HINT, once a minute however often the server repeats them: here a trigger on
+/// the outbox that warns at each row `prune` deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_warnings_are_logged_with_detail_and_hint_once_a_minute() {
+    let env = Env::start().await;
+    let db = env.db().await;
+    db.batch_execute(
+        "GRANT DELETE ON outbox TO outboxd; \
+         CREATE FUNCTION warn_on_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE WARNING 'the archive is not keeping up' \
+             USING DETAIL = 'archive lag 3 h', HINT = 'look at the archiver'; \
+           RETURN OLD; END $$; \
+         CREATE TRIGGER warn_on_delete BEFORE DELETE ON outbox \
+           FOR EACH ROW EXECUTE FUNCTION warn_on_delete()",
+    )
+    .await
+    .unwrap();
+    let mut outboxd = env.run();
+    emit_txn(&db, 0, 20, 2).await;
+    let redis = env.redis.connect().await;
+    wait_stream_len(&redis, "outbox.order", 20, Duration::from_secs(30)).await;
+    let out = env.command(&["prune", "--older-than", "0s", "--wait", "30"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("postgres says: the archive is not keeping up"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for 20 warnings:\n{text}");
+    assert!(
+        lines[0].contains(" WARN ")
+            && lines[0].contains("archive lag 3 h")
+            && lines[0].contains("look at the archiver"),
+        "{}",
+        lines[0]
+    );
+    outboxd.sigterm();
+    assert!(outboxd.wait(Duration::from_secs(30)).success());
+}

@@ -300,13 +300,26 @@ impl ConnInfo {
     }
 }
 
-fn spawn_connection<C>(connection: C)
+/// Runs a SQL connection's I/O on a task of its own, logging the server's notices
+/// ([`crate::notices`]).
+fn spawn_connection<S, T>(mut connection: tokio_postgres::Connection<S, T>)
 where
-    C: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "postgres SQL connection closed");
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notice(notice))) => {
+                    crate::notices::log(&notice);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "postgres SQL connection closed");
+                    return;
+                }
+                None => return,
+            }
         }
     });
 }

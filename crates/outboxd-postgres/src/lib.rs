@@ -11,6 +11,7 @@
 //! - [`stream`]: one replication session, as events for the pipeline.
 //! - [`decode`]: pgoutput messages.
 //! - [`message`]: outboxd's own logical decoding messages (table-less events, backfill, replay).
+//! - [`notices`]: the server's notices and warnings on SQL connections, in the log.
 //! - [`state`]: outboxd's own state in the database (schema `outboxd`): the slots it
 //!   created, the key that signs its messages, dead letters kept whole.
 
@@ -20,6 +21,7 @@ pub mod conninfo;
 pub mod decode;
 pub mod holdups;
 pub mod message;
+pub mod notices;
 pub mod prune;
 pub mod slot;
 pub mod state;
