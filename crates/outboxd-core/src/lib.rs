@@ -1,4 +1,5 @@
-//! The pure domain of outboxd. Nothing in this crate performs I/O.
+//! The pure domain of outboxd. Nothing in this crate touches the network; the only I/O is
+//! reading a secret from the file a `*_file` key names ([`secret`]).
 //!
 //! The data flow, and where each piece lives:
 //!

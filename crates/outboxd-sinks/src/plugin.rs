@@ -146,6 +146,9 @@ pub trait SinkPlugin {
     /// Tables of the section whose keys are free-form (passed through to a client library),
     /// relative to the section (`options` for `[sink.kafka.options]`).
     const OPEN_TABLES: &'static [&'static str] = &[];
+    /// Log directives for the client library's own logging (`async_nats=warn`): added to
+    /// outboxd's log filter unless the filter names that library itself.
+    const LOG_DIRECTIVES: &'static [&'static str] = &[];
 
     /// The section `[sink.<NAME>]`. Its `Default` holds the documented defaults; unknown keys
     /// are refused by the configuration loader, which compares against it.

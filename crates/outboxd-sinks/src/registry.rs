@@ -202,6 +202,20 @@ macro_rules! sinks {
                 c
             }
 
+            /// The log directives of the sinks this build has
+            /// ([`SinkPlugin::LOG_DIRECTIVES`]).
+            pub fn log_directives() -> Vec<&'static str> {
+                #[allow(unused_mut)]
+                let mut directives = Vec::new();
+                $(
+                    #[cfg(feature = $feature)]
+                    directives.extend_from_slice(
+                        <$module::$plugin as $crate::SinkPlugin>::LOG_DIRECTIVES,
+                    );
+                )+
+                directives
+            }
+
             /// The free-form tables of the sections, as dotted paths
             /// (`sink.kafka.options`).
             pub fn open_tables() -> Vec<String> {

@@ -84,12 +84,15 @@ fn needs_decision(e: &anyhow::Error) -> bool {
 
 fn init_logging(format: LogFormat, filter: &str) {
     let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    // The NATS client logs every (re)connection at info; outboxd logs outages and recoveries
-    // itself. Its warnings stay, and a filter that names it decides.
-    if !format!("{filter}").contains("async_nats")
-        && let Ok(quiet) = "async_nats=warn".parse()
-    {
-        filter = filter.add_directive(quiet);
+    // The sinks' client libraries, as their plugins ask; a filter that names one decides.
+    let given = format!("{filter}");
+    for directive in outboxd_sinks::SinkSections::log_directives() {
+        let target = directive.split('=').next().unwrap_or(directive);
+        if !given.contains(target)
+            && let Ok(d) = directive.parse()
+        {
+            filter = filter.add_directive(d);
+        }
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

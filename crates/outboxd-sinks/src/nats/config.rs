@@ -179,6 +179,9 @@ impl SinkPlugin for Nats {
     const NAME: &'static str = "nats";
     /// Within the stream's duplicate window: see the module documentation.
     const EFFECTIVELY_ONCE: bool = true;
+    /// The client logs every (re)connection at info; outboxd logs outages and recoveries
+    /// itself. Its warnings stay.
+    const LOG_DIRECTIVES: &'static [&'static str] = &["async_nats=warn"];
     type Config = NatsSection;
     type Sink = NatsSink;
 
