@@ -70,7 +70,7 @@ impl HoldUp {
                 }
                 let keep: Vec<&str> = setting
                     .split(',')
-                    .map(str::trim)
+                    .map(|n| n.trim().trim_matches('"'))
                     .filter(|n| !n.is_empty() && !missing.iter().any(|m| m == n))
                     .collect();
                 format!(
@@ -166,6 +166,24 @@ pub async fn standby_slots(client: &Client) -> Result<Option<HoldUp>, tokio_post
     }))
 }
 
+/// How far the walsender streaming `slot` has read and sent the WAL (`sent_lsn`): it moves
+/// while decoding goes on, even before anything reaches the client (a large transaction).
+pub async fn walsender_sent(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<outboxd_core::Lsn>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT r.sent_lsn::text FROM pg_replication_slots s \
+             JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|t| t.parse().ok()))
+}
+
 /// Wait events of a logical walsender that mean it is idle or waiting for its client, not
 /// held back: caught up, or outboxd itself is slow.
 const ORDINARY_WAITS: &[&str] = &[
@@ -185,7 +203,16 @@ pub async fn find(
     min_age_secs: i64,
 ) -> Result<Vec<HoldUp>, tokio_postgres::Error> {
     let mut found = Vec::new();
-    if let Some(h) = standby_slots(client).await? {
+    // Only slots created with failover = true (PostgreSQL 17+) wait for the standby slots.
+    let failover: bool = client
+        .query_opt(
+            "SELECT coalesce((to_jsonb(s) ->> 'failover')::bool, false) \
+             FROM pg_replication_slots s WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .is_some_and(|r| r.get(0));
+    if failover && let Some(h) = standby_slots(client).await? {
         found.push(h);
     }
     let walsender = client
@@ -239,13 +266,14 @@ pub async fn writing_transactions(
 ) -> Result<Vec<HoldUp>, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT l.pid, coalesce(extract(epoch FROM now() - a.xact_start)::bigint, -1), \
+            "SELECT * FROM (SELECT DISTINCT ON (l.pid) l.pid, \
+                    coalesce(extract(epoch FROM now() - a.xact_start)::bigint, -1) AS age, \
                     coalesce(a.application_name, ''), coalesce(a.state, '') \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
                AND l.pid <> pg_backend_pid() \
                AND (a.xact_start IS NULL OR now() - a.xact_start > make_interval(secs => $1)) \
-             ORDER BY a.xact_start NULLS LAST",
+             ORDER BY l.pid) t ORDER BY age DESC",
             &[&(min_age_secs as f64)],
         )
         .await?;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::error::DbError;
+use tokio_postgres::error::{DbError, Severity};
 
 /// Least time between two log lines of the same notice.
 pub const EVERY: Duration = Duration::from_secs(60);
@@ -49,11 +49,12 @@ pub fn log(notice: &DbError) {
     let (message, code) = (notice.message(), notice.code().code());
     let detail = notice.detail().unwrap_or_default();
     let hint = notice.hint().unwrap_or_default();
-    match notice.severity() {
-        "WARNING" => {
+    // The parsed severity: the text one is in the server's language.
+    match notice.parsed_severity() {
+        Some(Severity::Warning) => {
             tracing::warn!(code, detail, hint, "postgres says: {message}")
         }
-        "DEBUG" => tracing::debug!(code, detail, hint, "postgres says: {message}"),
+        Some(Severity::Debug) => tracing::debug!(code, detail, hint, "postgres says: {message}"),
         _ => tracing::info!(code, detail, hint, "postgres says: {message}"),
     }
 }

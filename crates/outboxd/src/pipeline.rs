@@ -156,7 +156,9 @@ where
             _ => backoff.next_delay(),
         };
         log_session_end(&settings, &err, delay, &mut waiting_for_slot);
-        metrics.reconnects.inc();
+        if !matches!(err, RunError::Stream(StreamError::SlotInUse { .. })) {
+            metrics.reconnects.inc();
+        }
         failpoint::hit(failpoint::DURING_RECONNECT);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

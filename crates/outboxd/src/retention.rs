@@ -98,6 +98,10 @@ pub async fn watch(
                 confirmed,
                 wal: s.current_wal_lsn,
                 handled: metrics.events_handled_total(),
+                sent: outboxd_postgres::holdups::walsender_sent(c, &slot)
+                    .await
+                    .ok()
+                    .flatten(),
             };
             stall.observe(c, &slot, reading, &metrics, &status).await;
         }

@@ -10,12 +10,14 @@
 //! [`Watch`]. The session is *stuck* while WAL waits beyond the slot's confirmed position
 //! (`lag > 0`) and neither that position nor the count of events the broker took moves
 //! (keepalives move the position of an idle session within seconds, since outboxd's sessions
-//! run with a short `wal_sender_timeout`). Stuck for [`NAMED_AFTER`], the watch looks for a
+//! run with a short `wal_sender_timeout`), nor the walsender's read position (`sent_lsn`,
+//! which moves while it decodes a long backlog or a large transaction). Stuck for [`NAMED_AFTER`], the watch looks for a
 //! cause, in order: the broker refusing the events, events in flight the broker does not
 //! acknowledge, then what holds decoding back on the server
-//! ([`outboxd_postgres::holdups`]: `synchronized_standby_slots`, the walsender's wait, an old
-//! transaction). With a cause it is *stalled*; stuck for [`STALLED_AFTER`] it is stalled
-//! whatever it found. While stalled: a WARN line at once and then every [`WARN_EVERY`],
+//! ([`outboxd_postgres::holdups`]: `synchronized_standby_slots` for a failover slot, the
+//! walsender's wait). With a cause it is *stalled*; stuck for [`STALLED_AFTER`] it is stalled
+//! whatever it found, with an old open transaction named as a possible cause (an old
+//! transaction alone holds back retained WAL, not sending). While stalled: a WARN line at once and then every [`WARN_EVERY`],
 //! `outboxd_stalled` 1, and `/readyz` 503 with the cause. Once it moves again: one INFO line.
 
 use std::time::{Duration, Instant};
@@ -47,6 +49,9 @@ pub struct Reading {
     pub wal: Lsn,
     /// Events the broker took since start (forwarded or dead-lettered).
     pub handled: u64,
+    /// How far the slot's walsender has read the WAL (`sent_lsn`): it moves while a long
+    /// catch-up or a large transaction is decoded, before anything reaches outboxd.
+    pub sent: Option<Lsn>,
 }
 
 /// Since when nothing moved, and the reading then.
@@ -71,7 +76,11 @@ impl Tracker {
             return None;
         }
         match self.stuck {
-            Some(s) if s.at.confirmed == r.confirmed && s.at.handled == r.handled => {
+            Some(s)
+                if s.at.confirmed == r.confirmed
+                    && s.at.handled == r.handled
+                    && s.at.sent == r.sent =>
+            {
                 Some(now.saturating_duration_since(s.since))
             }
             _ => {
@@ -87,7 +96,7 @@ impl Tracker {
 pub struct Watch {
     tracker: Tracker,
     /// The cause found by the last search, and when it ran.
-    cause: Option<String>,
+    cause: Option<Cause>,
     last_look: Option<Instant>,
     /// Reported stalled since (and when the last WARN line was).
     stalled: Option<(Instant, Instant)>,
@@ -117,7 +126,13 @@ impl Watch {
             self.cause = cause(client, slot, metrics, status).await;
         }
         let why = match &self.cause {
-            Some(c) => c.clone(),
+            Some(Cause::Definite(c)) => c.clone(),
+            Some(Cause::Hint(h)) if stuck >= STALLED_AFTER => format!(
+                "{} bytes of WAL wait beyond the confirmed position {} and the server sends \
+                 nothing; possibly: {h}",
+                r.confirmed.bytes_until(r.wal),
+                r.confirmed
+            ),
             None if stuck >= STALLED_AFTER => format!(
                 "{} bytes of WAL wait beyond the confirmed position {} and the server sends \
                  nothing; no cause found (see outboxd slot status, and the walsender in \
@@ -125,7 +140,12 @@ impl Watch {
                 r.confirmed.bytes_until(r.wal),
                 r.confirmed
             ),
-            None => return,
+            _ => {
+                // A cause found before is gone, and it is not stalled long enough to report
+                // without one.
+                self.clear(metrics, status);
+                return;
+            }
         };
         status.set_stall(Some(why.clone()));
         metrics.stalled.set(1);
@@ -155,6 +175,11 @@ impl Watch {
     fn advancing(&mut self, metrics: &Metrics, status: &Status) {
         self.cause = None;
         self.last_look = None;
+        self.clear(metrics, status);
+    }
+
+    /// Whatever was reported is over.
+    fn clear(&mut self, metrics: &Metrics, status: &Status) {
         if let Some((since, _)) = self.stalled.take() {
             status.set_stall(None);
             metrics.stalled.set(0);
@@ -171,30 +196,50 @@ impl Watch {
     }
 }
 
+/// What a search found.
+#[derive(Debug, Clone)]
+enum Cause {
+    /// It holds the session back: reported once stuck for [`NAMED_AFTER`].
+    Definite(String),
+    /// It may: named once stuck for [`STALLED_AFTER`].
+    Hint(String),
+}
+
 /// Why a stuck session does not advance, if something says.
-async fn cause(client: &Client, slot: &str, metrics: &Metrics, status: &Status) -> Option<String> {
+async fn cause(client: &Client, slot: &str, metrics: &Metrics, status: &Status) -> Option<Cause> {
     if let Some(why) = status.refusal() {
-        return Some(format!("the broker refuses the events: {why}"));
+        return Some(Cause::Definite(format!(
+            "the broker refuses the events: {why}"
+        )));
     }
     let in_flight = metrics.inflight_events.get();
     if in_flight > 0 {
-        return Some(format!(
+        return Some(Cause::Definite(format!(
             "the broker has not acknowledged the {in_flight} events in flight (down, or too slow)"
-        ));
+        )));
     }
-    match holdups::find(client, slot, OLD_TRANSACTION_SECS).await {
-        Ok(found) if !found.is_empty() => Some(
-            found
-                .iter()
-                .map(holdups::HoldUp::describe)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
-        Ok(_) => None,
+    let found = match holdups::find(client, slot, OLD_TRANSACTION_SECS).await {
+        Ok(found) => found,
         Err(e) => {
             tracing::debug!(error = %e, "cannot look for what holds decoding back");
-            None
+            return None;
         }
+    };
+    let text = |hs: Vec<&holdups::HoldUp>| {
+        hs.iter()
+            .map(|h| h.describe())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (hints, definite): (Vec<_>, Vec<_>) = found
+        .iter()
+        .partition(|h| matches!(h, holdups::HoldUp::OldTransaction { .. }));
+    if !definite.is_empty() {
+        Some(Cause::Definite(text(definite)))
+    } else if !hints.is_empty() {
+        Some(Cause::Hint(text(hints)))
+    } else {
+        None
     }
 }
 
@@ -207,6 +252,7 @@ mod tests {
             confirmed: Lsn::new(confirmed),
             wal: Lsn::new(wal),
             handled,
+            sent: None,
         }
     }
 
@@ -232,6 +278,13 @@ mod tests {
         );
         // The slot confirmed more: progress.
         assert_eq!(t.observe(reading(150, 300, 5), s(51)), None);
+        // The walsender reads on (a large transaction being decoded): progress.
+        let reading_on = Reading {
+            sent: Some(Lsn::new(250)),
+            ..reading(150, 300, 5)
+        };
+        assert_eq!(t.observe(reading(150, 300, 5), s(51)), Some(Duration::ZERO));
+        assert_eq!(t.observe(reading_on, s(52)), None);
         // Caught up again.
         assert_eq!(t.observe(reading(300, 300, 5), s(52)), None);
         assert_eq!(t.observe(reading(300, 310, 5), s(53)), None);

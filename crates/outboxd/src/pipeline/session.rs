@@ -130,6 +130,10 @@ impl Session<'_> {
         };
         ending.cancel();
         tasks.join(TASKS_STOP_TIMEOUT).await;
+        // Whatever the session's stall watch reported ends with it (the watch may have been
+        // stopped in the middle of a query, before it could say so).
+        self.status.set_stall(None);
+        self.metrics.stalled.set(0);
         result
     }
 
